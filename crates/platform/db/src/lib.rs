@@ -1,0 +1,198 @@
+//! A service's own database: SQLite by default, PostgreSQL in production, one code path.
+//!
+//! # Layout
+//! - [`DatabaseSettings`]: the `[database]` configuration section.
+//! - [`Db`]: a pool over `sqlx::Any`, so a service writes its SQL once (`$1` placeholders and
+//!   `RETURNING` work on both backends) and runs the same migrations on both. SQLite connections
+//!   get WAL, `synchronous=NORMAL` (durable across a process crash, which is what `kill -9`
+//!   tests), a busy timeout and foreign keys.
+//! - [`testing`] (feature `testing`): a fresh database per test, a temp SQLite file or a new
+//!   PostgreSQL database, dropped afterwards.
+//!
+//! Why `Any` and not one pool type per backend: the services' SQL is portable by design (ids as
+//! text, money as integer minor units, times as integer microseconds), and one code path means
+//! the PostgreSQL suite tests the very queries SQLite runs. The cost is that columns use the
+//! types both understand; DESIGN notes in ARCHITECTURE.md say so.
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, ConnectOptions, Executor};
+
+/// Which database a pool talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file (or memory).
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// `[database]`: where a service keeps its data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/file.db` or `postgres://user@host/db`. Unset: `<data_dir>/<service>.db`.
+    pub url: Option<SecretString>,
+    /// Upper bound of pooled connections.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before failing.
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: None,
+            max_connections: 10,
+            acquire_timeout_secs: 5,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    /// The configured URL, or the service's SQLite file under `data_dir`.
+    pub fn url_or_default(&self, data_dir: &Path, service: &str) -> SecretString {
+        match &self.url {
+            Some(url) => url.clone(),
+            None => SecretString::from(sqlite_url(&data_dir.join(format!("{service}.db")))),
+        }
+    }
+}
+
+/// The URL of an SQLite file, created when missing.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("database.url (SHOPMESH_DATABASE__URL) must start with sqlite:// or postgres://")]
+    UnsupportedUrl,
+    /// The directory of the SQLite file could not be created.
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to the {backend:?} database: {source}")]
+    Connect {
+        /// Which kind of database.
+        backend: Backend,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// A pool to one service's database.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Db {
+    /// Connects (creating an SQLite file and its directory when needed).
+    pub async fn connect(url: &SecretString, settings: &DatabaseSettings) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let url = url.expose_secret();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::UnsupportedUrl);
+        };
+        if backend == Backend::Sqlite {
+            ensure_sqlite_dir(url)?;
+        }
+        let options: AnyConnectOptions = url
+            .parse::<AnyConnectOptions>()
+            .map_err(|source| DbError::Connect { backend, source })?
+            // Statements are logged by our own spans; sqlx's per-statement INFO lines are noise.
+            .log_statements(log::LevelFilter::Debug)
+            .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500));
+        let pool = AnyPoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|source| DbError::Connect { backend, source })?;
+        Ok(Db { pool, backend })
+    }
+
+    /// Applies the service's migrations (idempotent; concurrent replicas serialise on a lock).
+    pub async fn migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A trivial query, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Closes the pool, waiting for checked-out connections.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn ensure_sqlite_dir(url: &str) -> Result<(), DbError> {
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    if let Some(dir) = Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| DbError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}

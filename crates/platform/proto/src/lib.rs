@@ -1,0 +1,13 @@
+//! gRPC contracts between shopmesh services.
+//!
+//! The `.proto` files live in `proto/` at the repository root, one package per service and
+//! version (`shopmesh.users.v1`). `build.rs` compiles them with protox, so no `protoc` is needed.
+//! Services depend on this crate, never on each other's crates.
+
+/// `shopmesh.users.v1`: accounts, as other services see them.
+pub mod users {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("shopmesh.users.v1");
+    }
+}

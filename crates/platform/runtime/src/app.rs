@@ -1,0 +1,218 @@
+//! One router per process: the service's HTTP routes and gRPC services, plus what every process
+//! serves and does for every request.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderName, HeaderValue, StatusCode, header};
+use serde_json::json;
+use shopmesh_problem::{Kind, Problem};
+use tonic::server::NamedService;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::telemetry;
+
+/// The header that carries a request's id across every hop.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// How long one readiness check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+type CheckFn = dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync;
+
+/// One named readiness check, e.g. "database": can we run a query?
+#[derive(Clone)]
+pub struct ReadinessCheck {
+    name: String,
+    check: Arc<CheckFn>,
+}
+
+impl ReadinessCheck {
+    /// A check named `name` that runs `check` on every `/readyz`.
+    pub fn new<F, Fut>(name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        ReadinessCheck {
+            name: name.into(),
+            check: Arc::new(move || Box::pin(check())),
+        }
+    }
+}
+
+/// Builds a process's router.
+pub struct App {
+    service: &'static str,
+    router: Router,
+    checks: Vec<ReadinessCheck>,
+}
+
+impl App {
+    /// An app for the service called `service` (used in logs and `/healthz`).
+    pub fn new(service: &'static str) -> Self {
+        App {
+            service,
+            router: Router::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    /// Adds HTTP routes.
+    pub fn http(mut self, routes: Router) -> Self {
+        self.router = self.router.merge(routes);
+        self
+    }
+
+    /// Adds a gRPC service; it shares the port with HTTP (gRPC is HTTP/2 on its own paths).
+    pub fn grpc<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<Request, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.router = self
+            .router
+            .route_service(&format!("/{}/{{*method}}", S::NAME), service);
+        self
+    }
+
+    /// Adds a readiness check run by `/readyz`.
+    pub fn readiness(mut self, check: ReadinessCheck) -> Self {
+        self.checks.push(check);
+        self
+    }
+
+    /// The finished router, with the platform endpoints and middleware.
+    pub fn into_router(self) -> Router {
+        let service = self.service;
+        let checks = Arc::new(self.checks);
+        let platform = Router::new()
+            .route(
+                "/healthz",
+                get(move || async move { axum::Json(json!({"status": "ok", "service": service})) }),
+            )
+            .route("/readyz", get(move || readyz(checks.clone())))
+            .route("/metrics", get(metrics_text));
+
+        // Installs the recorder before the first request is counted.
+        telemetry::prometheus();
+
+        self.router
+            .merge(platform)
+            .fallback(|| async { Problem::route_not_found() })
+            .method_not_allowed_fallback(|| async {
+                Problem::new(
+                    Kind::MethodNotAllowed,
+                    "method_not_allowed",
+                    "Method not allowed",
+                )
+            })
+            .layer(middleware::from_fn(track_metrics))
+            .layer(
+                // Outermost first: the id is set before the span opens, so the span carries it.
+                ServiceBuilder::new()
+                    .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                    .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                    .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                        let id = req
+                            .headers()
+                            .get(REQUEST_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-");
+                        tracing::info_span!(
+                            "request",
+                            method = %req.method(),
+                            path = %req.uri().path(),
+                            request_id = %id,
+                        )
+                    }))
+                    .layer(CatchPanicLayer::custom(|_| {
+                        Problem::internal().into_response()
+                    })),
+            )
+    }
+}
+
+async fn readyz(checks: Arc<Vec<ReadinessCheck>>) -> Response {
+    let mut results = BTreeMap::new();
+    let mut ready = true;
+    for check in checks.iter() {
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, (check.check)()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => {
+                ready = false;
+                format!("failing: {e}")
+            }
+            Err(_) => {
+                ready = false;
+                "failing: timed out".to_owned()
+            }
+        };
+        results.insert(check.name.clone(), outcome);
+    }
+    let (status, word) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    (
+        status,
+        axum::Json(json!({"status": word, "checks": results})),
+    )
+        .into_response()
+}
+
+async fn metrics_text() -> Response {
+    let body = telemetry::prometheus().render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Counts requests and records their latency per route template (never per raw path, which
+/// would let clients create unbounded label values).
+async fn track_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let route = match req.extensions().get::<MatchedPath>() {
+        // A gRPC route is `/pkg.Service/{*method}`; the concrete method is the useful label and
+        // the set of methods is fixed by the service.
+        Some(_) if is_grpc => req.uri().path().to_owned(),
+        Some(path) => path.as_str().to_owned(),
+        None => "unmatched".to_owned(),
+    };
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
+    response
+}

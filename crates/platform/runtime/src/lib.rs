@@ -1,0 +1,22 @@
+//! What every shopmesh process runs on.
+//!
+//! # Layout
+//! - [`settings`]: the `server` and `log` configuration sections every process has.
+//! - [`telemetry`]: structured logs (`tracing`, pretty or JSON) and the Prometheus recorder.
+//! - [`app`]: [`App`] puts a service's HTTP routes and gRPC services on one router, with
+//!   `/healthz`, `/readyz`, `/metrics`, request ids, per-route metrics, request logs and
+//!   problem+json fallbacks for unknown routes and panics.
+//! - [`server`]: binds the port and serves until a shutdown signal, then drains within a grace
+//!   period. A server takes its listener and its shutdown future from the caller, so tests run
+//!   it on port 0 and stop it when they like.
+//!
+//! A service's `run` therefore reads: load settings, init telemetry, build the app, bind, serve.
+
+pub mod app;
+pub mod server;
+pub mod settings;
+pub mod telemetry;
+
+pub use app::{App, ReadinessCheck};
+pub use server::{bind, serve, shutdown_signal};
+pub use settings::{LogFormat, LogSettings, ServerSettings};

@@ -1,0 +1,211 @@
+//! Binding, serving and stopping.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::settings::ServerSettings;
+
+/// Binds the configured address; the error names the address.
+pub async fn bind(settings: &ServerSettings) -> anyhow::Result<TcpListener> {
+    let addr = settings.addr();
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Serves `router` on `listener` (HTTP/1.1 and HTTP/2, so gRPC too) until `shutdown` completes,
+/// then stops accepting, lets in-flight requests finish for at most `grace`, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let stopping = Arc::new(Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            stopping.notify_one();
+        }
+    };
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(signal);
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::select! {
+        result = server => result,
+        () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping remaining connections");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{App, ReadinessCheck};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    async fn start(app: App) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(
+            listener,
+            app.into_router(),
+            async {
+                let _ = rx.await;
+            },
+            Duration::from_secs(1),
+        ));
+        (addr, tx)
+    }
+
+    #[tokio::test]
+    async fn healthz_readyz_and_metrics_are_served_and_unknown_routes_are_problems() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let flag = healthy.clone();
+        let app = App::new("test")
+            .http(Router::new().route("/hello/{name}", axum::routing::get(|| async { "hi" })))
+            .readiness(ReadinessCheck::new("flag", move || {
+                let ok = flag.load(Ordering::SeqCst);
+                async move { if ok { Ok(()) } else { Err("down".into()) } }
+            }));
+        let (addr, _stop) = start(app).await;
+        let client = reqwest::Client::new();
+        let base = format!("http://{addr}");
+
+        let r = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("healthz");
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-request-id"));
+
+        assert_eq!(
+            client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .expect("r")
+                .status(),
+            200
+        );
+        healthy.store(false, Ordering::SeqCst);
+        assert_eq!(
+            client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .expect("r")
+                .status(),
+            503
+        );
+
+        client
+            .get(format!("{base}/hello/x"))
+            .send()
+            .await
+            .expect("hello");
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(metrics.contains("http_requests_total"), "{metrics}");
+        assert!(metrics.contains(r#"route="/hello/{name}""#), "{metrics}");
+        assert!(
+            metrics.contains("http_request_duration_seconds_bucket"),
+            "{metrics}"
+        );
+
+        let missing = client
+            .get(format!("{base}/nope"))
+            .send()
+            .await
+            .expect("404");
+        assert_eq!(missing.status(), 404);
+        assert_eq!(
+            missing.headers()["content-type"],
+            "application/problem+json"
+        );
+        let wrong_method = client
+            .post(format!("{base}/healthz"))
+            .send()
+            .await
+            .expect("405");
+        assert_eq!(wrong_method.status(), 405);
+        assert_eq!(
+            wrong_method.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_supplied_request_id_is_kept() {
+        let (addr, _stop) = start(App::new("test")).await;
+        let r = reqwest::Client::new()
+            .get(format!("http://{addr}/healthz"))
+            .header("x-request-id", "abc-123")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.headers()["x-request-id"], "abc-123");
+    }
+
+    #[tokio::test]
+    async fn the_server_stops_when_told_to() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(serve(
+            listener,
+            App::new("test").into_router(),
+            async {
+                let _ = rx.await;
+            },
+            Duration::from_secs(1),
+        ));
+        tx.send(()).expect("send");
+        let result = tokio::time::timeout(Duration::from_secs(5), handle).await;
+        assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+    }
+}
