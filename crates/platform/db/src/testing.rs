@@ -11,7 +11,9 @@
 //! can prove the PostgreSQL tests really ran.
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::{Connection, Executor, PgConnection};
+// The database names in the dynamic SQL below are generated here (`shopmesh_test_<uuid>`),
+// never taken from input, hence `AssertSqlSafe`.
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
 /// Environment variable naming the PostgreSQL server for tests (an admin database URL).
 pub const POSTGRES_URL_VAR: &str = "TEST_POSTGRES_URL";
@@ -64,7 +66,7 @@ impl TestDb {
         };
         let name = format!("shopmesh_test_{}", uuid::Uuid::new_v4().simple());
         if let Err(e) = admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
+            .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .await
         {
             panic!("cannot create test database {name}: {e}");
@@ -126,7 +128,9 @@ impl Drop for TestDb {
             rt.block_on(async move {
                 if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
                     let _ = admin
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .execute(AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
                         .await;
                     let _ = admin.close().await;
                 }

@@ -191,6 +191,40 @@ fn path_problem(rejection: PathRejection) -> Problem {
     }
 }
 
+/// Query parameters; a malformed or unknown parameter is a 400 that says which.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(Query)
+            .map_err(|e| {
+                let message = e.inner().to_string();
+                let field = match (e.path().to_string(), backticked(&message)) {
+                    (path, _) if path != "." => Some(path),
+                    (_, Some(name)) => Some(name.to_owned()),
+                    _ => None,
+                };
+                let problem =
+                    Problem::new(Kind::BadRequest, "invalid_query", "Invalid query parameter")
+                        .with_detail(message);
+                match field {
+                    Some(field) => problem.with_field(field),
+                    None => problem,
+                }
+            })
+    }
+}
+
 fn friendly_type(rust_type: &str) -> &str {
     if rust_type.ends_with("Uuid") {
         "UUID"

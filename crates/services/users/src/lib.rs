@@ -1,1 +1,220 @@
-//! placeholder
+//! The users service: accounts, credentials, roles, access tokens and the JWKS.
+//!
+//! # Layout
+//! - [`domain`]: `Email`, `UserName`, `Password` (the ASVS policy), `User`: parsed once, valid by
+//!   construction.
+//! - [`store`]: the SQL (users and signing keys), portable between SQLite and PostgreSQL.
+//! - [`passwords`]: Argon2id hashing on the blocking pool, bounded to one hash per core.
+//! - [`keys`]: the Ed25519 signing key, created once and kept in the database.
+//! - [`api`]: HTTP handlers (`/api/v1/register`, `login`, `me`, `users`, the JWKS) and the gRPC
+//!   `shopmesh.users.v1.Users` service, on one port.
+//! - [`Application`]: connects, migrates, bootstraps, binds; `run` serves until shutdown.
+//!
+//! Other services never read this database: they verify tokens with the JWKS and ask for
+//! accounts over gRPC.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod keys;
+pub mod passwords;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use secrecy::ExposeSecret;
+use shopmesh_auth::{JwkSet, TokenSigner, Verifier};
+use shopmesh_config::Sources;
+use shopmesh_db::Db;
+use shopmesh_runtime::{App, ReadinessCheck};
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use domain::{Email, Password, UserName};
+pub use store::AdminOutcome;
+
+/// The migrations of the users database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    store: store::Store,
+    hasher: passwords::Hasher,
+    signer: Arc<TokenSigner>,
+    verifier: Verifier,
+    jwks: Arc<JwkSet>,
+}
+
+impl FromRef<AppState> for Verifier {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+/// A users service, built and bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    db: Db,
+    config: Config,
+}
+
+/// Connects to the users database and applies the migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
+    let db = Db::connect(&config.database_url(), &config.database).await?;
+    db.migrate(&MIGRATOR).await?;
+    Ok(store::Store::new(db))
+}
+
+impl Application {
+    /// Connects, migrates, loads the signing key, applies the admin bootstrap and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = open_store(&config).await?;
+        let keys = keys::load_or_create(&store, &config.auth, config.users.token_ttl())
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the signing key: {e}"))?;
+        let verifier = Verifier::with_keys(&config.auth, &keys.jwks)
+            .map_err(|e| anyhow::anyhow!("building the token verifier: {e}"))?;
+        let hasher = passwords::Hasher::new();
+        bootstrap_admin(&config, &store, &hasher).await?;
+
+        let state = AppState {
+            store: store.clone(),
+            hasher,
+            signer: Arc::new(keys.signer),
+            verifier,
+            jwks: Arc::new(keys.jwks),
+        };
+        let db = store.db().clone();
+        let ready_db = db.clone();
+        let router = App::new("users")
+            .http(api::http::routes(state))
+            .grpc(api::grpc::UsersGrpc::server(store))
+            .readiness(ReadinessCheck::new("database", move || {
+                let db = ready_db.clone();
+                async move { db.ping().await.map_err(|e| e.to_string()) }
+            }))
+            .into_router();
+        let listener = shopmesh_runtime::bind(&config.server).await?;
+        Ok(Application {
+            listener,
+            router,
+            db,
+            config,
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains and closes the database.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        tracing::info!(%addr, "users service listening");
+        shopmesh_runtime::serve(
+            self.listener,
+            self.router,
+            shutdown,
+            self.config.server.grace(),
+        )
+        .await?;
+        self.db.close().await;
+        Ok(())
+    }
+}
+
+/// Runs the users service configured from `sources` until Ctrl-C or SIGTERM.
+pub async fn run(sources: Sources) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config)
+        .await?
+        .run_until(shopmesh_runtime::shutdown_signal())
+        .await
+}
+
+/// Makes `email` an admin with `password` (creating or promoting the account).
+pub async fn create_admin(
+    config: &Config,
+    email: &str,
+    name: &str,
+    password: String,
+) -> anyhow::Result<AdminOutcome> {
+    let store = open_store(config).await?;
+    let outcome = upsert_admin(&store, &passwords::Hasher::new(), email, name, password).await;
+    store.db().close().await;
+    outcome
+}
+
+async fn upsert_admin(
+    store: &store::Store,
+    hasher: &passwords::Hasher,
+    email: &str,
+    name: &str,
+    password: String,
+) -> anyhow::Result<AdminOutcome> {
+    let email = Email::parse(email).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let name = UserName::parse(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let password = Password::parse(password, Some(&email)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hash = hasher
+        .hash(&password)
+        .await
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+    store
+        .upsert_admin(&email, &name, &hash)
+        .await
+        .map_err(|e| anyhow::anyhow!("storing the admin: {e}"))
+}
+
+/// `[users] bootstrap_admin_email/password`: make sure that admin exists. An existing account is
+/// promoted but keeps its password, so restarting a container never resets it.
+async fn bootstrap_admin(
+    config: &Config,
+    store: &store::Store,
+    hasher: &passwords::Hasher,
+) -> anyhow::Result<()> {
+    let settings = &config.users;
+    let (email, password) = match (
+        &settings.bootstrap_admin_email,
+        &settings.bootstrap_admin_password,
+    ) {
+        (None, None) => return Ok(()),
+        (Some(email), Some(password)) => (email, password),
+        _ => anyhow::bail!(
+            "invalid configuration: users.bootstrap_admin_email and \
+             users.bootstrap_admin_password (SHOPMESH_USERS__BOOTSTRAP_ADMIN_EMAIL / _PASSWORD) \
+             must be set together"
+        ),
+    };
+    let parsed = Email::parse(email)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: users.bootstrap_admin_email: {e}"))?;
+    if store
+        .promote_to_admin(&parsed)
+        .await
+        .map_err(|e| anyhow::anyhow!("promoting the bootstrap admin: {e}"))?
+    {
+        tracing::info!(email = %parsed, "bootstrap admin present");
+        return Ok(());
+    }
+    upsert_admin(
+        store,
+        hasher,
+        email,
+        "Administrator",
+        password.expose_secret().to_owned(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("invalid configuration: users.bootstrap_admin_*: {e}"))?;
+    tracing::info!(email = %parsed, "bootstrap admin created");
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! The users service's errors, mapped once to HTTP problems and once to gRPC statuses.
+
+use axum::response::{IntoResponse, Response};
+use shopmesh_problem::{Kind, Problem};
+
+use crate::domain::Invalid;
+
+/// Everything a users operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An input value broke a rule.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The e-mail belongs to another account.
+    #[error("e-mail already registered")]
+    EmailTaken,
+    /// Unknown e-mail or wrong password (deliberately indistinguishable).
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// No such user (or not one the caller may see).
+    #[error("user not found")]
+    NotFound,
+    /// A problem decided elsewhere (authorisation, bad request).
+    #[error(transparent)]
+    Problem(#[from] Problem),
+    /// Anything unexpected; the cause is logged, never sent.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Internal(anyhow::Error::new(e).context("database"))
+    }
+}
+
+impl From<Error> for Problem {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Invalid(invalid) => {
+                Problem::new(Kind::Unprocessable, invalid.code, "Invalid value")
+                    .with_field(invalid.field)
+                    .with_detail(format!("{} {}", invalid.field, invalid.message))
+            }
+            Error::EmailTaken => {
+                Problem::new(Kind::Conflict, "email_taken", "E-mail already registered")
+                    .with_field("email")
+                    .with_detail("An account with this e-mail already exists; log in instead.")
+            }
+            Error::InvalidCredentials => Problem::new(
+                Kind::Unauthenticated,
+                "invalid_credentials",
+                "Invalid credentials",
+            )
+            .with_detail("The e-mail or password is wrong."),
+            Error::NotFound => Problem::new(Kind::NotFound, "user_not_found", "User not found"),
+            Error::Problem(problem) => problem,
+            Error::Internal(cause) => {
+                // The one place an internal error is logged, with its whole cause chain.
+                tracing::error!(error = ?cause, "internal error");
+                Problem::internal()
+            }
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        Problem::from(self).into_response()
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        Problem::from(error).into()
+    }
+}
