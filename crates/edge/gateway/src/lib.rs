@@ -1,1 +1,164 @@
-//! placeholder
+//! The API gateway: the shop's one public door.
+//!
+//! # Layout
+//! - [`config`]: `[gateway]`: upstream base URLs per service and the route table (path prefix →
+//!   service, and whether a token is required), checked at start-up.
+//! - [`proxy`]: forwarding: token check on protected routes, body cap (413), hop-by-hop headers
+//!   removed, `X-Forwarded-*` set, a deadline on every upstream call (504), 503/502 problems when
+//!   the upstream is down or breaks off, pooled keep-alive connections.
+//! - [`Application`]: the routes on the shared runtime (request ids, metrics, `/healthz`,
+//!   `/readyz`), plus a background task that loads the users service's JWKS.
+//!
+//! Request path: client → runtime layers (request id, span, metrics) → route matched by prefix →
+//! token verified (if required) → body read up to the limit → upstream call under the deadline →
+//! response streamed back. Services verify the token again: in local mode they are reachable on
+//! their own ports.
+
+pub mod config;
+pub mod proxy;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::any;
+use shopmesh_auth::Verifier;
+use shopmesh_config::Sources;
+use shopmesh_runtime::{App, ReadinessCheck};
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use proxy::{Shared, Target};
+
+/// A gateway, built and bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    config: Config,
+    verifier: Verifier,
+    keys_loaded: Arc<AtomicBool>,
+}
+
+impl Application {
+    /// Builds the routes and binds the port.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.gateway.validate()?;
+        let jwks_url = config.jwks_url().ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid configuration: auth.jwks_url (SHOPMESH_AUTH__JWKS_URL) is unset and \
+                 there is no users upstream to derive it from"
+            )
+        })?;
+        let verifier = Verifier::from_jwks_url(&config.auth, jwks_url);
+        let shared = Arc::new(Shared {
+            client: proxy::client(config.gateway.connect_timeout()),
+            verifier: verifier.clone(),
+            body_limit: config.gateway.body_limit_bytes,
+            timeout: config.gateway.upstream_timeout(),
+        });
+
+        let mut routes = Router::new();
+        for route in &config.gateway.routes {
+            let base = config
+                .gateway
+                .upstreams
+                .get(&route.service)
+                .map(|u| u.trim_end_matches('/'))
+                .unwrap_or_default()
+                .parse()?;
+            let target = Arc::new(Target {
+                service: route.service.clone(),
+                base,
+                auth: route.auth,
+                shared: shared.clone(),
+            });
+            let wildcard = if route.prefix == "/" {
+                "/{*rest}".to_owned()
+            } else {
+                format!("{}/{{*rest}}", route.prefix)
+            };
+            routes = routes.merge(
+                Router::new()
+                    .route(&route.prefix, any(proxy::forward))
+                    .route(&wildcard, any(proxy::forward))
+                    .with_state(target),
+            );
+        }
+
+        let keys_loaded = Arc::new(AtomicBool::new(false));
+        let ready_flag = keys_loaded.clone();
+        let router = App::new("gateway")
+            .http(routes)
+            .readiness(ReadinessCheck::new("signing_keys", move || {
+                let loaded = ready_flag.load(Ordering::Relaxed);
+                async move {
+                    if loaded {
+                        Ok(())
+                    } else {
+                        Err("the users service's JWKS has not been loaded yet".to_owned())
+                    }
+                }
+            }))
+            .into_router();
+        let listener = shopmesh_runtime::bind(&config.server).await?;
+        Ok(Application {
+            listener,
+            router,
+            config,
+            verifier,
+            keys_loaded,
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        tracing::info!(%addr, "gateway listening");
+        let loader = tokio::spawn(load_keys(self.verifier.clone(), self.keys_loaded.clone()));
+        let result = shopmesh_runtime::serve(
+            self.listener,
+            self.router,
+            shutdown,
+            self.config.server.grace(),
+        )
+        .await;
+        loader.abort();
+        Ok(result?)
+    }
+}
+
+/// Fetches the JWKS until it works, so the first request does not wait for it and `/readyz`
+/// tells when tokens can be checked. Later key changes are picked up on unknown `kid`s.
+async fn load_keys(verifier: Verifier, loaded: Arc<AtomicBool>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if verifier.refresh().await.is_ok() {
+            loaded.store(true, Ordering::Relaxed);
+            tracing::info!("signing keys loaded");
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs the gateway configured from `sources` until Ctrl-C or SIGTERM.
+pub async fn run(sources: Sources) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config)
+        .await?
+        .run_until(shopmesh_runtime::shutdown_signal())
+        .await
+}

@@ -1,0 +1,372 @@
+//! The gateway in front of a scripted upstream on port 0.
+//!
+//! The upstream here is a fixture whose behaviour each test chooses (echo, hang, hang up), to
+//! check what the gateway does for any service. The gateway in front of the real users service
+//! is tested end to end in the launcher's system test.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::{any, get};
+use serde_json::{Value, json};
+use shopmesh_auth::signing::generate_seed;
+use shopmesh_auth::{AuthSettings, Claims, JwkSet, Role, TokenSigner, now_secs};
+use shopmesh_config::Sources;
+use shopmesh_gateway::{Application, Config};
+use tokio::net::TcpListener;
+
+struct Upstream {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    signer: Arc<TokenSigner>,
+}
+
+/// An upstream that echoes what it received, hangs on `/api/v1/users/hang`, and publishes a
+/// JWKS.
+async fn upstream() -> Upstream {
+    let signer = Arc::new(
+        TokenSigner::from_seed(
+            &generate_seed(),
+            &AuthSettings::default(),
+            Duration::from_secs(900),
+        )
+        .expect("signer"),
+    );
+    let hits = Arc::new(AtomicUsize::new(0));
+    let jwks = JwkSet {
+        keys: vec![signer.jwk()],
+    };
+    let counter = hits.clone();
+    let app = Router::new()
+        .route(
+            "/.well-known/jwks.json",
+            get(move || async move { axum::Json(jwks) }),
+        )
+        .route(
+            "/api/v1/users/hang",
+            any(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        )
+        .fallback(any(move |req: Request| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+                let headers: serde_json::Map<String, Value> = parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
+                    .collect();
+                axum::Json(json!({
+                    "method": parts.method.as_str(),
+                    "uri": parts.uri.to_string(),
+                    "headers": headers,
+                    "body_len": body.len(),
+                }))
+            }
+        }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Upstream { addr, hits, signer }
+}
+
+/// A gateway whose `users` upstream is `users`.
+async fn gateway(users: &str, extra: &[(&str, &str)]) -> SocketAddr {
+    let mut sources = Sources::empty()
+        .set("SHOPMESH_SERVER__PORT", "0")
+        .set("SHOPMESH_GATEWAY__UPSTREAMS__USERS", users)
+        .set("SHOPMESH_GATEWAY__UPSTREAM_TIMEOUT_MS", "500");
+    for (k, v) in extra {
+        sources = sources.set(*k, *v);
+    }
+    let app = Application::build(Config::load(&sources).expect("config"))
+        .await
+        .expect("gateway");
+    let addr = app.local_addr().expect("addr");
+    tokio::spawn(app.run_until(std::future::pending()));
+    addr
+}
+
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["code"], code, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_public_route_is_forwarded_with_method_path_query_body_and_forwarding_headers() {
+    let up = upstream().await;
+    let gw = gateway(&format!("http://{}", up.addr), &[]).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{gw}/api/v1/register?x=1"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "hop")
+        .json(&json!({"a": 1}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let echo: Value = response.json().await.expect("json");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["uri"], "/api/v1/register?x=1");
+    assert_eq!(echo["body_len"], 7);
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"], "127.0.0.1",
+        "the client's claim is replaced"
+    );
+    assert_eq!(
+        echo["headers"]["x-request-id"],
+        request_id.as_str(),
+        "the id travels upstream"
+    );
+    assert!(
+        echo["headers"].get("x-private").is_none(),
+        "hop-by-hop headers stay behind"
+    );
+    assert_eq!(echo["headers"]["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn a_protected_route_needs_a_valid_token_before_anything_reaches_the_upstream() {
+    let up = upstream().await;
+    let gw = gateway(&format!("http://{}", up.addr), &[]).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{gw}/api/v1/me");
+
+    let anonymous = client.get(&url).send().await.expect("send");
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    problem(anonymous, 401, "unauthenticated").await;
+    let forged = client
+        .get(&url)
+        .bearer_auth("a.b.c")
+        .send()
+        .await
+        .expect("send");
+    problem(forged, 401, "invalid_token").await;
+    let now = now_secs();
+    let expired = up
+        .signer
+        .issue_claims(&Claims {
+            sub: uuid::Uuid::now_v7(),
+            role: Role::Customer,
+            iss: "shopmesh".into(),
+            aud: "shopmesh-api".into(),
+            iat: now - 3600,
+            exp: now - 120,
+            jti: uuid::Uuid::now_v7(),
+        })
+        .expect("token");
+    problem(
+        client
+            .get(&url)
+            .bearer_auth(&expired)
+            .send()
+            .await
+            .expect("send"),
+        401,
+        "token_expired",
+    )
+    .await;
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        0,
+        "rejected requests never reach the service"
+    );
+
+    let token = up
+        .signer
+        .issue(uuid::Uuid::now_v7(), Role::Customer)
+        .expect("token");
+    let ok = client
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(ok.status(), 200);
+    let echo: Value = ok.json().await.expect("json");
+    assert_eq!(echo["headers"]["authorization"], format!("Bearer {token}"));
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
+    let up = upstream().await;
+    let gw = gateway(
+        &format!("http://{}", up.addr),
+        &[("SHOPMESH_GATEWAY__BODY_LIMIT_BYTES", "1024")],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{gw}/api/v1/register");
+    let declared = client
+        .post(&url)
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .expect("send");
+    problem(declared, 413, "payload_too_large").await;
+    let stream = futures_util::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 512]))),
+    );
+    let streamed = client
+        .post(&url)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("send");
+    problem(streamed, 413, "payload_too_large").await;
+    let small = client
+        .post(&url)
+        .body(vec![b'z'; 1000])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(small.status(), 200);
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn routes_match_whole_segments_and_unknown_paths_are_404_problems() {
+    let up = upstream().await;
+    let gw = gateway(&format!("http://{}", up.addr), &[]).await;
+    let client = reqwest::Client::new();
+    let token = up
+        .signer
+        .issue(uuid::Uuid::now_v7(), Role::Admin)
+        .expect("token");
+    let nested = client
+        .get(format!("http://{gw}/api/v1/users/123"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(nested.status(), 200);
+    let lookalike = client
+        .get(format!("http://{gw}/api/v1/usersx"))
+        .send()
+        .await
+        .expect("send");
+    problem(lookalike, 404, "route_not_found").await;
+    let unknown = client
+        .get(format!("http://{gw}/api/v1/nothing"))
+        .send()
+        .await
+        .expect("send");
+    problem(unknown, 404, "route_not_found").await;
+}
+
+#[tokio::test]
+async fn a_down_upstream_is_a_503_problem_with_retry_after_not_a_hang() {
+    // A port that was just free: nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let gw = gateway(&format!("http://{closed}"), &[]).await;
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{gw}/api/v1/login"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.headers()["retry-after"], "1");
+    problem(response, 503, "upstream_unavailable").await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_hung_upstream_is_a_504_at_the_deadline() {
+    let up = upstream().await;
+    let gw = gateway(&format!("http://{}", up.addr), &[]).await;
+    let token = up
+        .signer
+        .issue(uuid::Uuid::now_v7(), Role::Customer)
+        .expect("token");
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .get(format!("http://{gw}/api/v1/users/hang"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("send");
+    let waited = started.elapsed();
+    problem(response, 504, "upstream_timeout").await;
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_hangs_up_is_a_502() {
+    // Accepts, reads a little, closes without answering.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 64];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+            drop(socket);
+        }
+    });
+    let gw = gateway(&format!("http://{addr}"), &[]).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{gw}/api/v1/login"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    problem(response, 502, "bad_gateway").await;
+}
+
+#[tokio::test]
+async fn readyz_turns_ready_once_the_jwks_is_loaded() {
+    let up = upstream().await;
+    let gw = gateway(&format!("http://{}", up.addr), &[]).await;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client
+            .get(format!("http://{gw}/readyz"))
+            .send()
+            .await
+            .expect("send")
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = client
+        .get(format!("http://{gw}/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("http_requests_total"), "{metrics}");
+}
