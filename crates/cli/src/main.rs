@@ -1,1 +1,74 @@
-fn main() {}
+//! `shopmesh`: the one binary of the shop.
+//!
+//! # Layout
+//! - `up` ([`up`]): the local launcher. Starts every service as its own OS process (this same
+//!   binary, re-executed as `shopmesh serve <service>`), waits until each is ready, restarts the
+//!   ones that crash, and stops them all on Ctrl-C or SIGTERM.
+//! - `serve` ([`serve`]): one service, configured from the environment; what a container runs.
+//! - `admin` ([`admin`]): operator tasks against a service's database (create an admin).
+//!
+//! Everything a command needs comes from the service crates; this crate only wires them up.
+
+mod admin;
+mod serve;
+mod up;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// shopmesh: an online shop built as Rust microservices.
+///
+/// Run `shopmesh up` to start the whole shop on this machine (no Docker, nothing to install),
+/// then open http://127.0.0.1:8080. Configuration comes from defaults, an optional TOML file
+/// (SHOPMESH_CONFIG), a .env file and SHOPMESH_<SECTION>__<KEY> environment variables.
+#[derive(Debug, Parser)]
+#[command(name = "shopmesh", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole shop locally: every service its own process, data under ./data.
+    Up(up::UpArgs),
+    /// Run one service, configured from the environment (what a container runs).
+    Serve(serve::ServeArgs),
+    /// Operator tasks (run beside a running `shopmesh up`, from the same folder).
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
+            Command::Admin { command } => admin::run(command).await,
+        }
+    });
+    // A blocked stdin reader (the parent watch of `serve`) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -153,12 +153,12 @@ async fn load_keys(verifier: Verifier, loaded: Arc<AtomicBool>) {
     }
 }
 
-/// Runs the gateway configured from `sources` until Ctrl-C or SIGTERM.
-pub async fn run(sources: Sources) -> anyhow::Result<()> {
+/// Runs the gateway configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let config = Config::load(&sources)?;
     shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config)
-        .await?
-        .run_until(shopmesh_runtime::shutdown_signal())
-        .await
+    Application::build(config).await?.run_until(shutdown).await
 }

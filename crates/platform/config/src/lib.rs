@@ -139,7 +139,9 @@ impl Sources {
             inner: EnvVars::new("environment".to_owned(), &self.env)?,
             ignore,
         });
-        figment.extract_lossy().map_err(ConfigError::Invalid)
+        figment
+            .extract_lossy()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 }
 
@@ -181,7 +183,7 @@ pub enum ConfigError {
     },
     /// A key is unknown or a value has the wrong form.
     #[error("invalid configuration: {}", describe(.0))]
-    Invalid(figment::Error),
+    Invalid(Box<figment::Error>),
 }
 
 fn describe(error: &figment::Error) -> String {

@@ -20,7 +20,7 @@ use tonic::server::NamedService;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::telemetry;
 
@@ -131,19 +131,25 @@ impl App {
                 ServiceBuilder::new()
                     .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                     .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-                    .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                        let id = req
-                            .headers()
-                            .get(REQUEST_ID)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-");
-                        tracing::info_span!(
-                            "request",
-                            method = %req.method(),
-                            path = %req.uri().path(),
-                            request_id = %id,
-                        )
-                    }))
+                    .layer(
+                        TraceLayer::new_for_http()
+                            // A 5xx is logged where its cause is known (internal error, upstream
+                            // failure); a second generic ERROR line per request is noise.
+                            .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
+                            .make_span_with(|req: &Request| {
+                                let id = req
+                                    .headers()
+                                    .get(REQUEST_ID)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("-");
+                                tracing::info_span!(
+                                    "request",
+                                    method = %req.method(),
+                                    path = %req.uri().path(),
+                                    request_id = %id,
+                                )
+                            }),
+                    )
                     .layer(CatchPanicLayer::custom(|_| {
                         Problem::internal().into_response()
                     })),

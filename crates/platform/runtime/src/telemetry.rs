@@ -21,8 +21,11 @@ pub fn init_logging(settings: &LogSettings) -> anyhow::Result<()> {
             settings.level
         )
     })?;
+    // Colours only for a terminal: under the launcher, stdout is a pipe.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_target(true);
     // Ignoring the error is deliberate: it only says a subscriber is already installed.
     let _ = match settings.format {

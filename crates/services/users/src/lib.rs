@@ -133,14 +133,14 @@ impl Application {
     }
 }
 
-/// Runs the users service configured from `sources` until Ctrl-C or SIGTERM.
-pub async fn run(sources: Sources) -> anyhow::Result<()> {
+/// Runs the users service configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let config = Config::load(&sources)?;
     shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config)
-        .await?
-        .run_until(shopmesh_runtime::shutdown_signal())
-        .await
+    Application::build(config).await?.run_until(shutdown).await
 }
 
 /// Makes `email` an admin with `password` (creating or promoting the account).

@@ -52,7 +52,7 @@ impl Password {
         {
             return Err(weak("must not be your e-mail address"));
         }
-        if raw.chars().all(|c| Some(c) == raw.chars().next()) {
+        if raw.chars().all(|c| raw.starts_with(c)) {
             return Err(weak("must not be one character repeated"));
         }
         Ok(Password(raw))

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: Client,
-    pub db: TestDb,
+    db: Option<TestDb>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -46,7 +46,7 @@ impl TestApp {
         TestApp {
             addr,
             client: Client::new(),
-            db,
+            db: Some(db),
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -60,9 +60,7 @@ impl TestApp {
         if let Some(handle) = self.handle.take() {
             handle.await.expect("join").expect("server ran cleanly");
         }
-        // `Drop` below has nothing left to do; move the database out.
-        let db = std::mem::replace(&mut self.db, TestDb::sqlite());
-        db
+        self.db.take().expect("the database is there until stop")
     }
 
     pub fn url(&self, path: &str) -> String {

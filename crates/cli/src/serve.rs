@@ -1,0 +1,67 @@
+//! `shopmesh serve <service>`: one service process.
+
+use clap::{Args, ValueEnum};
+use shopmesh_config::Sources;
+use tokio::io::AsyncReadExt;
+
+/// The services this binary can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    /// The API gateway (the public door; serves /api/v1).
+    Gateway,
+    /// Accounts, login, tokens, JWKS.
+    Users,
+}
+
+impl Service {
+    /// The service's name, as in configuration sections and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Gateway => "gateway",
+            Service::Users => "users",
+        }
+    }
+}
+
+/// Runs one service, configured from the environment: `SHOPMESH_SERVER__PORT`,
+/// `SHOPMESH_DATABASE__URL`, ... (see the README's configuration section).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Which service to run.
+    #[arg(value_enum)]
+    service: Service,
+    /// Stop when standard input closes (the launcher uses this so that its children never
+    /// outlive it, even if it is killed with SIGKILL).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let sources = Sources::from_process();
+    let exit_with_parent = args.exit_with_parent;
+    let shutdown = async move {
+        if exit_with_parent {
+            tokio::select! {
+                () = shopmesh_runtime::shutdown_signal() => {},
+                () = stdin_closed() => tracing::warn!("launcher gone; shutting down"),
+            }
+        } else {
+            shopmesh_runtime::shutdown_signal().await;
+        }
+    };
+    match args.service {
+        Service::Users => shopmesh_users::run(sources, shutdown).await,
+        Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
+    }
+}
+
+async fn stdin_closed() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! System tests: the real `shopmesh up`, every service a real process, driven through the
+//! gateway like a user would.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shopmesh");
+
+/// A running `shopmesh up` in its own temp directory, stopped (SIGKILL) when dropped.
+struct Shop {
+    launcher: Child,
+    gateway: String,
+    dir: tempfile::TempDir,
+    lines: mpsc::Receiver<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Shop {
+    fn start() -> Shop {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut launcher = Command::new(BIN)
+            .args(["up", "--port", &port.to_string()])
+            .current_dir(dir.path())
+            .env("SHOPMESH_LOG__LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shopmesh up");
+        let stdout = launcher.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("[up] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut shop = Shop {
+            launcher,
+            gateway: String::new(),
+            dir,
+            lines,
+        };
+        let ready = shop.wait_for_line("ready: ", Duration::from_secs(90));
+        shop.gateway = ready.trim_start_matches("ready: ").to_owned();
+        assert_eq!(shop.gateway, format!("http://127.0.0.1:{port}"));
+        shop
+    }
+
+    fn wait_for_line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no line starting with {prefix:?}: {e}"),
+            }
+        }
+    }
+
+    fn state(&self) -> Value {
+        let text = std::fs::read_to_string(self.dir.path().join("data/up.json")).expect("up.json");
+        serde_json::from_str(&text).expect("json")
+    }
+
+    fn pid_of(&self, service: &str) -> i32 {
+        self.state()["processes"][service]["pid"]
+            .as_i64()
+            .expect("pid") as i32
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.gateway, path)
+    }
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        let _ = self.launcher.kill();
+        let _ = self.launcher.wait();
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn signal(pid: i32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn login(client: &reqwest::Client, shop: &Shop, email: &str, password: &str) -> reqwest::Response {
+    client
+        .post(shop.url("/api/v1/login"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("login request")
+}
+
+async fn token(client: &reqwest::Client, shop: &Shop, email: &str, password: &str) -> String {
+    let response = login(client, shop, email, password).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    body["access_token"].as_str().expect("token").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
+    let shop = Shop::start();
+    let client = reqwest::Client::new();
+
+    // Register and log in through the gateway.
+    let registered = client
+        .post(shop.url("/api/v1/register"))
+        .json(&json!({"email": "zoe@example.com", "name": "Zoe", "password": "correct horse battery"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), 201);
+    let zoe: Value = registered.json().await.expect("json");
+    let old_token = token(&client, &shop, "zoe@example.com", "correct horse battery").await;
+
+    // SIGKILL the users process; the launcher restarts it and nothing acknowledged is lost.
+    let users = shop.pid_of("users");
+    signal(users, "KILL");
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    loop {
+        let status = login(&client, &shop, "zoe@example.com", "correct horse battery")
+            .await
+            .status();
+        statuses.push(status.as_u16());
+        if status == 200 {
+            break;
+        }
+        assert!(
+            status == 503 || status == 502,
+            "while users is down the gateway says so: {status}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(15), "users never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("back after {:?}; answers while down: {statuses:?}", started.elapsed());
+    // The launcher records the new process once its readiness probe sees it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shop.pid_of("users") == users {
+        assert!(Instant::now() < deadline, "up.json never showed the new users process");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shop.state()["processes"]["users"]["restarts"], 1);
+    // The token from before the crash still opens /me: same data, same signing key.
+    let me = client
+        .get(shop.url("/api/v1/me"))
+        .bearer_auth(&old_token)
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(me.status(), 200);
+    let me: Value = me.json().await.expect("json");
+    assert_eq!(me["id"], zoe["id"]);
+
+    // An operator makes an admin beside the running shop.
+    let admin = Command::new(BIN)
+        .args(["admin", "create-admin", "--email", "boss@example.com", "--password", "an admin passphrase"])
+        .current_dir(shop.dir.path())
+        .output()
+        .expect("create-admin");
+    assert!(admin.status.success(), "{}", String::from_utf8_lossy(&admin.stderr));
+    assert!(String::from_utf8_lossy(&admin.stdout).contains("created admin boss@example.com"));
+    let boss = token(&client, &shop, "boss@example.com", "an admin passphrase").await;
+    let users_list = client
+        .get(shop.url("/api/v1/users"))
+        .bearer_auth(&boss)
+        .send()
+        .await
+        .expect("users");
+    assert_eq!(users_list.status(), 200);
+    let customer_list = client
+        .get(shop.url("/api/v1/users"))
+        .bearer_auth(&old_token)
+        .send()
+        .await
+        .expect("users");
+    assert_eq!(customer_list.status(), 403);
+
+    // SIGTERM stops every process and exits cleanly.
+    let children = [shop.pid_of("users"), shop.pid_of("gateway")];
+    let launcher_pid = shop.launcher.id() as i32;
+    signal(launcher_pid, "TERM");
+    shop.wait_for_line("shopmesh up: stopped", Duration::from_secs(20));
+    let mut shop = shop;
+    let status = shop.launcher.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    for pid in children {
+        assert!(!alive(pid), "child {pid} outlived the launcher");
+    }
+    assert!(!shop.dir.path().join("data/up.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn children_stop_when_the_launcher_is_killed() {
+    let shop = Shop::start();
+    let children = [shop.pid_of("users"), shop.pid_of("gateway")];
+    signal(shop.launcher.id() as i32, "KILL");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while children.iter().any(|pid| alive(*pid)) {
+        assert!(Instant::now() < deadline, "children outlived a SIGKILLed launcher");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_child_that_cannot_start_fails_up_with_its_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(BIN)
+        .args(["up", "--port", &free_port().to_string()])
+        .current_dir(dir.path())
+        .env("SHOPMESH_SERVER__PROT", "1")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(all.contains("failed to start"), "{all}");
+    assert!(all.contains("prot"), "the child's own message names the bad key: {all}");
+}
+
+#[test]
+fn help_explains_every_command() {
+    for args in [
+        vec!["--help"],
+        vec!["up", "--help"],
+        vec!["serve", "--help"],
+        vec!["admin", "create-admin", "--help"],
+    ] {
+        let output = Command::new(BIN).args(&args).output().expect("run");
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+    let serve = Command::new(BIN).args(["serve", "--help"]).output().expect("run");
+    let text = String::from_utf8_lossy(&serve.stdout);
+    assert!(text.contains("users") && text.contains("gateway"), "{text}");
+}
