@@ -112,7 +112,12 @@ fn signal(pid: i32, sig: &str) {
     assert!(status.success());
 }
 
-async fn login(client: &reqwest::Client, shop: &Shop, email: &str, password: &str) -> reqwest::Response {
+async fn login(
+    client: &reqwest::Client,
+    shop: &Shop,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
     client
         .post(shop.url("/api/v1/login"))
         .json(&json!({"email": email, "password": password}))
@@ -161,14 +166,23 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
             status == 503 || status == 502,
             "while users is down the gateway says so: {status}"
         );
-        assert!(started.elapsed() < Duration::from_secs(15), "users never came back");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "users never came back"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("back after {:?}; answers while down: {statuses:?}", started.elapsed());
+    println!(
+        "back after {:?}; answers while down: {statuses:?}",
+        started.elapsed()
+    );
     // The launcher records the new process once its readiness probe sees it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while shop.pid_of("users") == users {
-        assert!(Instant::now() < deadline, "up.json never showed the new users process");
+        assert!(
+            Instant::now() < deadline,
+            "up.json never showed the new users process"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(shop.state()["processes"]["users"]["restarts"], 1);
@@ -185,11 +199,22 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
 
     // An operator makes an admin beside the running shop.
     let admin = Command::new(BIN)
-        .args(["admin", "create-admin", "--email", "boss@example.com", "--password", "an admin passphrase"])
+        .args([
+            "admin",
+            "create-admin",
+            "--email",
+            "boss@example.com",
+            "--password",
+            "an admin passphrase",
+        ])
         .current_dir(shop.dir.path())
         .output()
         .expect("create-admin");
-    assert!(admin.status.success(), "{}", String::from_utf8_lossy(&admin.stderr));
+    assert!(
+        admin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
     assert!(String::from_utf8_lossy(&admin.stdout).contains("created admin boss@example.com"));
     let boss = token(&client, &shop, "boss@example.com", "an admin passphrase").await;
     let users_list = client
@@ -228,7 +253,10 @@ async fn children_stop_when_the_launcher_is_killed() {
     signal(shop.launcher.id() as i32, "KILL");
     let deadline = Instant::now() + Duration::from_secs(15);
     while children.iter().any(|pid| alive(*pid)) {
-        assert!(Instant::now() < deadline, "children outlived a SIGKILLed launcher");
+        assert!(
+            Instant::now() < deadline,
+            "children outlived a SIGKILLed launcher"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -249,7 +277,10 @@ fn a_child_that_cannot_start_fails_up_with_its_error() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(all.contains("failed to start"), "{all}");
-    assert!(all.contains("prot"), "the child's own message names the bad key: {all}");
+    assert!(
+        all.contains("prot"),
+        "the child's own message names the bad key: {all}"
+    );
 }
 
 #[test]
@@ -265,7 +296,10 @@ fn help_explains_every_command() {
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(text.contains("Usage:"), "{args:?}: {text}");
     }
-    let serve = Command::new(BIN).args(["serve", "--help"]).output().expect("run");
+    let serve = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .expect("run");
     let text = String::from_utf8_lossy(&serve.stdout);
     assert!(text.contains("users") && text.contains("gateway"), "{text}");
 }
