@@ -141,12 +141,22 @@ impl Application {
 /// Fetches the JWKS until it works, so the first request does not wait for it and `/readyz`
 /// tells when tokens can be checked. Later key changes are picked up on unknown `kid`s.
 async fn load_keys(verifier: Verifier, loaded: Arc<AtomicBool>) {
+    // The users service usually starts alongside: early failures are expected, lasting ones not.
+    const PATIENCE: Duration = Duration::from_secs(5);
+    let started = std::time::Instant::now();
+    let mut warned = false;
     let mut delay = Duration::from_millis(100);
     loop {
         if verifier.refresh().await.is_ok() {
             loaded.store(true, Ordering::Relaxed);
             tracing::info!("signing keys loaded");
             return;
+        }
+        if !warned && started.elapsed() >= PATIENCE {
+            warned = true;
+            tracing::warn!(
+                "still cannot fetch the users service's JWKS; protected routes answer 503"
+            );
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));

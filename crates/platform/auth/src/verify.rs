@@ -183,10 +183,7 @@ impl Verifier {
         *last = Some((Instant::now(), result.is_some()));
         match result {
             Some(set) => self.set_keys(&set),
-            None => {
-                tracing::warn!(url = %source.url, "cannot fetch the JWKS");
-                Err(AuthError::KeysUnavailable)
-            }
+            None => Err(AuthError::KeysUnavailable),
         }
     }
 
@@ -209,7 +206,9 @@ impl Verifier {
             Some((at, false)) => at.elapsed() >= RETRY_AFTER_FAILURE,
         };
         if may_fetch {
-            self.fetch(source, &mut last).await?;
+            self.fetch(source, &mut last).await.inspect_err(|_| {
+                tracing::warn!(url = %source.url, "cannot fetch the JWKS to check a token");
+            })?;
         } else if matches!(*last, Some((_, false))) {
             return Err(AuthError::KeysUnavailable);
         }
