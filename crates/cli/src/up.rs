@@ -28,7 +28,7 @@ use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use shopmesh_config::Sources;
+use shopmesh_config::{DataDir, Sources};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
@@ -57,21 +57,13 @@ pub struct UpArgs {
     host: IpAddr,
 }
 
-/// What the launcher itself reads from configuration. Other sections are the children's.
-#[derive(Debug, Deserialize)]
+/// What the launcher itself reads from configuration. Other sections are the children's, who
+/// check them.
+#[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct LauncherConfig {
-    data_dir: PathBuf,
+    data_dir: DataDir,
     launcher: LauncherSettings,
-}
-
-impl Default for LauncherConfig {
-    fn default() -> Self {
-        LauncherConfig {
-            data_dir: PathBuf::from("./data"),
-            launcher: LauncherSettings::default(),
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,7 +112,7 @@ struct Spec {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let config: LauncherConfig = Sources::from_process().load(Some("launcher"))?;
-    let data_dir = args.data_dir.unwrap_or(config.data_dir);
+    let data_dir = args.data_dir.unwrap_or(config.data_dir.0);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let data_dir = data_dir

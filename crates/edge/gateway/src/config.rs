@@ -1,20 +1,19 @@
 //! The gateway's configuration: the common sections plus `[gateway]` (upstreams and routes).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use shopmesh_auth::AuthSettings;
-use shopmesh_config::{ConfigError, Sources};
+use shopmesh_config::{ConfigError, DataDir, Sources};
 use shopmesh_runtime::{LogSettings, ServerSettings};
 
 /// Everything the gateway process reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Unused by the gateway today; accepted so one environment serves every process.
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     /// `[server]`.
     pub server: ServerSettings,
     /// `[log]`.
@@ -23,18 +22,6 @@ pub struct Config {
     pub auth: AuthSettings,
     /// `[gateway]`.
     pub gateway: GatewaySettings,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data_dir: PathBuf::from("./data"),
-            server: ServerSettings::default(),
-            log: LogSettings::default(),
-            auth: AuthSettings::default(),
-            gateway: GatewaySettings::default(),
-        }
-    }
 }
 
 impl Config {

@@ -27,17 +27,14 @@ use axum::Router;
 use axum::routing::any;
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
-use shopmesh_runtime::{App, ReadinessCheck};
-use tokio::net::TcpListener;
+use shopmesh_runtime::{App, ReadinessCheck, Server};
 
 pub use config::Config;
 use proxy::{Shared, Target};
 
 /// A gateway, built and bound, not yet serving.
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
-    config: Config,
+    server: Server,
     verifier: Verifier,
     keys_loaded: Arc<AtomicBool>,
 }
@@ -103,11 +100,9 @@ impl Application {
                 }
             }))
             .into_router();
-        let listener = shopmesh_runtime::bind(&config.server).await?;
+        let server = Server::bind("gateway", &config.server, router).await?;
         Ok(Application {
-            listener,
-            router,
-            config,
+            server,
             verifier,
             keys_loaded,
         })
@@ -115,7 +110,7 @@ impl Application {
 
     /// Where it listens.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.server.local_addr()
     }
 
     /// Serves until `shutdown` completes.
@@ -123,16 +118,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let addr = self.local_addr()?;
-        tracing::info!(%addr, "gateway listening");
         let loader = tokio::spawn(load_keys(self.verifier.clone(), self.keys_loaded.clone()));
-        let result = shopmesh_runtime::serve(
-            self.listener,
-            self.router,
-            shutdown,
-            self.config.server.grace(),
-        )
-        .await;
+        let result = self.server.run_until(shutdown).await;
         loader.abort();
         Ok(result?)
     }

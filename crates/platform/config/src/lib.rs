@@ -46,6 +46,26 @@ pub const PROCESS_SECTIONS: &[&str] = &[
     "launcher",
 ];
 
+/// `data_dir`: where a process keeps its files (SQLite databases, the launcher's state);
+/// `./data` unless configured. Shared by every process, so it lives with the loader.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct DataDir(pub PathBuf);
+
+impl Default for DataDir {
+    fn default() -> Self {
+        DataDir(PathBuf::from("./data"))
+    }
+}
+
+impl std::ops::Deref for DataDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// Where configuration comes from.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {

@@ -18,5 +18,5 @@ pub mod settings;
 pub mod telemetry;
 
 pub use app::{App, ReadinessCheck};
-pub use server::{bind, serve, shutdown_signal};
+pub use server::{Server, bind, serve, shutdown_signal};
 pub use settings::{LogFormat, LogSettings, ServerSettings};

@@ -11,6 +11,45 @@ use tokio::sync::Notify;
 
 use crate::settings::ServerSettings;
 
+/// A process's router, bound to its port, not yet serving.
+pub struct Server {
+    service: &'static str,
+    listener: TcpListener,
+    router: Router,
+    grace: Duration,
+}
+
+impl Server {
+    /// Binds `settings`' address for `router` (port 0 picks a free port, as tests do).
+    pub async fn bind(
+        service: &'static str,
+        settings: &ServerSettings,
+        router: Router,
+    ) -> anyhow::Result<Server> {
+        Ok(Server {
+            service,
+            listener: bind(settings).await?,
+            router,
+            grace: settings.grace(),
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains (see [`serve`]).
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr = self.local_addr()?;
+        tracing::info!(service = self.service, %addr, "listening");
+        serve(self.listener, self.router, shutdown, self.grace).await
+    }
+}
+
 /// Binds the configured address; the error names the address.
 pub async fn bind(settings: &ServerSettings) -> anyhow::Result<TcpListener> {
     let addr = settings.addr();

@@ -1,21 +1,20 @@
 //! The users service's configuration: the common sections plus `[users]`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
 use shopmesh_auth::AuthSettings;
-use shopmesh_config::{ConfigError, Sources};
+use shopmesh_config::{ConfigError, DataDir, Sources};
 use shopmesh_db::DatabaseSettings;
 use shopmesh_runtime::{LogSettings, ServerSettings};
 
 /// Everything the users process reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where SQLite files live when no database URL is set.
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     /// `[server]`.
     pub server: ServerSettings,
     /// `[log]`.
@@ -26,19 +25,6 @@ pub struct Config {
     pub auth: AuthSettings,
     /// `[users]`.
     pub users: UsersSettings,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data_dir: PathBuf::from("./data"),
-            server: ServerSettings::default(),
-            log: LogSettings::default(),
-            database: DatabaseSettings::default(),
-            auth: AuthSettings::default(),
-            users: UsersSettings::default(),
-        }
-    }
 }
 
 impl Config {

@@ -30,8 +30,7 @@ use secrecy::ExposeSecret;
 use shopmesh_auth::{JwkSet, TokenSigner, Verifier};
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
-use shopmesh_runtime::{App, ReadinessCheck};
-use tokio::net::TcpListener;
+use shopmesh_runtime::{App, ReadinessCheck, Server};
 
 pub use config::Config;
 use domain::{Email, Password, UserName};
@@ -58,10 +57,8 @@ impl FromRef<AppState> for Verifier {
 
 /// A users service, built and bound, not yet serving.
 pub struct Application {
-    listener: TcpListener,
-    router: axum::Router,
+    server: Server,
     db: Db,
-    config: Config,
 }
 
 /// Connects to the users database and applies the migrations.
@@ -100,18 +97,13 @@ impl Application {
                 async move { db.ping().await.map_err(|e| e.to_string()) }
             }))
             .into_router();
-        let listener = shopmesh_runtime::bind(&config.server).await?;
-        Ok(Application {
-            listener,
-            router,
-            db,
-            config,
-        })
+        let server = Server::bind("users", &config.server, router).await?;
+        Ok(Application { server, db })
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.server.local_addr()
     }
 
     /// Serves until `shutdown` completes, then drains and closes the database.
@@ -119,15 +111,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let addr = self.local_addr()?;
-        tracing::info!(%addr, "users service listening");
-        shopmesh_runtime::serve(
-            self.listener,
-            self.router,
-            shutdown,
-            self.config.server.grace(),
-        )
-        .await?;
+        self.server.run_until(shutdown).await?;
         self.db.close().await;
         Ok(())
     }
