@@ -94,24 +94,3 @@ where
         Ok(user)
     }
 }
-
-/// A caller who may or may not be signed in. A token that is present must be valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaybeAuthUser(pub Option<AuthUser>);
-
-impl<S> FromRequestParts<S> for MaybeAuthUser
-where
-    Verifier: FromRef<S>,
-    S: Send + Sync,
-{
-    type Rejection = AuthRejection;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        if !parts.headers.contains_key(header::AUTHORIZATION) {
-            return Ok(MaybeAuthUser(None));
-        }
-        AuthUser::from_request_parts(parts, state)
-            .await
-            .map(|u| MaybeAuthUser(Some(u)))
-    }
-}

@@ -18,7 +18,7 @@ pub mod verify;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use extract::{AuthUser, MaybeAuthUser};
+pub use extract::AuthUser;
 pub use signing::{Jwk, JwkSet, TokenSigner};
 pub use verify::{AuthError, Verifier};
 
