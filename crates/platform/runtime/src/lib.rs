@@ -6,6 +6,7 @@
 //! - [`app`]: [`App`] puts a service's HTTP routes and gRPC services on one router, with
 //!   `/healthz`, `/readyz`, `/metrics`, request ids, per-route metrics, request logs and
 //!   problem+json fallbacks for unknown routes and panics.
+//! - [`paging`]: `{"items", "next_cursor"}` pages with a bounded `limit`.
 //! - [`server`]: binds the port and serves until a shutdown signal, then drains within a grace
 //!   period. A server takes its listener and its shutdown future from the caller, so tests run
 //!   it on port 0 and stop it when they like.
@@ -13,6 +14,7 @@
 //! A service's `run` therefore reads: load settings, init telemetry, build the app, bind, serve.
 
 pub mod app;
+pub mod paging;
 pub mod server;
 pub mod settings;
 pub mod telemetry;

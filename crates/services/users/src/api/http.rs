@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use shopmesh_auth::{AuthUser, JwkSet};
 use shopmesh_problem::extract::{Json, Path, Query};
-use shopmesh_problem::{Kind, Problem};
+use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -151,20 +151,11 @@ async fn get_user(
     Ok(Json(user.into()))
 }
 
-const DEFAULT_PAGE: u32 = 20;
-const MAX_PAGE: u32 = 100;
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     limit: Option<u32>,
     cursor: Option<Uuid>,
-}
-
-#[derive(Debug, Serialize)]
-struct Page<T> {
-    items: Vec<T>,
-    next_cursor: Option<Uuid>,
 }
 
 async fn list_users(
@@ -173,27 +164,11 @@ async fn list_users(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Page<UserView>>, Error> {
     caller.require_admin()?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(
-            Problem::new(Kind::BadRequest, "invalid_limit", "Invalid limit")
-                .with_field("limit")
-                .with_detail("limit must be between 1 and 100")
-                .into(),
-        );
-    }
-    // One extra row says whether there is a next page.
-    let mut users = state.store.users(query.cursor, limit + 1).await?;
-    let next_cursor = if users.len() > limit as usize {
-        users.truncate(limit as usize);
-        users.last().map(|u| u.id)
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        items: users.into_iter().map(UserView::from).collect(),
-        next_cursor,
-    }))
+    let limit = paging::limit(query.limit)?;
+    let users = state.store.users(query.cursor, limit + 1).await?;
+    Ok(Json(
+        Page::from_rows(users, limit, |u| u.id.to_string()).map(UserView::from),
+    ))
 }
 
 async fn jwks(State(state): State<AppState>) -> impl IntoResponse {

@@ -124,25 +124,3 @@ impl Drop for TestApp {
         }
     }
 }
-
-/// Asserts a problem+json answer with this status, code and (if given) field.
-pub async fn assert_problem(
-    response: Response,
-    status: u16,
-    code: &str,
-    field: Option<&str>,
-) -> Value {
-    assert_eq!(response.status(), status, "status");
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json",
-        "content type"
-    );
-    let body: Value = response.json().await.expect("problem json");
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status, "{body}");
-    if let Some(field) = field {
-        assert_eq!(body["field"], field, "{body}");
-    }
-    body
-}

@@ -4,12 +4,13 @@
 
 mod helpers;
 
-use helpers::{TestApp, assert_problem, config};
+use helpers::{TestApp, config};
 use serde_json::{Value, json};
 use shopmesh_auth::{AuthSettings, JwkSet, Verifier};
 use shopmesh_db::testing::TestDb;
 use shopmesh_proto::users::v1::GetUserRequest;
 use shopmesh_proto::users::v1::users_client::UsersClient;
+use shopmesh_testkit::assert_problem;
 
 /// Declares each test function once per backend.
 macro_rules! on_both_backends {
