@@ -11,6 +11,8 @@ pub enum Service {
     Gateway,
     /// Accounts, login, tokens, JWKS.
     Users,
+    /// Products: search, listing, admin editing, prices.
+    Catalog,
 }
 
 impl Service {
@@ -19,6 +21,7 @@ impl Service {
         match self {
             Service::Gateway => "gateway",
             Service::Users => "users",
+            Service::Catalog => "catalog",
         }
     }
 }
@@ -51,6 +54,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     match args.service {
         Service::Users => shopmesh_users::run(sources, shutdown).await,
+        Service::Catalog => shopmesh_catalog::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     }
 }

@@ -35,8 +35,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::serve::Service;
 
-/// Start order: the users service first, so the gateway finds its JWKS at once.
-const SERVICES: &[Service] = &[Service::Users, Service::Gateway];
+/// The services behind the gateway, in start order (users first: the others fetch its JWKS).
+const BACKENDS: &[Service] = &[Service::Users, Service::Catalog];
+/// Every process `up` runs.
+const SERVICES: &[Service] = &[Service::Users, Service::Catalog, Service::Gateway];
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A child that stayed up this long is healthy again: its next crash restarts it quickly.
@@ -55,6 +57,9 @@ pub struct UpArgs {
     /// Interface the gateway listens on (services always listen on loopback).
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     host: IpAddr,
+    /// Start with an empty catalog instead of the demo products.
+    #[arg(long)]
+    no_demo: bool,
 }
 
 /// What the launcher itself reads from configuration. Other sections are the children's, who
@@ -121,7 +126,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _lock = Lock::take(&data_dir)?;
 
     let gateway_addr = SocketAddr::new(args.host, args.port.unwrap_or(config.launcher.port));
-    let specs = plan(&data_dir, gateway_addr)?;
+    let specs = plan(&data_dir, gateway_addr, !args.no_demo)?;
     let exe = std::env::current_exe().context("cannot find the shopmesh binary")?;
     println!("shopmesh up: data in {}", data_dir.display());
 
@@ -191,14 +196,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Addresses and environments of every child.
-fn plan(data_dir: &Path, gateway: SocketAddr) -> anyhow::Result<Vec<Spec>> {
+fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<Spec>> {
     // Fail now, clearly, rather than in a child's log.
     TcpListener::bind(gateway).map_err(|e| {
         anyhow::anyhow!(
             "cannot listen on {gateway} for the gateway: {e}; choose another with --port"
         )
     })?;
-    let users = free_loopback_addr()?;
     let common = |addr: SocketAddr| {
         vec![
             (
@@ -209,23 +213,44 @@ fn plan(data_dir: &Path, gateway: SocketAddr) -> anyhow::Result<Vec<Spec>> {
             ("SHOPMESH_SERVER__PORT".to_owned(), addr.port().to_string()),
         ]
     };
+    let mut addrs = BTreeMap::new();
+    for service in BACKENDS {
+        addrs.insert(service.name(), free_loopback_addr()?);
+    }
+    let users = addrs
+        .get("users")
+        .copied()
+        .context("users is always planned")?;
+    let jwks = format!("http://{users}/.well-known/jwks.json");
+    let mut specs = Vec::new();
+    for service in BACKENDS {
+        let addr = addrs[service.name()];
+        let mut env = common(addr);
+        if *service != Service::Users {
+            env.push(("SHOPMESH_AUTH__JWKS_URL".to_owned(), jwks.clone()));
+        }
+        if *service == Service::Catalog {
+            env.push(("SHOPMESH_CATALOG__SEED_DEMO".to_owned(), demo.to_string()));
+        }
+        specs.push(Spec {
+            service: *service,
+            addr,
+            env,
+        });
+    }
     let mut gateway_env = common(gateway);
-    gateway_env.push((
-        "SHOPMESH_GATEWAY__UPSTREAMS__USERS".to_owned(),
-        format!("http://{users}"),
-    ));
-    Ok(vec![
-        Spec {
-            service: Service::Users,
-            addr: users,
-            env: common(users),
-        },
-        Spec {
-            service: Service::Gateway,
-            addr: gateway,
-            env: gateway_env,
-        },
-    ])
+    for (name, addr) in &addrs {
+        gateway_env.push((
+            format!("SHOPMESH_GATEWAY__UPSTREAMS__{}", name.to_ascii_uppercase()),
+            format!("http://{addr}"),
+        ));
+    }
+    specs.push(Spec {
+        service: Service::Gateway,
+        addr: gateway,
+        env: gateway_env,
+    });
+    Ok(specs)
 }
 
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
@@ -393,7 +418,7 @@ fn print_table(table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str
             );
         }
     }
-    println!("the shop's API is at {gateway}/api/v1 (register, login, me, users)");
+    println!("the shop's API is at {gateway}/api/v1 (register, login, me, users, products)");
 }
 
 fn write_state(path: &Path, table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str) {

@@ -232,8 +232,51 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
         .expect("users");
     assert_eq!(customer_list.status(), 403);
 
+    // The demo catalog is there, through the gateway, for anyone.
+    let page: Value = client
+        .get(shop.url("/api/v1/products?category=books&limit=100"))
+        .send()
+        .await
+        .expect("products")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["items"].as_array().expect("items").len(), 6, "{page}");
+    // An admin adds a product; a customer may not.
+    let new_product = json!({"sku": "SYS-1", "name": "System Test Mug", "price": 1500,
+                             "currency": "EUR", "category": "kitchen"});
+    let refused = client
+        .post(shop.url("/api/v1/products"))
+        .bearer_auth(&old_token)
+        .json(&new_product)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(refused.status(), 403);
+    let created = client
+        .post(shop.url("/api/v1/products"))
+        .bearer_auth(&boss)
+        .json(&new_product)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    let found: Value = client
+        .get(shop.url("/api/v1/products?q=system%20test"))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(found["items"][0]["sku"], "SYS-1");
+
     // SIGTERM stops every process and exits cleanly.
-    let children = [shop.pid_of("users"), shop.pid_of("gateway")];
+    let children = [
+        shop.pid_of("users"),
+        shop.pid_of("catalog"),
+        shop.pid_of("gateway"),
+    ];
     let launcher_pid = shop.launcher.id() as i32;
     signal(launcher_pid, "TERM");
     shop.wait_for_line("shopmesh up: stopped", Duration::from_secs(20));
@@ -249,7 +292,11 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn children_stop_when_the_launcher_is_killed() {
     let shop = Shop::start();
-    let children = [shop.pid_of("users"), shop.pid_of("gateway")];
+    let children = [
+        shop.pid_of("users"),
+        shop.pid_of("catalog"),
+        shop.pid_of("gateway"),
+    ];
     signal(shop.launcher.id() as i32, "KILL");
     let deadline = Instant::now() + Duration::from_secs(15);
     while children.iter().any(|pid| alive(*pid)) {
@@ -301,5 +348,8 @@ fn help_explains_every_command() {
         .output()
         .expect("run");
     let text = String::from_utf8_lossy(&serve.stdout);
-    assert!(text.contains("users") && text.contains("gateway"), "{text}");
+    assert!(
+        text.contains("users") && text.contains("catalog") && text.contains("gateway"),
+        "{text}"
+    );
 }

@@ -67,23 +67,30 @@ impl Default for GatewaySettings {
             body_limit_bytes: 1024 * 1024,
             upstream_timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
-            upstreams: BTreeMap::from([("users".to_owned(), "http://127.0.0.1:8081".to_owned())]),
+            upstreams: BTreeMap::from([
+                ("users".to_owned(), "http://127.0.0.1:8081".to_owned()),
+                ("catalog".to_owned(), "http://127.0.0.1:8082".to_owned()),
+            ]),
             routes: default_routes(),
         }
     }
 }
 
+/// The shop's routes. "public" routes may still have methods that need a token (creating a
+/// product needs an admin): the service decides; "required" routes need a valid token for every
+/// method and are refused at the edge without one.
 fn default_routes() -> Vec<RouteConfig> {
-    let route = |prefix: &str, auth| RouteConfig {
+    let route = |prefix: &str, service: &str, auth| RouteConfig {
         prefix: prefix.to_owned(),
-        service: "users".to_owned(),
+        service: service.to_owned(),
         auth,
     };
     vec![
-        route("/api/v1/register", AuthPolicy::Public),
-        route("/api/v1/login", AuthPolicy::Public),
-        route("/api/v1/me", AuthPolicy::Required),
-        route("/api/v1/users", AuthPolicy::Required),
+        route("/api/v1/register", "users", AuthPolicy::Public),
+        route("/api/v1/login", "users", AuthPolicy::Public),
+        route("/api/v1/me", "users", AuthPolicy::Required),
+        route("/api/v1/users", "users", AuthPolicy::Required),
+        route("/api/v1/products", "catalog", AuthPolicy::Public),
     ]
 }
 

@@ -9,7 +9,8 @@
 //!   knows its own keys) or fetched from a JWKS URL and refreshed when an unknown `kid` appears
 //!   (the gateway and every other service). It rejects `alg=none`, any algorithm but EdDSA, bad
 //!   signatures, tokens expired beyond the leeway, wrong `iss`/`aud` and unknown keys.
-//! - [`extract`]: [`AuthUser`], the axum extractor handlers take to require a signed-in caller.
+//! - [`extract`]: [`AuthUser`] and [`AdminUser`], the axum extractors handlers take to require a
+//!   signed-in caller or an admin.
 
 pub mod extract;
 pub mod signing;
@@ -18,7 +19,7 @@ pub mod verify;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use extract::AuthUser;
+pub use extract::{AdminUser, AuthUser};
 pub use signing::{Jwk, JwkSet, TokenSigner};
 pub use verify::{AuthError, Verifier};
 

@@ -20,6 +20,49 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
+/// An input value that broke a domain rule: which field, a stable code, and what is wrong.
+/// Domain types return it from `parse`; it becomes a 422 problem naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The request field (a JSON path such as `price` or `items[1].quantity`).
+    pub field: Cow<'static, str>,
+    /// Stable machine code (`invalid_email`, `weak_password`, ...).
+    pub code: &'static str,
+    /// What is wrong, for people: completes "<field> ...".
+    pub message: String,
+}
+
+impl Invalid {
+    /// A broken rule on `field`.
+    pub fn new(
+        field: impl Into<Cow<'static, str>>,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Invalid {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl From<Invalid> for Problem {
+    fn from(invalid: Invalid) -> Self {
+        Problem::new(Kind::Unprocessable, invalid.code, "Invalid value")
+            .with_detail(invalid.to_string())
+            .with_field(invalid.field.into_owned())
+    }
+}
+
 /// The media type of a problem body.
 pub const CONTENT_TYPE: &str = "application/problem+json";
 

@@ -37,11 +37,7 @@ impl From<sqlx::Error> for Error {
 impl From<Error> for Problem {
     fn from(error: Error) -> Self {
         match error {
-            Error::Invalid(invalid) => {
-                Problem::new(Kind::Unprocessable, invalid.code, "Invalid value")
-                    .with_field(invalid.field)
-                    .with_detail(format!("{} {}", invalid.field, invalid.message))
-            }
+            Error::Invalid(invalid) => invalid.into(),
             Error::EmailTaken => {
                 Problem::new(Kind::Conflict, "email_taken", "E-mail already registered")
                     .with_field("email")
@@ -57,7 +53,7 @@ impl From<Error> for Problem {
             Error::Problem(problem) => problem,
             Error::Internal(cause) => {
                 // The one place an internal error is logged, with its whole cause chain.
-                tracing::error!(error = ?cause, "internal error");
+                tracing::error!(error = %format!("{cause:#}"), "internal error");
                 Problem::internal()
             }
         }

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
-use shopmesh_auth::{AuthUser, JwkSet};
+use shopmesh_auth::{AdminUser, AuthUser, JwkSet};
 use shopmesh_problem::extract::{Json, Path, Query};
 use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
@@ -160,10 +160,9 @@ struct ListQuery {
 
 async fn list_users(
     State(state): State<AppState>,
-    caller: AuthUser,
+    _admin: AdminUser,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Page<UserView>>, Error> {
-    caller.require_admin()?;
     let limit = paging::limit(query.limit)?;
     let users = state.store.users(query.cursor, limit + 1).await?;
     Ok(Json(

@@ -14,28 +14,7 @@ pub use email::Email;
 pub use name::UserName;
 pub use password::Password;
 pub use shopmesh_auth::Role;
-
-/// An input value that broke a rule: which field, a stable code, and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct Invalid {
-    /// The request field.
-    pub field: &'static str,
-    /// Stable machine code (`invalid_email`, `weak_password`, ...).
-    pub code: &'static str,
-    /// What is wrong, for people.
-    pub message: String,
-}
-
-impl Invalid {
-    pub(crate) fn new(field: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        Invalid {
-            field,
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use shopmesh_problem::Invalid;
 
 /// A registered account.
 #[derive(Debug, Clone, PartialEq, Eq)]

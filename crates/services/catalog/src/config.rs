@@ -1,0 +1,47 @@
+//! The catalog's configuration: the common sections plus `[catalog]`.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use shopmesh_auth::AuthSettings;
+use shopmesh_config::{ConfigError, DataDir, Sources};
+use shopmesh_db::DatabaseSettings;
+use shopmesh_runtime::{LogSettings, ServerSettings};
+
+/// Everything the catalog process reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where SQLite files live when no database URL is set.
+    pub data_dir: DataDir,
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// `[database]`.
+    pub database: DatabaseSettings,
+    /// `[auth]`; `jwks_url` is required (admins edit the catalog).
+    pub auth: AuthSettings,
+    /// `[catalog]`.
+    pub catalog: CatalogSettings,
+}
+
+/// `[catalog]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogSettings {
+    /// Add the demo products (demo/catalog.json) that are missing, at start-up. `shopmesh up`
+    /// turns it on unless given `--no-demo`.
+    pub seed_demo: bool,
+}
+
+impl Config {
+    /// Loads the catalog configuration from these sources.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        sources.load(Some("catalog"))
+    }
+
+    /// The database URL (the configured one, or `<data_dir>/catalog.db`).
+    pub fn database_url(&self) -> SecretString {
+        self.database.url_or_default(&self.data_dir, "catalog")
+    }
+}

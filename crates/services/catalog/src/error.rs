@@ -1,0 +1,67 @@
+//! The catalog's errors, mapped once to HTTP problems and once to gRPC statuses.
+
+use axum::response::{IntoResponse, Response};
+use shopmesh_problem::{Invalid, Kind, Problem};
+
+/// Everything a catalog operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An input value broke a rule.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// Another product has this SKU.
+    #[error("SKU already used")]
+    SkuTaken,
+    /// No such product (or it was deleted).
+    #[error("product not found")]
+    NotFound,
+    /// The `cursor` parameter is not one this list handed out.
+    #[error("bad cursor")]
+    BadCursor,
+    /// A problem decided elsewhere (authorisation).
+    #[error(transparent)]
+    Problem(#[from] Problem),
+    /// Anything unexpected; the cause is logged, never sent.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Internal(anyhow::Error::new(e).context("database"))
+    }
+}
+
+impl From<Error> for Problem {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Invalid(invalid) => invalid.into(),
+            Error::SkuTaken => Problem::new(Kind::Conflict, "sku_taken", "SKU already used")
+                .with_field("sku")
+                .with_detail("Another product has this SKU."),
+            Error::NotFound => {
+                Problem::new(Kind::NotFound, "product_not_found", "Product not found")
+            }
+            Error::BadCursor => Problem::new(Kind::BadRequest, "invalid_cursor", "Invalid cursor")
+                .with_field("cursor")
+                .with_detail("Use the next_cursor of the previous page, with the same sort."),
+            Error::Problem(problem) => problem,
+            Error::Internal(cause) => {
+                tracing::error!(error = %format!("{cause:#}"), "internal error");
+                Problem::internal()
+            }
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        Problem::from(self).into_response()
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        Problem::from(error).into()
+    }
+}

@@ -1,0 +1,116 @@
+//! The catalog service: products, search and listing, admin editing, prices for other services.
+//!
+//! # Layout
+//! - [`domain`]: `Sku`, `ProductName`, `Price` (integer minor units), `Currency`, `Category`,
+//!   `ImageUrl`, `ProductDraft`, `Product`, `Sort`: parsed once, valid by construction.
+//! - [`store`]: the SQL; lists page by keyset per sort order (name or price, either way).
+//! - [`api`]: HTTP (`/api/v1/products`: anyone lists, searches and reads; admins create,
+//!   replace, amend and delete) and gRPC `shopmesh.catalog.v1.Catalog/GetProducts`, which
+//!   orders and cart use to price lines (prices never come from clients).
+//! - [`seed`]: the demo catalog `shopmesh up` starts with.
+//!
+//! Deleting a product is soft: it disappears from lists and pages, but past orders still name
+//! it, and `GetProducts` reports it as not purchasable.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod seed;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::extract::FromRef;
+use shopmesh_auth::Verifier;
+use shopmesh_config::Sources;
+use shopmesh_db::Db;
+use shopmesh_runtime::{App, ReadinessCheck, Server};
+
+pub use config::Config;
+
+/// The migrations of the catalog database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    store: store::Store,
+    verifier: Verifier,
+}
+
+impl FromRef<AppState> for Verifier {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+/// A catalog service, built and bound, not yet serving.
+pub struct Application {
+    server: Server,
+    db: Db,
+}
+
+impl Application {
+    /// Connects, migrates, seeds the demo catalog if asked, and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let jwks_url = config.auth.jwks_url.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid configuration: auth.jwks_url (SHOPMESH_AUTH__JWKS_URL) must name the \
+                 users service's JWKS, e.g. http://users:8080/.well-known/jwks.json"
+            )
+        })?;
+        let db = Db::connect(&config.database_url(), &config.database).await?;
+        db.migrate(&MIGRATOR).await?;
+        let store = store::Store::new(db.clone());
+        if config.catalog.seed_demo {
+            let added = seed::seed(&store)
+                .await
+                .map_err(|e| anyhow::anyhow!("seeding the demo catalog: {e}"))?;
+            if added > 0 {
+                tracing::info!(added, "demo catalog seeded");
+            }
+        }
+        let state = AppState {
+            store: store.clone(),
+            verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
+        };
+        let ready_db = db.clone();
+        let router = App::new("catalog")
+            .http(api::http::routes(state))
+            .grpc(api::grpc::CatalogGrpc::server(store))
+            .readiness(ReadinessCheck::new("database", move || {
+                let db = ready_db.clone();
+                async move { db.ping().await.map_err(|e| e.to_string()) }
+            }))
+            .into_router();
+        let server = Server::bind("catalog", &config.server, router).await?;
+        Ok(Application { server, db })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains and closes the database.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.server.run_until(shutdown).await?;
+        self.db.close().await;
+        Ok(())
+    }
+}
+
+/// Runs the catalog configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config).await?.run_until(shutdown).await
+}

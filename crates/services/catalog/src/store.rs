@@ -1,0 +1,352 @@
+//! SQL for the catalog. Portable between SQLite and PostgreSQL (see shopmesh-db); every query
+//! is a static string.
+
+use shopmesh_db::Db;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{
+    Category, Currency, Description, ImageUrl, Price, Product, ProductDraft, ProductName, Sku, Sort,
+};
+use crate::error::Error;
+
+/// The catalog database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProductRow {
+    id: String,
+    sku: String,
+    name: String,
+    description: String,
+    price: i64,
+    currency: String,
+    category: String,
+    image_url: Option<String>,
+    active: i64,
+    created_at: i64,
+    updated_at: i64,
+    deleted_at: Option<i64>,
+}
+
+macro_rules! product_columns {
+    () => {
+        "id, sku, name, description, price, currency, category, image_url, active, created_at, \
+         updated_at, deleted_at"
+    };
+}
+
+/// One list query per sort: the keyset condition and the order must agree.
+macro_rules! list_sql {
+    ($key:literal, $cmp:literal, $dir:literal) => {
+        concat!(
+            "SELECT ",
+            product_columns!(),
+            " FROM products WHERE deleted_at IS NULL AND active = 1",
+            " AND ($1 = '' OR category = $1)",
+            " AND ($2 = '' OR lower(name) LIKE $2 ESCAPE '\\' OR lower(description) LIKE $2 ESCAPE '\\')",
+            " AND ($3 = 0 OR ",
+            $key,
+            " ",
+            $cmp,
+            " $4 OR (",
+            $key,
+            " = $4 AND id ",
+            $cmp,
+            " $5))",
+            " ORDER BY ",
+            $key,
+            " ",
+            $dir,
+            ", id ",
+            $dir,
+            " LIMIT $6"
+        )
+    };
+}
+
+/// Where the previous page ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    /// The last name and id seen (name sorts).
+    Name(String, Uuid),
+    /// The last price and id seen (price sorts).
+    Price(i64, Uuid),
+}
+
+/// A product list query.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Only this category.
+    pub category: Option<Category>,
+    /// Words that must appear in the name or description (case-insensitive).
+    pub q: Option<String>,
+    /// Order.
+    pub sort: Sort,
+    /// Keyset position.
+    pub after: Option<After>,
+    /// Rows to fetch.
+    pub limit: u32,
+}
+
+fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn from_micros(us: i64) -> Result<OffsetDateTime, Error> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .map_err(|_| Error::Internal(anyhow::anyhow!("stored timestamp out of range")))
+}
+
+/// `%word%`, with LIKE's wildcards in the user's text escaped.
+fn like_pattern(q: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in q.trim().to_lowercase().chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+impl ProductRow {
+    fn into_product(self) -> Result<Product, Error> {
+        let corrupt =
+            |what: &str| Error::Internal(anyhow::anyhow!("stored product has a bad {what}"));
+        Ok(Product {
+            id: Uuid::parse_str(&self.id).map_err(|_| corrupt("id"))?,
+            draft: ProductDraft {
+                sku: Sku::parse(&self.sku).map_err(|_| corrupt("sku"))?,
+                name: ProductName::parse(&self.name).map_err(|_| corrupt("name"))?,
+                description: Description::parse(&self.description)
+                    .map_err(|_| corrupt("description"))?,
+                price: Price::parse(self.price).map_err(|_| corrupt("price"))?,
+                currency: Currency::parse(&self.currency).map_err(|_| corrupt("currency"))?,
+                category: Category::parse(&self.category).map_err(|_| corrupt("category"))?,
+                image_url: self
+                    .image_url
+                    .as_deref()
+                    .map(ImageUrl::parse)
+                    .transpose()
+                    .map_err(|_| corrupt("image_url"))?,
+                active: self.active != 0,
+            },
+            created_at: from_micros(self.created_at)?,
+            updated_at: from_micros(self.updated_at)?,
+            deleted: self.deleted_at.is_some(),
+        })
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl Store {
+    /// A store over this database.
+    pub fn new(db: Db) -> Self {
+        Store { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Stores a new product with this id; [`Error::SkuTaken`] if the SKU is used.
+    pub async fn insert(&self, id: Uuid, draft: &ProductDraft) -> Result<Product, Error> {
+        let now = micros(OffsetDateTime::now_utc());
+        let result = sqlx::query(
+            "INSERT INTO products (id, sku, name, description, price, currency, category, \
+             image_url, active, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+        )
+        .bind(id.hyphenated().to_string())
+        .bind(draft.sku.as_str())
+        .bind(draft.name.as_str())
+        .bind(draft.description.as_str())
+        .bind(draft.price.minor())
+        .bind(draft.currency.as_str())
+        .bind(draft.category.as_str())
+        .bind(draft.image_url.as_ref().map(|u| u.as_str().to_owned()))
+        .bind(i64::from(draft.active))
+        .bind(now)
+        .execute(self.db.pool())
+        .await;
+        match result {
+            Ok(_) => Ok(Product {
+                id,
+                draft: draft.clone(),
+                created_at: from_micros(now)?,
+                updated_at: from_micros(now)?,
+                deleted: false,
+            }),
+            Err(e) if is_unique_violation(&e) => Err(Error::SkuTaken),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Inserts the products that are not there yet (by id or SKU); returns how many were new.
+    pub async fn insert_missing(&self, products: &[(Uuid, ProductDraft)]) -> Result<u64, Error> {
+        let now = micros(OffsetDateTime::now_utc());
+        let mut tx = self.db.pool().begin().await?;
+        let mut added = 0;
+        for (id, draft) in products {
+            added += sqlx::query(
+                "INSERT INTO products (id, sku, name, description, price, currency, category, \
+                 image_url, active, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT DO NOTHING",
+            )
+            .bind(id.hyphenated().to_string())
+            .bind(draft.sku.as_str())
+            .bind(draft.name.as_str())
+            .bind(draft.description.as_str())
+            .bind(draft.price.minor())
+            .bind(draft.currency.as_str())
+            .bind(draft.category.as_str())
+            .bind(draft.image_url.as_ref().map(|u| u.as_str().to_owned()))
+            .bind(i64::from(draft.active))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    /// One product, unless deleted.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Product>, Error> {
+        let row: Option<ProductRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            product_columns!(),
+            " FROM products WHERE id = $1 AND deleted_at IS NULL"
+        ))
+        .bind(id.hyphenated().to_string())
+        .fetch_optional(self.db.pool())
+        .await?;
+        row.map(ProductRow::into_product).transpose()
+    }
+
+    /// Products on sale matching the query, one page (fetch `limit + 1` to learn if more exist).
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<Product>, Error> {
+        let category = query
+            .category
+            .as_ref()
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default();
+        let pattern = query
+            .q
+            .as_deref()
+            .filter(|q| !q.trim().is_empty())
+            .map(like_pattern)
+            .unwrap_or_default();
+        let sql = match query.sort {
+            Sort::NameAsc => list_sql!("name", ">", "ASC"),
+            Sort::NameDesc => list_sql!("name", "<", "DESC"),
+            Sort::PriceAsc => list_sql!("price", ">", "ASC"),
+            Sort::PriceDesc => list_sql!("price", "<", "DESC"),
+        };
+        let q = sqlx::query_as::<_, ProductRow>(sql)
+            .bind(category)
+            .bind(pattern)
+            .bind(i64::from(query.after.is_some()));
+        let q = match (&query.after, query.sort) {
+            (Some(After::Name(name, id)), Sort::NameAsc | Sort::NameDesc) => {
+                q.bind(name.clone()).bind(id.hyphenated().to_string())
+            }
+            (Some(After::Price(price, id)), Sort::PriceAsc | Sort::PriceDesc) => {
+                q.bind(*price).bind(id.hyphenated().to_string())
+            }
+            (None, Sort::NameAsc | Sort::NameDesc) => q.bind(String::new()).bind(String::new()),
+            (None, Sort::PriceAsc | Sort::PriceDesc) => q.bind(0i64).bind(String::new()),
+            (Some(_), _) => return Err(Error::BadCursor),
+        };
+        let rows = q
+            .bind(i64::from(query.limit))
+            .fetch_all(self.db.pool())
+            .await?;
+        rows.into_iter().map(ProductRow::into_product).collect()
+    }
+
+    /// Replaces what an admin set on a live product; `None` if there is none.
+    pub async fn update(&self, id: Uuid, draft: &ProductDraft) -> Result<Option<Product>, Error> {
+        let result = sqlx::query(
+            "UPDATE products SET sku = $1, name = $2, description = $3, price = $4, \
+             currency = $5, category = $6, image_url = $7, active = $8, updated_at = $9 \
+             WHERE id = $10 AND deleted_at IS NULL",
+        )
+        .bind(draft.sku.as_str())
+        .bind(draft.name.as_str())
+        .bind(draft.description.as_str())
+        .bind(draft.price.minor())
+        .bind(draft.currency.as_str())
+        .bind(draft.category.as_str())
+        .bind(draft.image_url.as_ref().map(|u| u.as_str().to_owned()))
+        .bind(i64::from(draft.active))
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(id.hyphenated().to_string())
+        .execute(self.db.pool())
+        .await;
+        match result {
+            Ok(done) if done.rows_affected() == 0 => Ok(None),
+            Ok(_) => self.get(id).await,
+            Err(e) if is_unique_violation(&e) => Err(Error::SkuTaken),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a product (softly: past orders still name it); `false` if there was none.
+    pub async fn delete(&self, id: Uuid) -> Result<bool, Error> {
+        let now = micros(OffsetDateTime::now_utc());
+        let done = sqlx::query(
+            "UPDATE products SET deleted_at = $1, updated_at = $1 \
+             WHERE id = $2 AND deleted_at IS NULL",
+        )
+        .bind(now)
+        .bind(id.hyphenated().to_string())
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The products with these ids, deleted ones included (they are not purchasable).
+    ///
+    /// One static query per id on one connection: `QueryBuilder`'s `IN (...)` emits `?`
+    /// placeholders under `sqlx::Any`, which PostgreSQL rejects, and callers ask for a handful
+    /// of ids (the lines of an order, at most 100).
+    pub async fn by_ids(&self, ids: &[Uuid]) -> Result<Vec<Product>, Error> {
+        let mut conn = self.db.pool().acquire().await?;
+        let mut products = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row: Option<ProductRow> = sqlx::query_as(concat!(
+                "SELECT ",
+                product_columns!(),
+                " FROM products WHERE id = $1"
+            ))
+            .bind(id.hyphenated().to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(row) = row {
+                products.push(row.into_product()?);
+            }
+        }
+        Ok(products)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like_pattern;
+
+    #[test]
+    fn like_wildcards_in_the_search_text_are_escaped() {
+        assert_eq!(like_pattern(" Knife "), "%knife%");
+        assert_eq!(like_pattern("100%_a\\b"), "%100\\%\\_a\\\\b%");
+    }
+}
