@@ -13,6 +13,8 @@ pub enum Service {
     Users,
     /// Products: search, listing, admin editing, prices.
     Catalog,
+    /// Stock levels and reservations.
+    Inventory,
 }
 
 impl Service {
@@ -22,6 +24,7 @@ impl Service {
             Service::Gateway => "gateway",
             Service::Users => "users",
             Service::Catalog => "catalog",
+            Service::Inventory => "inventory",
         }
     }
 }
@@ -55,6 +58,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     match args.service {
         Service::Users => shopmesh_users::run(sources, shutdown).await,
         Service::Catalog => shopmesh_catalog::run(sources, shutdown).await,
+        Service::Inventory => shopmesh_inventory::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     }
 }

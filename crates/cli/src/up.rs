@@ -36,9 +36,14 @@ use tokio::sync::{mpsc, watch};
 use crate::serve::Service;
 
 /// The services behind the gateway, in start order (users first: the others fetch its JWKS).
-const BACKENDS: &[Service] = &[Service::Users, Service::Catalog];
+const BACKENDS: &[Service] = &[Service::Users, Service::Catalog, Service::Inventory];
 /// Every process `up` runs.
-const SERVICES: &[Service] = &[Service::Users, Service::Catalog, Service::Gateway];
+const SERVICES: &[Service] = &[
+    Service::Users,
+    Service::Catalog,
+    Service::Inventory,
+    Service::Gateway,
+];
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A child that stayed up this long is healthy again: its next crash restarts it quickly.
@@ -57,7 +62,7 @@ pub struct UpArgs {
     /// Interface the gateway listens on (services always listen on loopback).
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     host: IpAddr,
-    /// Start with an empty catalog instead of the demo products.
+    /// Start with an empty catalog instead of the demo products and their stock.
     #[arg(long)]
     no_demo: bool,
 }
@@ -229,8 +234,14 @@ fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<
         if *service != Service::Users {
             env.push(("SHOPMESH_AUTH__JWKS_URL".to_owned(), jwks.clone()));
         }
-        if *service == Service::Catalog {
-            env.push(("SHOPMESH_CATALOG__SEED_DEMO".to_owned(), demo.to_string()));
+        match service {
+            Service::Catalog => {
+                env.push(("SHOPMESH_CATALOG__SEED_DEMO".to_owned(), demo.to_string()));
+            }
+            Service::Inventory => {
+                env.push(("SHOPMESH_INVENTORY__SEED_DEMO".to_owned(), demo.to_string()));
+            }
+            Service::Users | Service::Gateway => {}
         }
         specs.push(Spec {
             service: *service,
@@ -418,7 +429,9 @@ fn print_table(table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str
             );
         }
     }
-    println!("the shop's API is at {gateway}/api/v1 (register, login, me, users, products)");
+    println!(
+        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory)"
+    );
 }
 
 fn write_state(path: &Path, table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str) {

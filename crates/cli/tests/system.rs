@@ -270,11 +270,41 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
         .await
         .expect("json");
     assert_eq!(found["items"][0]["sku"], "SYS-1");
+    let mug = found["items"][0]["id"].as_str().expect("id").to_owned();
+    // Its stock, through the gateway: none, until the admin adds some.
+    let stocked = client
+        .post(shop.url(&format!("/api/v1/inventory/{mug}")))
+        .bearer_auth(&boss)
+        .json(&json!({"quantity": 12}))
+        .send()
+        .await
+        .expect("stock");
+    assert_eq!(stocked.status(), 200);
+    let level: Value = client
+        .get(shop.url(&format!("/api/v1/inventory/{mug}")))
+        .send()
+        .await
+        .expect("level")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(level["available"], 12);
+    // The demo products came with stock (KIT-001 starts with 25).
+    let skillet: Value = client
+        .get(shop.url("/api/v1/inventory/6e20fba7-3ef7-5811-a884-d72d3140dcae"))
+        .send()
+        .await
+        .expect("level")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(skillet["available"], 25);
 
     // SIGTERM stops every process and exits cleanly.
     let children = [
         shop.pid_of("users"),
         shop.pid_of("catalog"),
+        shop.pid_of("inventory"),
         shop.pid_of("gateway"),
     ];
     let launcher_pid = shop.launcher.id() as i32;
@@ -295,6 +325,7 @@ async fn children_stop_when_the_launcher_is_killed() {
     let children = [
         shop.pid_of("users"),
         shop.pid_of("catalog"),
+        shop.pid_of("inventory"),
         shop.pid_of("gateway"),
     ];
     signal(shop.launcher.id() as i32, "KILL");
@@ -349,7 +380,9 @@ fn help_explains_every_command() {
         .expect("run");
     let text = String::from_utf8_lossy(&serve.stdout);
     assert!(
-        text.contains("users") && text.contains("catalog") && text.contains("gateway"),
+        ["users", "catalog", "inventory", "gateway"]
+            .iter()
+            .all(|s| text.contains(s)),
         "{text}"
     );
 }

@@ -55,7 +55,9 @@ pub struct GatewaySettings {
     pub upstream_timeout_ms: u64,
     /// Deadline for connecting to an upstream, in milliseconds (503 beyond).
     pub connect_timeout_ms: u64,
-    /// Base URL of each service, e.g. `users = "http://127.0.0.1:8081"`.
+    /// Base URL of each service, e.g. `users = "http://127.0.0.1:8081"`. Configured entries
+    /// are merged over the defaults, so setting one service's URL keeps the others.
+    #[serde(deserialize_with = "over_default_upstreams")]
     pub upstreams: BTreeMap<String, String>,
     /// The route table; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
@@ -67,13 +69,27 @@ impl Default for GatewaySettings {
             body_limit_bytes: 1024 * 1024,
             upstream_timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
-            upstreams: BTreeMap::from([
-                ("users".to_owned(), "http://127.0.0.1:8081".to_owned()),
-                ("catalog".to_owned(), "http://127.0.0.1:8082".to_owned()),
-            ]),
+            upstreams: default_upstreams(),
             routes: default_routes(),
         }
     }
+}
+
+fn default_upstreams() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("users".to_owned(), "http://127.0.0.1:8081".to_owned()),
+        ("catalog".to_owned(), "http://127.0.0.1:8082".to_owned()),
+        ("inventory".to_owned(), "http://127.0.0.1:8083".to_owned()),
+    ])
+}
+
+fn over_default_upstreams<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let configured = BTreeMap::<String, String>::deserialize(deserializer)?;
+    let mut upstreams = default_upstreams();
+    upstreams.extend(configured);
+    Ok(upstreams)
 }
 
 /// The shop's routes. "public" routes may still have methods that need a token (creating a
@@ -91,6 +107,7 @@ fn default_routes() -> Vec<RouteConfig> {
         route("/api/v1/me", "users", AuthPolicy::Required),
         route("/api/v1/users", "users", AuthPolicy::Required),
         route("/api/v1/products", "catalog", AuthPolicy::Public),
+        route("/api/v1/inventory", "inventory", AuthPolicy::Public),
     ]
 }
 
@@ -205,6 +222,10 @@ mod tests {
         ))
         .expect("load");
         assert_eq!(config.gateway.upstreams["users"], "http://10.0.0.5:8080/");
+        assert_eq!(
+            config.gateway.upstreams["catalog"], "http://127.0.0.1:8082",
+            "the other defaults stay"
+        );
         assert_eq!(
             config.jwks_url().as_deref(),
             Some("http://10.0.0.5:8080/.well-known/jwks.json")

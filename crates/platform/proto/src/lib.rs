@@ -12,6 +12,14 @@ pub mod catalog {
     }
 }
 
+/// `shopmesh.inventory.v1`: stock levels and reservations.
+pub mod inventory {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("shopmesh.inventory.v1");
+    }
+}
+
 /// `shopmesh.users.v1`: accounts, as other services see them.
 pub mod users {
     #[allow(clippy::all, missing_docs)]

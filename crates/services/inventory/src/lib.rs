@@ -1,0 +1,129 @@
+//! The inventory service: stock levels and reservations that never oversell.
+//!
+//! # Layout
+//! - [`domain`]: `Quantity`, `Lines` (sorted, unique), `Ttl`, reservation `State`, `StockLevel`
+//!   and its balance rule (`added − removed = available + reserved + sold`).
+//! - [`store`]: the SQL. Every stock change is a guarded statement in a write transaction; the
+//!   table's `CHECK (reserved <= on_hand)` refuses an oversell even if a guard were wrong.
+//! - [`api`]: HTTP (`/api/v1/inventory/{product_id}`: anyone reads `available`/`reserved`;
+//!   admins add and remove) and gRPC `shopmesh.inventory.v1.Inventory` (`Reserve`, `Commit`,
+//!   `Release`, idempotent by order id; `GetStock`).
+//! - [`sweeper`]: releases holds that ran out.
+//! - [`seed`]: stock for the demo catalog.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod seed;
+pub mod store;
+pub mod sweeper;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use shopmesh_auth::Verifier;
+use shopmesh_config::Sources;
+use shopmesh_db::Db;
+use shopmesh_runtime::{App, ReadinessCheck, Server};
+
+pub use config::Config;
+
+/// The migrations of the inventory database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    store: store::Store,
+    verifier: Verifier,
+}
+
+impl FromRef<AppState> for Verifier {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+/// An inventory service, built and bound, not yet serving.
+pub struct Application {
+    server: Server,
+    store: store::Store,
+    sweep_interval: Duration,
+}
+
+impl Application {
+    /// Connects, migrates, seeds the demo stock if asked, and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let jwks_url = config.auth.jwks_url.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid configuration: auth.jwks_url (SHOPMESH_AUTH__JWKS_URL) must name the \
+                 users service's JWKS, e.g. http://users:8080/.well-known/jwks.json"
+            )
+        })?;
+        let db = Db::connect(&config.database_url(), &config.database).await?;
+        db.migrate(&MIGRATOR).await?;
+        let store = store::Store::new(db.clone());
+        if config.inventory.seed_demo {
+            let added = seed::seed(&store)
+                .await
+                .map_err(|e| anyhow::anyhow!("seeding the demo stock: {e}"))?;
+            if added > 0 {
+                tracing::info!(added, "demo stock seeded");
+            }
+        }
+        let state = AppState {
+            store: store.clone(),
+            verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
+        };
+        let router = App::new("inventory")
+            .http(api::http::routes(state))
+            .grpc(api::grpc::InventoryGrpc::server(store.clone()))
+            .readiness(ReadinessCheck::new("database", move || {
+                let db = db.clone();
+                async move { db.ping().await.map_err(|e| e.to_string()) }
+            }))
+            .into_router();
+        let server = Server::bind("inventory", &config.server, router).await?;
+        Ok(Application {
+            server,
+            store,
+            sweep_interval: config.inventory.sweep_interval(),
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Serves (and sweeps expired holds) until `shutdown` completes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let sweeper = tokio::spawn(sweeper::run(
+            self.store.clone(),
+            self.sweep_interval,
+            stopped,
+        ));
+        let result = self.server.run_until(shutdown).await;
+        let _ = stop.send(true);
+        let _ = sweeper.await;
+        self.store.db().close().await;
+        Ok(result?)
+    }
+}
+
+/// Runs the inventory configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config).await?.run_until(shutdown).await
+}

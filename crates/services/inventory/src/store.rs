@@ -1,0 +1,438 @@
+//! SQL for the inventory. Every change of stock is one guarded statement inside a write
+//! transaction: `reserved` grows only `WHERE on_hand - reserved >= quantity`, so two
+//! concurrent reservations can never both take the last unit, on SQLite (one writer at a time,
+//! `BEGIN IMMEDIATE`) or PostgreSQL (the row lock makes the second re-check the condition).
+
+use shopmesh_db::Db;
+use sqlx::{Any, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{Lines, Quantity, State, StockLevel, Ttl};
+use crate::error::Error;
+
+/// The inventory database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+#[derive(sqlx::FromRow)]
+struct StockRow {
+    product_id: String,
+    on_hand: i64,
+    reserved: i64,
+    added: i64,
+    removed: i64,
+    sold: i64,
+}
+
+impl StockRow {
+    fn into_level(self) -> Result<StockLevel, Error> {
+        Ok(StockLevel {
+            product_id: Uuid::parse_str(&self.product_id)
+                .map_err(|_| Error::Internal(anyhow::anyhow!("stored stock has a bad id")))?,
+            on_hand: self.on_hand,
+            reserved: self.reserved,
+            added: self.added,
+            removed: self.removed,
+            sold: self.sold,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ReservationRow {
+    state: String,
+    expires_at: i64,
+}
+
+/// Microseconds since the epoch.
+pub fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// Back from microseconds.
+pub fn from_micros(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn id(uuid: Uuid) -> String {
+    uuid.hyphenated().to_string()
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl Store {
+    /// A store over this database.
+    pub fn new(db: Db) -> Self {
+        Store { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// One product's stock (zero if it was never stocked).
+    pub async fn stock(&self, product_id: Uuid) -> Result<StockLevel, Error> {
+        let mut conn = self.db.pool().acquire().await?;
+        stock_in(&mut conn, product_id).await
+    }
+
+    /// Several products' stock.
+    pub async fn stocks(&self, product_ids: &[Uuid]) -> Result<Vec<StockLevel>, Error> {
+        let mut conn = self.db.pool().acquire().await?;
+        let mut levels = Vec::with_capacity(product_ids.len());
+        for product_id in product_ids {
+            levels.push(stock_in(&mut conn, *product_id).await?);
+        }
+        Ok(levels)
+    }
+
+    /// Every stocked product (for reconciliation).
+    pub async fn all_stock(&self) -> Result<Vec<StockLevel>, Error> {
+        let rows: Vec<StockRow> = sqlx::query_as(
+            "SELECT product_id, on_hand, reserved, added, removed, sold FROM stock \
+             ORDER BY product_id",
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.into_iter().map(StockRow::into_level).collect()
+    }
+
+    /// Adds units to a product's stock.
+    pub async fn add(&self, product_id: Uuid, quantity: Quantity) -> Result<StockLevel, Error> {
+        let mut tx = self.db.begin_write().await?;
+        add_in(&mut tx, product_id, quantity.get()).await?;
+        let level = stock_in(&mut tx, product_id).await?;
+        tx.commit().await?;
+        Ok(level)
+    }
+
+    /// Sets a product's initial stock unless it has some record already (demo seeding).
+    pub async fn seed(&self, product_id: Uuid, quantity: Quantity) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "INSERT INTO stock (product_id, on_hand, reserved, added, removed, sold, updated_at) \
+             VALUES ($1, $2, 0, $2, 0, 0, $3) ON CONFLICT (product_id) DO NOTHING",
+        )
+        .bind(id(product_id))
+        .bind(quantity.get())
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Removes units, never below what is reserved.
+    pub async fn remove(&self, product_id: Uuid, quantity: Quantity) -> Result<StockLevel, Error> {
+        let mut tx = self.db.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE stock SET on_hand = on_hand - $1, removed = removed + $1, updated_at = $2 \
+             WHERE product_id = $3 AND on_hand - reserved >= $1",
+        )
+        .bind(quantity.get())
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(id(product_id))
+        .execute(&mut *tx)
+        .await?;
+        let level = stock_in(&mut tx, product_id).await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::InsufficientStock {
+                field: "quantity".to_owned(),
+                product_id,
+                available: level.available(),
+            });
+        }
+        tx.commit().await?;
+        Ok(level)
+    }
+
+    /// Holds stock for an order: every line or none. Idempotent by order id.
+    pub async fn reserve(
+        &self,
+        order_id: Uuid,
+        lines: &Lines,
+        ttl: Ttl,
+    ) -> Result<OffsetDateTime, Error> {
+        match self.try_reserve(order_id, lines, ttl).await {
+            // Two copies of one request raced on PostgreSQL: the loser sees the winner's row.
+            Err(Error::Internal(e))
+                if e.downcast_ref::<sqlx::Error>()
+                    .is_some_and(is_unique_violation) =>
+            {
+                self.try_reserve(order_id, lines, ttl).await
+            }
+            other => other,
+        }
+    }
+
+    async fn try_reserve(
+        &self,
+        order_id: Uuid,
+        lines: &Lines,
+        ttl: Ttl,
+    ) -> Result<OffsetDateTime, Error> {
+        let mut tx = self.db.begin_write().await?;
+        if let Some(existing) = reservation_in(&mut tx, order_id).await? {
+            // A retry or a resumed saga: answer as the first time, or say why not.
+            return match existing.0 {
+                State::Released => Err(Error::ReservationReleased),
+                State::Held | State::Committed => {
+                    if lines_in(&mut tx, order_id).await? == expected(lines) {
+                        Ok(from_micros(existing.1))
+                    } else {
+                        Err(Error::ReservationMismatch)
+                    }
+                }
+            };
+        }
+        let now = OffsetDateTime::now_utc();
+        let stamp = micros(now);
+        for (i, line) in lines.iter().enumerate() {
+            let done = sqlx::query(
+                "UPDATE stock SET reserved = reserved + $1, updated_at = $2 \
+                 WHERE product_id = $3 AND on_hand - reserved >= $1",
+            )
+            .bind(line.quantity.get())
+            .bind(stamp)
+            .bind(id(line.product_id))
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                let available = stock_in(&mut tx, line.product_id).await?.available();
+                // Dropping the transaction rolls back the lines already reserved.
+                return Err(Error::InsufficientStock {
+                    field: format!("lines[{i}].quantity"),
+                    product_id: line.product_id,
+                    available,
+                });
+            }
+        }
+        let expires_at = now + ttl.get();
+        sqlx::query(
+            "INSERT INTO reservations (order_id, state, expires_at, created_at, updated_at) \
+             VALUES ($1, 'held', $2, $3, $3)",
+        )
+        .bind(id(order_id))
+        .bind(micros(expires_at))
+        .bind(stamp)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| Error::Internal(anyhow::Error::new(e)))?;
+        for line in lines.iter() {
+            sqlx::query(
+                "INSERT INTO reservation_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)",
+            )
+            .bind(id(order_id))
+            .bind(id(line.product_id))
+            .bind(line.quantity.get())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(from_micros(micros(expires_at)))
+    }
+
+    /// Turns an order's held stock into sold stock. Idempotent.
+    pub async fn commit(&self, order_id: Uuid) -> Result<(), Error> {
+        let mut tx = self.db.begin_write().await?;
+        let (state, expires_at) = reservation_in(&mut tx, order_id)
+            .await?
+            .ok_or(Error::ReservationNotFound)?;
+        match state {
+            State::Committed => return Ok(()),
+            State::Released => return Err(Error::ReservationReleased),
+            State::Held => {}
+        }
+        let now = micros(OffsetDateTime::now_utc());
+        if expires_at <= now {
+            // Too late: give the stock back now rather than wait for the sweeper.
+            finish_in(&mut tx, order_id, State::Held, now).await?;
+            tx.commit().await?;
+            return Err(Error::ReservationExpired);
+        }
+        for (product_id, quantity) in lines_in(&mut tx, order_id).await? {
+            sqlx::query(
+                "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
+                 sold = sold + $1, updated_at = $2 WHERE product_id = $3",
+            )
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        set_state(&mut tx, order_id, State::Committed, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives an order's stock back (held: freed; committed: restocked). Idempotent. An order
+    /// never reserved is recorded as released, so a late `reserve` for it is refused.
+    pub async fn release(&self, order_id: Uuid) -> Result<(), Error> {
+        let mut tx = self.db.begin_write().await?;
+        let now = micros(OffsetDateTime::now_utc());
+        match reservation_in(&mut tx, order_id).await? {
+            None => {
+                sqlx::query(
+                    "INSERT INTO reservations (order_id, state, expires_at, created_at, updated_at) \
+                     VALUES ($1, 'released', $2, $2, $2)",
+                )
+                .bind(id(order_id))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some((State::Released, _)) => return Ok(()),
+            Some((state, _)) => finish_in(&mut tx, order_id, state, now).await?,
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Orders whose hold ran out, oldest first.
+    pub async fn expired(&self, limit: i64) -> Result<Vec<Uuid>, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT order_id FROM reservations WHERE state = 'held' AND expires_at <= $1 \
+             ORDER BY expires_at LIMIT $2",
+        )
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id,)| Uuid::parse_str(&id).ok())
+            .collect())
+    }
+
+    /// Releases an order's hold if it is still held and has run out (a commit may have won).
+    pub async fn release_if_expired(&self, order_id: Uuid) -> Result<bool, Error> {
+        let mut tx = self.db.begin_write().await?;
+        let now = micros(OffsetDateTime::now_utc());
+        match reservation_in(&mut tx, order_id).await? {
+            Some((State::Held, expires_at)) if expires_at <= now => {
+                finish_in(&mut tx, order_id, State::Held, now).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+fn expected(lines: &Lines) -> Vec<(String, i64)> {
+    lines
+        .iter()
+        .map(|l| (id(l.product_id), l.quantity.get()))
+        .collect()
+}
+
+async fn stock_in(conn: &mut sqlx::AnyConnection, product_id: Uuid) -> Result<StockLevel, Error> {
+    let row: Option<StockRow> = sqlx::query_as(
+        "SELECT product_id, on_hand, reserved, added, removed, sold FROM stock WHERE product_id = $1",
+    )
+    .bind(id(product_id))
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(row) => row.into_level(),
+        None => Ok(StockLevel::empty(product_id)),
+    }
+}
+
+async fn add_in(
+    tx: &mut Transaction<'static, Any>,
+    product_id: Uuid,
+    quantity: i64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO stock (product_id, on_hand, reserved, added, removed, sold, updated_at) \
+         VALUES ($1, $2, 0, $2, 0, 0, $3) \
+         ON CONFLICT (product_id) DO UPDATE SET on_hand = stock.on_hand + $2, \
+         added = stock.added + $2, updated_at = $3",
+    )
+    .bind(id(product_id))
+    .bind(quantity)
+    .bind(micros(OffsetDateTime::now_utc()))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn reservation_in(
+    tx: &mut Transaction<'static, Any>,
+    order_id: Uuid,
+) -> Result<Option<(State, i64)>, Error> {
+    let row: Option<ReservationRow> =
+        sqlx::query_as("SELECT state, expires_at FROM reservations WHERE order_id = $1")
+            .bind(id(order_id))
+            .fetch_optional(&mut **tx)
+            .await?;
+    row.map(|r| {
+        let state = State::parse(&r.state)
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("bad stored state {}", r.state)))?;
+        Ok((state, r.expires_at))
+    })
+    .transpose()
+}
+
+async fn lines_in(
+    tx: &mut Transaction<'static, Any>,
+    order_id: Uuid,
+) -> Result<Vec<(String, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 \
+         ORDER BY product_id",
+    )
+    .bind(id(order_id))
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+async fn set_state(
+    tx: &mut Transaction<'static, Any>,
+    order_id: Uuid,
+    state: State,
+    now: i64,
+) -> Result<(), Error> {
+    sqlx::query("UPDATE reservations SET state = $1, updated_at = $2 WHERE order_id = $3")
+        .bind(state.as_str())
+        .bind(now)
+        .bind(id(order_id))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Gives back the stock of a held or committed reservation and marks it released.
+async fn finish_in(
+    tx: &mut Transaction<'static, Any>,
+    order_id: Uuid,
+    from: State,
+    now: i64,
+) -> Result<(), Error> {
+    let sql = match from {
+        State::Held => {
+            "UPDATE stock SET reserved = reserved - $1, updated_at = $2 WHERE product_id = $3"
+        }
+        State::Committed => {
+            "UPDATE stock SET on_hand = on_hand + $1, sold = sold - $1, updated_at = $2 \
+             WHERE product_id = $3"
+        }
+        State::Released => return Ok(()),
+    };
+    for (product_id, quantity) in lines_in(tx, order_id).await? {
+        sqlx::query(sql)
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    set_state(tx, order_id, State::Released, now).await
+}
