@@ -15,6 +15,8 @@ pub enum Service {
     Catalog,
     /// Stock levels and reservations.
     Inventory,
+    /// Charges and refunds (simulated card network).
+    Payments,
 }
 
 impl Service {
@@ -25,6 +27,7 @@ impl Service {
             Service::Users => "users",
             Service::Catalog => "catalog",
             Service::Inventory => "inventory",
+            Service::Payments => "payments",
         }
     }
 }
@@ -59,6 +62,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Users => shopmesh_users::run(sources, shutdown).await,
         Service::Catalog => shopmesh_catalog::run(sources, shutdown).await,
         Service::Inventory => shopmesh_inventory::run(sources, shutdown).await,
+        Service::Payments => shopmesh_payments::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     }
 }

@@ -36,12 +36,18 @@ use tokio::sync::{mpsc, watch};
 use crate::serve::Service;
 
 /// The services behind the gateway, in start order (users first: the others fetch its JWKS).
-const BACKENDS: &[Service] = &[Service::Users, Service::Catalog, Service::Inventory];
+const BACKENDS: &[Service] = &[
+    Service::Users,
+    Service::Catalog,
+    Service::Inventory,
+    Service::Payments,
+];
 /// Every process `up` runs.
 const SERVICES: &[Service] = &[
     Service::Users,
     Service::Catalog,
     Service::Inventory,
+    Service::Payments,
     Service::Gateway,
 ];
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -241,7 +247,7 @@ fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<
             Service::Inventory => {
                 env.push(("SHOPMESH_INVENTORY__SEED_DEMO".to_owned(), demo.to_string()));
             }
-            Service::Users | Service::Gateway => {}
+            Service::Users | Service::Payments | Service::Gateway => {}
         }
         specs.push(Spec {
             service: *service,

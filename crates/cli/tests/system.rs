@@ -305,6 +305,7 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
         shop.pid_of("users"),
         shop.pid_of("catalog"),
         shop.pid_of("inventory"),
+        shop.pid_of("payments"),
         shop.pid_of("gateway"),
     ];
     let launcher_pid = shop.launcher.id() as i32;
@@ -326,6 +327,7 @@ async fn children_stop_when_the_launcher_is_killed() {
         shop.pid_of("users"),
         shop.pid_of("catalog"),
         shop.pid_of("inventory"),
+        shop.pid_of("payments"),
         shop.pid_of("gateway"),
     ];
     signal(shop.launcher.id() as i32, "KILL");
@@ -380,7 +382,7 @@ fn help_explains_every_command() {
         .expect("run");
     let text = String::from_utf8_lossy(&serve.stdout);
     assert!(
-        ["users", "catalog", "inventory", "gateway"]
+        ["users", "catalog", "inventory", "payments", "gateway"]
             .iter()
             .all(|s| text.contains(s)),
         "{text}"

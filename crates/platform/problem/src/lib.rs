@@ -73,6 +73,8 @@ pub enum Kind {
     BadRequest,
     /// No valid credentials: 401.
     Unauthenticated,
+    /// The payment was declined: 402.
+    PaymentRequired,
     /// Authenticated, but not allowed: 403.
     Forbidden,
     /// No such thing, or not yours: 404.
@@ -105,6 +107,7 @@ impl Kind {
         match self {
             Kind::BadRequest => StatusCode::BAD_REQUEST,
             Kind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Kind::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
             Kind::Forbidden => StatusCode::FORBIDDEN,
             Kind::NotFound => StatusCode::NOT_FOUND,
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -130,7 +133,7 @@ impl Kind {
             Kind::Forbidden => tonic::Code::PermissionDenied,
             Kind::NotFound => tonic::Code::NotFound,
             Kind::MethodNotAllowed => tonic::Code::Unimplemented,
-            Kind::Conflict => tonic::Code::FailedPrecondition,
+            Kind::Conflict | Kind::PaymentRequired => tonic::Code::FailedPrecondition,
             Kind::PayloadTooLarge => tonic::Code::OutOfRange,
             Kind::RateLimited => tonic::Code::ResourceExhausted,
             Kind::Internal | Kind::BadGateway => tonic::Code::Internal,
@@ -308,6 +311,26 @@ impl IntoResponse for Problem {
 
 const CODE_METADATA: &str = "x-problem-code";
 const FIELD_METADATA: &str = "x-problem-field";
+/// The HTTP status, so that kinds sharing a gRPC code (409 and 402) survive the hop.
+const STATUS_METADATA: &str = "x-problem-status";
+
+fn kind_of_status(status: u16) -> Option<Kind> {
+    [
+        Kind::BadRequest,
+        Kind::Unauthenticated,
+        Kind::PaymentRequired,
+        Kind::Forbidden,
+        Kind::NotFound,
+        Kind::MethodNotAllowed,
+        Kind::Conflict,
+        Kind::PayloadTooLarge,
+        Kind::UnsupportedMediaType,
+        Kind::Unprocessable,
+        Kind::RateLimited,
+    ]
+    .into_iter()
+    .find(|k| k.status().as_u16() == status)
+}
 
 impl From<Problem> for tonic::Status {
     fn from(problem: Problem) -> Self {
@@ -322,6 +345,10 @@ impl From<Problem> for tonic::Status {
         if let Some(Ok(field)) = problem.field.as_deref().map(str::parse) {
             status.metadata_mut().insert(FIELD_METADATA, field);
         }
+        status.metadata_mut().insert(
+            STATUS_METADATA,
+            tonic::metadata::MetadataValue::from(problem.kind.status().as_u16()),
+        );
         status
     }
 }
@@ -330,7 +357,13 @@ impl From<tonic::Status> for Problem {
     /// What a failed call to another service means for our own caller. Internal failures of the
     /// other side stay internal: their message is not passed on.
     fn from(status: tonic::Status) -> Self {
-        let kind = Kind::from_grpc_code(status.code());
+        let by_status = status
+            .metadata()
+            .get(STATUS_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .and_then(kind_of_status);
+        let kind = by_status.unwrap_or_else(|| Kind::from_grpc_code(status.code()));
         let code = status
             .metadata()
             .get(CODE_METADATA)
@@ -400,6 +433,14 @@ mod tests {
         assert_eq!(back.kind(), Kind::Conflict);
         assert_eq!(back.code(), "email_taken");
         assert_eq!(back.field(), Some("email"));
+    }
+
+    #[test]
+    fn a_402_survives_a_grpc_hop_although_it_shares_a_code_with_409() {
+        let declined = Problem::new(Kind::PaymentRequired, "card_declined", "Card declined");
+        let status = tonic::Status::from(declined);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(Problem::from(status).status(), StatusCode::PAYMENT_REQUIRED);
     }
 
     #[test]

@@ -20,6 +20,14 @@ pub mod inventory {
     }
 }
 
+/// `shopmesh.payments.v1`: charges and refunds, idempotent by order id.
+pub mod payments {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("shopmesh.payments.v1");
+    }
+}
+
 /// `shopmesh.users.v1`: accounts, as other services see them.
 pub mod users {
     #[allow(clippy::all, missing_docs)]

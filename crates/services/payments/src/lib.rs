@@ -1,0 +1,81 @@
+//! The payments service: charges and refunds against a simulated card network.
+//!
+//! # Layout
+//! - [`domain`]: `CardNumber` (Luhn-checked; only its last four digits are ever shown or
+//!   stored), `Card` (expiry, CVC shape), `Amount`, `Currency`, and `authorize`, the simulated
+//!   network with a provider's well-known test numbers.
+//! - [`store`]: captures (one per order: the primary key is the idempotency guarantee) and an
+//!   attempt log that also keeps declines.
+//! - [`api`]: gRPC `shopmesh.payments.v1.Payments` (`Charge`, `Refund`, `GetPayment`). There is
+//!   no public HTTP API: orders charges on a customer's behalf.
+//!
+//! A decline is not remembered as the order's outcome, so the customer can pay with another
+//! card; a capture is, so a retried charge can never charge twice.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use shopmesh_config::Sources;
+use shopmesh_db::Db;
+use shopmesh_runtime::{App, ReadinessCheck, Server};
+
+pub use config::Config;
+
+/// The migrations of the payments database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A payments service, built and bound, not yet serving.
+pub struct Application {
+    server: Server,
+    db: Db,
+}
+
+impl Application {
+    /// Connects, migrates and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let db = Db::connect(&config.database_url(), &config.database).await?;
+        db.migrate(&MIGRATOR).await?;
+        let store = store::Store::new(db.clone());
+        let ready_db = db.clone();
+        let router = App::new("payments")
+            .grpc(api::PaymentsGrpc::server(store))
+            .readiness(ReadinessCheck::new("database", move || {
+                let db = ready_db.clone();
+                async move { db.ping().await.map_err(|e| e.to_string()) }
+            }))
+            .into_router();
+        let server = Server::bind("payments", &config.server, router).await?;
+        Ok(Application { server, db })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains and closes the database.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.server.run_until(shutdown).await?;
+        self.db.close().await;
+        Ok(())
+    }
+}
+
+/// Runs the payments service configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config).await?.run_until(shutdown).await
+}

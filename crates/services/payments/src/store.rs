@@ -1,0 +1,141 @@
+//! SQL for payments. Portable between SQLite and PostgreSQL.
+
+use shopmesh_db::Db;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// A stored capture.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Payment {
+    /// The order.
+    pub order_id: String,
+    /// Our id of the capture.
+    pub payment_id: String,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217.
+    pub currency: String,
+    /// `captured` or `refunded`.
+    pub status: String,
+    /// Last four digits of the card.
+    pub card_last4: String,
+    /// Card brand.
+    pub card_brand: String,
+}
+
+/// What a new capture records.
+pub struct NewCapture<'a> {
+    /// The order.
+    pub order_id: Uuid,
+    /// Minor units.
+    pub amount: i64,
+    /// ISO 4217.
+    pub currency: &'a str,
+    /// Last four digits.
+    pub card_last4: &'a str,
+    /// Brand.
+    pub card_brand: &'a str,
+}
+
+/// The payments database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl Store {
+    /// A store over this database.
+    pub fn new(db: Db) -> Self {
+        Store { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The order's capture, if any.
+    pub async fn payment(&self, order_id: Uuid) -> Result<Option<Payment>, Error> {
+        Ok(sqlx::query_as(
+            "SELECT order_id, payment_id, amount, currency, status, card_last4, card_brand \
+             FROM payments WHERE order_id = $1",
+        )
+        .bind(order_id.hyphenated().to_string())
+        .fetch_optional(self.db.pool())
+        .await?)
+    }
+
+    /// Records a capture; if the order was captured meanwhile, returns that one instead.
+    pub async fn capture(&self, capture: &NewCapture<'_>) -> Result<Payment, Error> {
+        let result = sqlx::query(
+            "INSERT INTO payments (order_id, payment_id, amount, currency, status, card_last4, \
+             card_brand, created_at) VALUES ($1, $2, $3, $4, 'captured', $5, $6, $7)",
+        )
+        .bind(capture.order_id.hyphenated().to_string())
+        .bind(Uuid::now_v7().hyphenated().to_string())
+        .bind(capture.amount)
+        .bind(capture.currency)
+        .bind(capture.card_last4)
+        .bind(capture.card_brand)
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(self.db.pool())
+        .await;
+        match result {
+            Ok(_) => {}
+            // A concurrent charge for the same order captured first: its capture is the answer.
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.payment(capture.order_id)
+            .await?
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("capture vanished")))
+    }
+
+    /// Records an attempt (approved or not), never the card number.
+    pub async fn record_attempt(
+        &self,
+        order_id: Uuid,
+        amount: i64,
+        currency: &str,
+        card_last4: &str,
+        outcome: &str,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO payment_attempts (id, order_id, amount, currency, card_last4, outcome, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(Uuid::now_v7().hyphenated().to_string())
+        .bind(order_id.hyphenated().to_string())
+        .bind(amount)
+        .bind(currency)
+        .bind(card_last4)
+        .bind(outcome)
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the order's capture refunded (once); `None` when nothing was captured.
+    pub async fn refund(&self, order_id: Uuid) -> Result<Option<Payment>, Error> {
+        sqlx::query(
+            "UPDATE payments SET status = 'refunded', refunded_at = $1 \
+             WHERE order_id = $2 AND status = 'captured'",
+        )
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(order_id.hyphenated().to_string())
+        .execute(self.db.pool())
+        .await?;
+        self.payment(order_id).await
+    }
+}
