@@ -47,6 +47,8 @@ pub struct Line {
     pub product_id: Uuid,
     /// How many.
     pub quantity: Quantity,
+    /// Where the line was in the request, to name it in errors (`lines[position]`).
+    pub position: usize,
 }
 
 /// The lines of a reservation: 1 to [`MAX_LINES`], each product once, sorted by product id (so
@@ -85,6 +87,7 @@ impl Lines {
             lines.push(Line {
                 product_id,
                 quantity,
+                position: i,
             });
         }
         lines.sort();
@@ -220,6 +223,12 @@ mod tests {
         let lines = Lines::parse(&[(b.to_string(), 2), (a.to_string(), 1)]).expect("valid");
         let ids: Vec<Uuid> = lines.iter().map(|l| l.product_id).collect();
         assert_eq!(ids, [a, b]);
+        let positions: Vec<usize> = lines.iter().map(|l| l.position).collect();
+        assert_eq!(
+            positions,
+            [1, 0],
+            "each line remembers where the request had it"
+        );
         let dup = Lines::parse(&[(a.to_string(), 1), (a.to_string(), 2)]).expect_err("dup");
         assert_eq!(dup.field, "lines[1].product_id");
         let bad = Lines::parse(&[(a.to_string(), 1), (b.to_string(), 0)]).expect_err("zero");

@@ -192,7 +192,7 @@ impl Store {
         }
         let now = OffsetDateTime::now_utc();
         let stamp = micros(now);
-        for (i, line) in lines.iter().enumerate() {
+        for line in lines.iter() {
             let done = sqlx::query(
                 "UPDATE stock SET reserved = reserved + $1, updated_at = $2 \
                  WHERE product_id = $3 AND on_hand - reserved >= $1",
@@ -206,7 +206,7 @@ impl Store {
                 let available = stock_in(&mut tx, line.product_id).await?.available();
                 // Dropping the transaction rolls back the lines already reserved.
                 return Err(Error::InsufficientStock {
-                    field: format!("lines[{i}].quantity"),
+                    field: format!("lines[{}].quantity", line.position),
                     product_id: line.product_id,
                     available,
                 });
