@@ -17,6 +17,8 @@ pub enum Service {
     Inventory,
     /// Charges and refunds (simulated card network).
     Payments,
+    /// Checkout: orders, payment and cancellation as a resumable saga.
+    Orders,
 }
 
 impl Service {
@@ -28,6 +30,7 @@ impl Service {
             Service::Catalog => "catalog",
             Service::Inventory => "inventory",
             Service::Payments => "payments",
+            Service::Orders => "orders",
         }
     }
 }
@@ -63,6 +66,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Catalog => shopmesh_catalog::run(sources, shutdown).await,
         Service::Inventory => shopmesh_inventory::run(sources, shutdown).await,
         Service::Payments => shopmesh_payments::run(sources, shutdown).await,
+        Service::Orders => shopmesh_orders::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     }
 }

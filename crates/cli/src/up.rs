@@ -41,6 +41,7 @@ const BACKENDS: &[Service] = &[
     Service::Catalog,
     Service::Inventory,
     Service::Payments,
+    Service::Orders,
 ];
 /// Every process `up` runs.
 const SERVICES: &[Service] = &[
@@ -48,6 +49,7 @@ const SERVICES: &[Service] = &[
     Service::Catalog,
     Service::Inventory,
     Service::Payments,
+    Service::Orders,
     Service::Gateway,
 ];
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -247,6 +249,16 @@ fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<
             Service::Inventory => {
                 env.push(("SHOPMESH_INVENTORY__SEED_DEMO".to_owned(), demo.to_string()));
             }
+            Service::Orders => {
+                for (target, key) in [
+                    ("catalog", "CATALOG_URL"),
+                    ("inventory", "INVENTORY_URL"),
+                    ("payments", "PAYMENTS_URL"),
+                ] {
+                    let addr = addrs.get(target).context("every backend is planned")?;
+                    env.push((format!("SHOPMESH_ORDERS__{key}"), format!("http://{addr}")));
+                }
+            }
             Service::Users | Service::Payments | Service::Gateway => {}
         }
         specs.push(Spec {
@@ -270,9 +282,34 @@ fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<
     Ok(specs)
 }
 
+/// A free loopback port for a service. Chosen below Linux's ephemeral range (32768 and up),
+/// where outgoing connections take their local ports: a port picked with `bind(0)` and released
+/// can be taken by some client's connection before the child binds it; one from this range
+/// cannot. Random, and checked by binding, so parallel launchers rarely even try the same one.
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("no free port")?;
-    Ok(listener.local_addr()?)
+    const RANGE: std::ops::Range<u16> = 20_000..32_000;
+    for _ in 0..200 {
+        let port = RANGE.start + rand_below(RANGE.end - RANGE.start);
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        if TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no free port between 20000 and 32000 on 127.0.0.1")
+}
+
+/// A random number below `n`, from the standard library's randomly seeded hasher (good enough
+/// to spread ports; not for anything secret).
+fn rand_below(n: u16) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    (hasher.finish() % u64::from(n)) as u16
 }
 
 /// Runs one child until told to stop, restarting it when it dies.

@@ -20,26 +20,46 @@ struct Shop {
     lines: mpsc::Receiver<String>,
 }
 
+/// A free port for a gateway, below the kernel's ephemeral range (so no outgoing connection
+/// can take it before the launcher's child binds it) and apart from the launcher's own range.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    for attempt in 0..500u64 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(attempt);
+        let port = 15_000 + (hasher.finish() % 5_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 15000 and 20000")
 }
 
 impl Shop {
     fn start() -> Shop {
+        Shop::start_with(&[])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Shop {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut launcher = Command::new(BIN)
             .args(["up", "--port", &port.to_string()])
             .current_dir(dir.path())
             .env("SHOPMESH_LOG__LEVEL", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shopmesh up");
+        // The launcher's stderr (restarts, start-up failures) goes through the test's output
+        // capture, so a failing test shows it.
+        let stderr = launcher.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[up!] {line}");
+            }
+        });
         let stdout = launcher.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -69,7 +89,9 @@ impl Shop {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.starts_with(prefix) => return line,
                 Ok(_) => {}
-                Err(e) => panic!("no line starting with {prefix:?}: {e}"),
+                Err(e) => panic!(
+                    "no line starting with {prefix:?} ({e}); the launcher's own errors are above"
+                ),
             }
         }
     }
@@ -87,6 +109,13 @@ impl Shop {
 
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.gateway, path)
+    }
+
+    fn addr_of(&self, service: &str) -> String {
+        self.state()["processes"][service]["addr"]
+            .as_str()
+            .expect("addr")
+            .to_owned()
     }
 }
 
@@ -387,4 +416,182 @@ fn help_explains_every_command() {
             .all(|s| text.contains(s)),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_charge_and_commit_ends_paid_with_one_charge_and_one_commit() {
+    let shop = Shop::start_with(&[("SHOPMESH_ORDERS__FAILPOINT", "pause_after_charge")]);
+    let client = reqwest::Client::new();
+    let admin = Command::new(BIN)
+        .args([
+            "admin",
+            "create-admin",
+            "--email",
+            "ops@example.com",
+            "--password",
+            "an admin passphrase",
+        ])
+        .current_dir(shop.dir.path())
+        .output()
+        .expect("create-admin");
+    assert!(admin.status.success());
+    let boss = token(&client, &shop, "ops@example.com", "an admin passphrase").await;
+    let registered = client
+        .post(shop.url("/api/v1/register"))
+        .json(&json!({"email": "cat@example.com", "name": "Cat", "password": "correct horse battery"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), 201);
+    let cat = token(&client, &shop, "cat@example.com", "correct horse battery").await;
+
+    let product: Value = client
+        .post(shop.url("/api/v1/products"))
+        .bearer_auth(&boss)
+        .json(&json!({"sku": "CRASH-1", "name": "Crash Test Dummy", "price": 4200, "currency": "EUR", "category": "test"}))
+        .send()
+        .await
+        .expect("product")
+        .json()
+        .await
+        .expect("json");
+    let product = product["id"].as_str().expect("id").to_owned();
+    let stocked = client
+        .post(shop.url(&format!("/api/v1/inventory/{product}")))
+        .bearer_auth(&boss)
+        .json(&json!({"quantity": 5}))
+        .send()
+        .await
+        .expect("stock");
+    assert_eq!(stocked.status(), 200);
+    let order: Value = client
+        .post(shop.url("/api/v1/orders"))
+        .bearer_auth(&cat)
+        .header("idempotency-key", "crash-order-1")
+        .json(&json!({"items": [{"product_id": product, "quantity": 2}]}))
+        .send()
+        .await
+        .expect("order")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(order["status"], "awaiting_payment", "{order}");
+    let order_id = order["id"].as_str().expect("id").to_owned();
+
+    // Pay; the orders process freezes right after the card is charged.
+    let pay = {
+        let client = client.clone();
+        let url = shop.url(&format!("/api/v1/orders/{order_id}/pay"));
+        let cat = cat.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(cat)
+                .json(&json!({"card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2035, "cvc": "123"}}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let marker = shop
+        .dir
+        .path()
+        .join("data/orders-failpoint-pause_after_charge.fired");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the failpoint never fired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let frozen = shop.pid_of("orders");
+    signal(frozen, "KILL");
+    let answer = pay.await.expect("join");
+    println!("the interrupted payment request got: {answer:?}");
+    assert!(
+        !matches!(answer, Ok(200)),
+        "the request cannot have succeeded: {answer:?}"
+    );
+
+    // The restarted orders process finds the charge and finishes the saga.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let final_order = loop {
+        let current: Value = client
+            .get(shop.url(&format!("/api/v1/orders/{order_id}")))
+            .bearer_auth(&cat)
+            .send()
+            .await
+            .expect("order")
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        if current["status"] == "paid" {
+            break current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the order never ended paid: {current}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(shop.pid_of("orders"), frozen, "a new process finished it");
+    assert_eq!(final_order["card_last4"], "4242");
+
+    // Stock committed once: 5 - 2 sold, nothing left reserved.
+    let level: Value = client
+        .get(shop.url(&format!("/api/v1/inventory/{product}")))
+        .send()
+        .await
+        .expect("stock")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (level["available"].as_i64(), level["reserved"].as_i64()),
+        (Some(3), Some(0))
+    );
+    let mut inventory = shopmesh_proto::inventory::v1::inventory_client::InventoryClient::connect(
+        format!("http://{}", shop.addr_of("inventory")),
+    )
+    .await
+    .expect("inventory grpc");
+    let books = inventory
+        .get_stock(shopmesh_proto::inventory::v1::GetStockRequest {
+            product_ids: vec![product.clone()],
+        })
+        .await
+        .expect("stock")
+        .into_inner()
+        .stock
+        .remove(0);
+    assert_eq!(
+        (books.sold, books.added, books.on_hand),
+        (2, 5, 3),
+        "{books:?}"
+    );
+
+    // Charged once: one capture of the order's total.
+    let mut payments = shopmesh_proto::payments::v1::payments_client::PaymentsClient::connect(
+        format!("http://{}", shop.addr_of("payments")),
+    )
+    .await
+    .expect("payments grpc");
+    let capture = payments
+        .get_payment(shopmesh_proto::payments::v1::GetPaymentRequest {
+            order_id: order_id.clone(),
+        })
+        .await
+        .expect("captured")
+        .into_inner();
+    assert_eq!(
+        (capture.amount, capture.status.as_str()),
+        (8400, "captured")
+    );
+    // A retried payment now answers `paid` without charging again.
+    let retry = client
+        .post(shop.url(&format!("/api/v1/orders/{order_id}/pay")))
+        .bearer_auth(&cat)
+        .json(&json!({"card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2035, "cvc": "123"}}))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 200);
 }

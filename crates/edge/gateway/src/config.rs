@@ -80,6 +80,7 @@ fn default_upstreams() -> BTreeMap<String, String> {
         ("users".to_owned(), "http://127.0.0.1:8081".to_owned()),
         ("catalog".to_owned(), "http://127.0.0.1:8082".to_owned()),
         ("inventory".to_owned(), "http://127.0.0.1:8083".to_owned()),
+        ("orders".to_owned(), "http://127.0.0.1:8085".to_owned()),
     ])
 }
 
@@ -108,6 +109,7 @@ fn default_routes() -> Vec<RouteConfig> {
         route("/api/v1/users", "users", AuthPolicy::Required),
         route("/api/v1/products", "catalog", AuthPolicy::Public),
         route("/api/v1/inventory", "inventory", AuthPolicy::Public),
+        route("/api/v1/orders", "orders", AuthPolicy::Required),
     ]
 }
 
@@ -244,8 +246,8 @@ mod tests {
     fn routes_to_unknown_services_or_odd_prefixes_are_refused() {
         let mut settings = GatewaySettings::default();
         settings.routes.push(RouteConfig {
-            prefix: "/api/v1/orders".into(),
-            service: "orders".into(),
+            prefix: "/api/v1/reviews".into(),
+            service: "reviews".into(),
             auth: AuthPolicy::Required,
         });
         assert!(settings.validate().is_err());

@@ -6,6 +6,7 @@
 //! - [`app`]: [`App`] puts a service's HTTP routes and gRPC services on one router, with
 //!   `/healthz`, `/readyz`, `/metrics`, request ids, per-route metrics, request logs and
 //!   problem+json fallbacks for unknown routes and panics.
+//! - [`grpc`]: channels to other services, with a deadline on every call.
 //! - [`paging`]: `{"items", "next_cursor"}` pages with a bounded `limit`.
 //! - [`server`]: binds the port and serves until a shutdown signal, then drains within a grace
 //!   period. A server takes its listener and its shutdown future from the caller, so tests run
@@ -14,6 +15,7 @@
 //! A service's `run` therefore reads: load settings, init telemetry, build the app, bind, serve.
 
 pub mod app;
+pub mod grpc;
 pub mod paging;
 pub mod server;
 pub mod settings;

@@ -1,0 +1,280 @@
+//! The public HTTP API: `/api/v1/orders`.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shopmesh_auth::AuthUser;
+use shopmesh_problem::Problem;
+use shopmesh_problem::extract::{Json, Path, Query};
+use shopmesh_proto::payments::v1::Card;
+use shopmesh_runtime::paging::{self, Page};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::domain::{IdempotencyKey, Request, Status};
+use crate::error::Error;
+use crate::store::{Claim, Order, StoredResponse};
+
+/// The orders' HTTP routes.
+pub fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/orders", post(create).get(list))
+        .route("/api/v1/orders/{id}", get(read))
+        .route("/api/v1/orders/{id}/pay", post(pay))
+        .route("/api/v1/orders/{id}/cancel", post(cancel))
+        .with_state(state)
+}
+
+/// A line as the API shows it.
+#[derive(Debug, Serialize)]
+struct LineView {
+    product_id: Uuid,
+    sku: String,
+    name: String,
+    unit_price: i64,
+    quantity: i64,
+    line_total: i64,
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Serialize)]
+struct OrderView {
+    id: Uuid,
+    status: &'static str,
+    lines: Vec<LineView>,
+    total: i64,
+    currency: String,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    card_last4: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+}
+
+impl From<Order> for OrderView {
+    fn from(o: Order) -> Self {
+        OrderView {
+            id: o.id,
+            status: o.status.as_str(),
+            lines: o
+                .lines
+                .into_iter()
+                .map(|l| LineView {
+                    line_total: l.total().unwrap_or(i64::MAX),
+                    product_id: l.product_id,
+                    sku: l.sku,
+                    name: l.name,
+                    unit_price: l.unit_price,
+                    quantity: l.quantity,
+                })
+                .collect(),
+            total: o.total,
+            currency: o.currency,
+            expires_at: o.expires_at,
+            card_last4: o.card_last4,
+            created_at: o.created_at,
+            updated_at: o.updated_at,
+        }
+    }
+}
+
+/// `{"items": [...]}`. Prices and totals are not accepted: they come from the catalog.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrder {
+    items: Vec<Item>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item {
+    product_id: String,
+    quantity: i64,
+}
+
+/// A stable fingerprint of the parsed request: the same order asked twice hashes the same.
+fn fingerprint(request: &Request) -> String {
+    let mut hasher = Sha256::new();
+    for (product, quantity) in &request.lines {
+        hasher.update(format!("{}:{quantity};", product.hyphenated()));
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+fn stored(status: StatusCode, body: String) -> Response {
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        shopmesh_problem::CONTENT_TYPE
+    };
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    headers: HeaderMap,
+    Json(body): Json<CreateOrder>,
+) -> Result<Response, Error> {
+    let key = headers
+        .get("idempotency-key")
+        .ok_or(Error::MissingIdempotencyKey)?
+        .to_str()
+        .map_err(|_| Error::MissingIdempotencyKey)?;
+    let key = IdempotencyKey::parse(key)?;
+    let items: Vec<(String, i64)> = body
+        .items
+        .into_iter()
+        .map(|i| (i.product_id, i.quantity))
+        .collect();
+    let request = Request::parse(&items)?;
+    let order_id = match state
+        .store
+        .claim_key(caller.id, key.as_str(), &fingerprint(&request))
+        .await?
+    {
+        Claim::Claimed(order_id) => order_id,
+        Claim::Replay(response) => {
+            let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+            let mut replay = stored(status, response.body);
+            replay
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(replay);
+        }
+        Claim::InFlight => return Err(Error::InFlight),
+        Claim::Mismatch => return Err(Error::KeyReused),
+    };
+    let outcome = state.saga.place(caller.id, order_id, &request).await;
+    let (status, body) = match outcome {
+        Ok(order) => (
+            StatusCode::CREATED,
+            serde_json::to_string(&OrderView::from(order))
+                .map_err(|e| Error::Internal(e.into()))?,
+        ),
+        Err(error) => {
+            let problem = Problem::from(error);
+            if problem.status().is_server_error() {
+                // Worth retrying with the same key: forget it (the order, if any, is rolled back).
+                state.store.release_key(caller.id, key.as_str()).await?;
+                return Ok(problem.into_response());
+            }
+            (
+                problem.status(),
+                serde_json::to_string(&problem.body()).map_err(|e| Error::Internal(e.into()))?,
+            )
+        }
+    };
+    state
+        .store
+        .finish_key(
+            caller.id,
+            key.as_str(),
+            &StoredResponse {
+                status: status.as_u16(),
+                body: body.clone(),
+            },
+        )
+        .await?;
+    let mut response = stored(status, body);
+    if status == StatusCode::CREATED
+        && let Ok(location) = HeaderValue::try_from(format!("/api/v1/orders/{order_id}"))
+    {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// The caller's order: an admin may see any; anyone else only their own (404 otherwise).
+async fn visible(state: &AppState, caller: &AuthUser, id: Uuid) -> Result<Order, Error> {
+    let order = state.store.order(id).await?.ok_or(Error::NotFound)?;
+    if order.status == Status::Rejected || (order.user_id != caller.id && !caller.is_admin()) {
+        return Err(Error::NotFound);
+    }
+    Ok(order)
+}
+
+async fn read(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<OrderView>, Error> {
+    Ok(Json(visible(&state, &caller, id).await?.into()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<u32>,
+    cursor: Option<Uuid>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Page<OrderView>>, Error> {
+    let limit = paging::limit(params.limit)?;
+    let owner = (!caller.is_admin()).then_some(caller.id);
+    let orders = state.store.list(owner, params.cursor, limit + 1).await?;
+    Ok(Json(
+        Page::from_rows(orders, limit, |o| o.id.to_string()).map(OrderView::from),
+    ))
+}
+
+// No `Debug` on these two: a card number must never be formatted into a log.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PayRequest {
+    card: CardInput,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CardInput {
+    number: String,
+    exp_month: u32,
+    exp_year: u32,
+    cvc: String,
+}
+
+async fn pay(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<Uuid>,
+    Json(body): Json<PayRequest>,
+) -> Result<Json<OrderView>, Error> {
+    let order = visible(&state, &caller, id).await?;
+    // Only the customer pays for their order, even an admin may not.
+    if order.user_id != caller.id {
+        return Err(Error::NotFound);
+    }
+    let card = Card {
+        number: body.card.number,
+        exp_month: body.card.exp_month,
+        exp_year: body.card.exp_year,
+        cvc: body.card.cvc,
+    };
+    Ok(Json(state.saga.pay(order, card).await?.into()))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<OrderView>, Error> {
+    let order = visible(&state, &caller, id).await?;
+    Ok(Json(state.saga.cancel(order).await?.into()))
+}

@@ -1,0 +1,3 @@
+//! The service's surface: public HTTP (through the gateway).
+
+pub mod http;

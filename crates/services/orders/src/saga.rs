@@ -1,0 +1,477 @@
+//! The checkout saga. Every step is written down before its downstream call (`step`) and
+//! cleared after it, and every downstream call is idempotent by order id, so any step can be
+//! run again: by a retried request, or by [`Saga::resume`] after a crash.
+//!
+//! ```text
+//! place:  pending/reserving ──Reserve──► awaiting_payment      (refused: rejected)
+//! pay:    awaiting_payment/charging ──Charge──► /committing ──Commit──► paid
+//!                                  (declined: back to awaiting_payment, 402)
+//! cancel: awaiting_payment|paid/cancelling ──Release (+Refund)──► cancelled
+//! expire: awaiting_payment/expiring ──Release──► expired
+//! ```
+//!
+//! A call with no answer (down, deadline) leaves the step in place and answers 503; the
+//! resumer settles it: a `reserving` order is rolled back (Release leaves a tombstone, so a
+//! late Reserve cannot hold stock), a `charging` order asks payments whether the capture
+//! happened and goes on or back, the others finish their step.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shopmesh_problem::Invalid;
+use shopmesh_proto::catalog::v1::GetProductsRequest;
+use shopmesh_proto::inventory::v1::{
+    CommitRequest, Line as StockLine, ReleaseRequest, ReserveRequest,
+};
+use shopmesh_proto::payments::v1::{Card, ChargeRequest, GetPaymentRequest, RefundRequest};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::clients::{Clients, Failure, failure, refusal, unavailable};
+use crate::domain::{Line, Request, Status, Step, total};
+use crate::error::Error;
+use crate::store::{Order, Store};
+
+/// Runs the saga's steps.
+#[derive(Clone)]
+pub struct Saga {
+    store: Store,
+    clients: Clients,
+    ttl: Duration,
+    failpoint: Option<Failpoint>,
+}
+
+/// A test-only switch that freezes the process at one point of the saga, so a test can kill it
+/// there. It fires once per data directory (a marker file), so the restarted process runs on.
+#[derive(Debug, Clone)]
+pub struct Failpoint {
+    /// Only `pause_after_charge` exists.
+    pub name: String,
+    /// Where the marker file goes.
+    pub marker: PathBuf,
+}
+
+impl Failpoint {
+    async fn hit(&self, name: &str) {
+        if self.name != name || self.marker.exists() {
+            return;
+        }
+        let _ = std::fs::write(&self.marker, b"fired");
+        tracing::warn!(failpoint = name, "failpoint hit: pausing until killed");
+        std::future::pending::<()>().await;
+    }
+}
+
+fn order_field(i: usize) -> String {
+    format!("items[{i}].product_id")
+}
+
+impl Saga {
+    /// A saga over this store and these clients; unpaid orders expire after `ttl`.
+    pub fn new(
+        store: Store,
+        clients: Clients,
+        ttl: Duration,
+        failpoint: Option<Failpoint>,
+    ) -> Self {
+        Saga {
+            store,
+            clients,
+            ttl,
+            failpoint,
+        }
+    }
+
+    /// Prices the request from the catalog, stores the order and reserves its stock.
+    pub async fn place(
+        &self,
+        user: Uuid,
+        order_id: Uuid,
+        request: &Request,
+    ) -> Result<Order, Error> {
+        let ids = request
+            .lines
+            .iter()
+            .map(|(p, _)| p.hyphenated().to_string())
+            .collect();
+        let products = self
+            .clients
+            .catalog
+            .clone()
+            .get_products(GetProductsRequest { ids })
+            .await
+            .map_err(|status| match failure(&status) {
+                Failure::Refused(problem) => refusal(problem),
+                Failure::Unknown => unavailable("catalog"),
+            })?
+            .into_inner()
+            .products;
+        let by_id: HashMap<String, _> = products.into_iter().map(|p| (p.id.clone(), p)).collect();
+        let mut lines = Vec::with_capacity(request.lines.len());
+        let mut currency: Option<String> = None;
+        for (i, (product_id, quantity)) in request.lines.iter().enumerate() {
+            let product = by_id
+                .get(&product_id.hyphenated().to_string())
+                .filter(|p| p.purchasable)
+                .ok_or_else(|| Error::ProductUnavailable {
+                    field: order_field(i),
+                })?;
+            match &currency {
+                None => currency = Some(product.currency.clone()),
+                Some(c) if *c != product.currency => return Err(Error::MixedCurrencies),
+                Some(_) => {}
+            }
+            lines.push(Line {
+                product_id: *product_id,
+                sku: product.sku.clone(),
+                name: product.name.clone(),
+                unit_price: product.price,
+                quantity: *quantity,
+            });
+        }
+        let total = total(&lines).ok_or_else(|| {
+            Invalid::new(
+                "items",
+                "total_too_large",
+                "add up to more than can be charged",
+            )
+        })?;
+        let currency = currency.unwrap_or_default();
+        let expires_at = OffsetDateTime::now_utc() + self.ttl;
+        self.store
+            .insert_pending(order_id, user, &lines, total, &currency, expires_at)
+            .await?;
+
+        let reserve = ReserveRequest {
+            order_id: order_id.hyphenated().to_string(),
+            lines: lines
+                .iter()
+                .map(|l| StockLine {
+                    product_id: l.product_id.hyphenated().to_string(),
+                    quantity: l.quantity,
+                })
+                .collect(),
+            ttl_seconds: i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX),
+        };
+        match self.clients.inventory.clone().reserve(reserve).await {
+            Ok(_) => {
+                self.store
+                    .transition(
+                        order_id,
+                        (Status::Pending, Step::Reserving),
+                        (Status::AwaitingPayment, Step::Idle),
+                        None,
+                    )
+                    .await?;
+                metrics::counter!("orders_placed_total").increment(1);
+                tracing::info!(%order_id, total, "order placed");
+            }
+            Err(status) => {
+                return Err(match failure(&status) {
+                    Failure::Refused(problem) => {
+                        self.store
+                            .transition(
+                                order_id,
+                                (Status::Pending, Step::Reserving),
+                                (Status::Rejected, Step::Idle),
+                                None,
+                            )
+                            .await?;
+                        refusal(problem)
+                    }
+                    Failure::Unknown => {
+                        // Maybe reserved, maybe not: undo now if we can, else the resumer will.
+                        if self.roll_back_reservation(order_id).await.is_ok() {
+                            self.store.release_keys_of(order_id).await?;
+                        }
+                        unavailable("inventory")
+                    }
+                });
+            }
+        }
+        self.load(order_id).await
+    }
+
+    async fn roll_back_reservation(&self, order_id: Uuid) -> Result<(), Error> {
+        self.release_stock(order_id).await?;
+        self.store
+            .transition(
+                order_id,
+                (Status::Pending, Step::Reserving),
+                (Status::Rejected, Step::Idle),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn load(&self, order_id: Uuid) -> Result<Order, Error> {
+        self.store.order(order_id).await?.ok_or(Error::NotFound)
+    }
+
+    /// Charges the card and commits the stock.
+    pub async fn pay(&self, order: Order, card: Card) -> Result<Order, Error> {
+        match (order.status, order.step) {
+            (Status::Paid, _) => return Ok(order),
+            (Status::AwaitingPayment, Step::Idle) => {}
+            (Status::AwaitingPayment, _) => return Err(Error::Busy),
+            (status, _) => return Err(Error::WrongState(status.as_str())),
+        }
+        if order.expires_at <= OffsetDateTime::now_utc() {
+            self.expire(order.id).await?;
+            return Err(Error::Expired);
+        }
+        if !self
+            .store
+            .transition(
+                order.id,
+                (Status::AwaitingPayment, Step::Idle),
+                (Status::AwaitingPayment, Step::Charging),
+                None,
+            )
+            .await?
+        {
+            return Err(Error::Busy);
+        }
+        let charge = ChargeRequest {
+            order_id: order.id.hyphenated().to_string(),
+            amount: order.total,
+            currency: order.currency.clone(),
+            card: Some(card),
+        };
+        let payment = match self.clients.payments.clone().charge(charge).await {
+            Ok(payment) => payment.into_inner(),
+            Err(status) => {
+                return Err(match failure(&status) {
+                    Failure::Refused(problem) => {
+                        // Declined or invalid card: nothing was captured, the order stays payable.
+                        self.store
+                            .transition(
+                                order.id,
+                                (Status::AwaitingPayment, Step::Charging),
+                                (Status::AwaitingPayment, Step::Idle),
+                                None,
+                            )
+                            .await?;
+                        refusal(problem)
+                    }
+                    Failure::Unknown => unavailable("payments"),
+                });
+            }
+        };
+        if let Some(failpoint) = &self.failpoint {
+            failpoint.hit("pause_after_charge").await;
+        }
+        self.store
+            .transition(
+                order.id,
+                (Status::AwaitingPayment, Step::Charging),
+                (Status::AwaitingPayment, Step::Committing),
+                Some((&payment.payment_id, &payment.card_last4)),
+            )
+            .await?;
+        self.commit(order.id).await
+    }
+
+    /// Commits the stock of a captured order; if the hold ran out, refunds and expires it.
+    async fn commit(&self, order_id: Uuid) -> Result<Order, Error> {
+        let request = CommitRequest {
+            order_id: order_id.hyphenated().to_string(),
+        };
+        match self.clients.inventory.clone().commit(request).await {
+            Ok(_) => {
+                self.store
+                    .transition(
+                        order_id,
+                        (Status::AwaitingPayment, Step::Committing),
+                        (Status::Paid, Step::Idle),
+                        None,
+                    )
+                    .await?;
+                metrics::counter!("orders_paid_total").increment(1);
+                tracing::info!(%order_id, "order paid");
+                self.load(order_id).await
+            }
+            Err(status) => match failure(&status) {
+                Failure::Refused(_) => {
+                    // The reservation expired or was released: the customer must not pay for
+                    // stock they do not get.
+                    self.refund(order_id).await?;
+                    self.store
+                        .transition(
+                            order_id,
+                            (Status::AwaitingPayment, Step::Committing),
+                            (Status::Expired, Step::Idle),
+                            None,
+                        )
+                        .await?;
+                    tracing::warn!(%order_id, "payment arrived after the hold ran out; refunded");
+                    Err(Error::Expired)
+                }
+                Failure::Unknown => Err(unavailable("inventory")),
+            },
+        }
+    }
+
+    /// Cancels: gives the stock back, refunds a capture.
+    pub async fn cancel(&self, order: Order) -> Result<Order, Error> {
+        match (order.status, order.step) {
+            (Status::Cancelled, _) => return Ok(order),
+            (Status::AwaitingPayment | Status::Paid, Step::Idle) => {}
+            (Status::AwaitingPayment | Status::Paid, _) => return Err(Error::Busy),
+            (status, _) => return Err(Error::WrongState(status.as_str())),
+        }
+        if !self
+            .store
+            .transition(
+                order.id,
+                (order.status, Step::Idle),
+                (order.status, Step::Cancelling),
+                None,
+            )
+            .await?
+        {
+            return Err(Error::Busy);
+        }
+        self.finish_cancel(order.id, order.status).await
+    }
+
+    async fn finish_cancel(&self, order_id: Uuid, status: Status) -> Result<Order, Error> {
+        self.release_stock(order_id).await?;
+        if status == Status::Paid {
+            self.refund(order_id).await?;
+        }
+        self.store
+            .transition(
+                order_id,
+                (status, Step::Cancelling),
+                (Status::Cancelled, Step::Idle),
+                None,
+            )
+            .await?;
+        metrics::counter!("orders_cancelled_total").increment(1);
+        tracing::info!(%order_id, "order cancelled");
+        self.load(order_id).await
+    }
+
+    /// Expires an unpaid order past its time: its stock goes back.
+    pub async fn expire(&self, order_id: Uuid) -> Result<(), Error> {
+        if !self
+            .store
+            .transition(
+                order_id,
+                (Status::AwaitingPayment, Step::Idle),
+                (Status::AwaitingPayment, Step::Expiring),
+                None,
+            )
+            .await?
+        {
+            return Ok(());
+        }
+        self.finish_expire(order_id).await
+    }
+
+    async fn finish_expire(&self, order_id: Uuid) -> Result<(), Error> {
+        self.release_stock(order_id).await?;
+        self.store
+            .transition(
+                order_id,
+                (Status::AwaitingPayment, Step::Expiring),
+                (Status::Expired, Step::Idle),
+                None,
+            )
+            .await?;
+        metrics::counter!("orders_expired_total").increment(1);
+        tracing::info!(%order_id, "order expired");
+        Ok(())
+    }
+
+    async fn release_stock(&self, order_id: Uuid) -> Result<(), Error> {
+        let request = ReleaseRequest {
+            order_id: order_id.hyphenated().to_string(),
+        };
+        match self.clients.inventory.clone().release(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => Err(match failure(&status) {
+                Failure::Refused(problem) => {
+                    Error::Internal(anyhow::anyhow!("inventory refused a release: {problem}"))
+                }
+                Failure::Unknown => unavailable("inventory"),
+            }),
+        }
+    }
+
+    async fn refund(&self, order_id: Uuid) -> Result<(), Error> {
+        let request = RefundRequest {
+            order_id: order_id.hyphenated().to_string(),
+        };
+        match self.clients.payments.clone().refund(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => match failure(&status) {
+                // Nothing captured: nothing to refund.
+                Failure::Refused(_) if status.code() == tonic::Code::NotFound => Ok(()),
+                Failure::Refused(problem) => Err(Error::Internal(anyhow::anyhow!(
+                    "payments refused a refund: {problem}"
+                ))),
+                Failure::Unknown => Err(unavailable("payments")),
+            },
+        }
+    }
+
+    /// Finishes whatever step the order was in when its request or process died.
+    pub async fn resume(&self, order_id: Uuid) -> Result<(), Error> {
+        let order = self.load(order_id).await?;
+        match order.step {
+            Step::Idle => Ok(()),
+            Step::Reserving => {
+                self.roll_back_reservation(order_id).await?;
+                self.store.release_keys_of(order_id).await?;
+                tracing::info!(%order_id, "interrupted order rolled back");
+                Ok(())
+            }
+            Step::Charging => {
+                let request = GetPaymentRequest {
+                    order_id: order_id.hyphenated().to_string(),
+                };
+                match self.clients.payments.clone().get_payment(request).await {
+                    Ok(payment) => {
+                        let payment = payment.into_inner();
+                        self.store
+                            .transition(
+                                order_id,
+                                (Status::AwaitingPayment, Step::Charging),
+                                (Status::AwaitingPayment, Step::Committing),
+                                Some((&payment.payment_id, &payment.card_last4)),
+                            )
+                            .await?;
+                        tracing::info!(%order_id, "interrupted payment was captured; committing");
+                        self.commit(order_id).await.map(|_| ())
+                    }
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        self.store
+                            .transition(
+                                order_id,
+                                (Status::AwaitingPayment, Step::Charging),
+                                (Status::AwaitingPayment, Step::Idle),
+                                None,
+                            )
+                            .await?;
+                        tracing::info!(%order_id, "interrupted payment never captured; order payable again");
+                        Ok(())
+                    }
+                    Err(_) => Err(unavailable("payments")),
+                }
+            }
+            Step::Committing => {
+                tracing::info!(%order_id, "resuming the commit of a captured order");
+                match self.commit(order_id).await {
+                    Ok(_) | Err(Error::Expired) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Step::Cancelling => self.finish_cancel(order_id, order.status).await.map(|_| ()),
+            Step::Expiring => self.finish_expire(order_id).await,
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! SQL for orders. Portable between SQLite and PostgreSQL. Saga steps are claimed with guarded
+//! updates (`… WHERE step = 'idle'`), so two requests never run steps of one order at once.
+
+use shopmesh_db::Db;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{Line, Status, Step};
+use crate::error::Error;
+
+/// A stored order with its lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    /// UUIDv7.
+    pub id: Uuid,
+    /// The customer.
+    pub user_id: Uuid,
+    /// What the customer sees.
+    pub status: Status,
+    /// The saga step in flight.
+    pub step: Step,
+    /// Sum of the lines, minor units.
+    pub total: i64,
+    /// ISO 4217.
+    pub currency: String,
+    /// When an unpaid order expires.
+    pub expires_at: OffsetDateTime,
+    /// The capture, once charged.
+    pub payment_id: Option<String>,
+    /// Last four digits of the card that paid.
+    pub card_last4: Option<String>,
+    /// Created.
+    pub created_at: OffsetDateTime,
+    /// Last changed.
+    pub updated_at: OffsetDateTime,
+    /// Priced lines, in the customer's order.
+    pub lines: Vec<Line>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: String,
+    user_id: String,
+    status: String,
+    step: String,
+    total: i64,
+    currency: String,
+    expires_at: i64,
+    payment_id: Option<String>,
+    card_last4: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct LineRow {
+    product_id: String,
+    sku: String,
+    name: String,
+    unit_price: i64,
+    quantity: i64,
+}
+
+macro_rules! order_columns {
+    () => {
+        "id, user_id, status, step, total, currency, expires_at, payment_id, card_last4, \
+         created_at, updated_at"
+    };
+}
+
+/// A stored answer to an idempotent request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: String,
+}
+
+/// What claiming an idempotency key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours; run the request for this order id.
+    Claimed(Uuid),
+    /// The first request finished: answer the same.
+    Replay(StoredResponse),
+    /// The first request is still running.
+    InFlight,
+    /// The key was used with another body.
+    Mismatch,
+}
+
+/// Microseconds since the epoch.
+pub fn micros(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+fn from_micros(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn id(uuid: Uuid) -> String {
+    uuid.hyphenated().to_string()
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::Internal(anyhow::anyhow!("stored order has a bad {what}"))
+}
+
+impl OrderRow {
+    fn into_order(self, lines: Vec<LineRow>) -> Result<Order, Error> {
+        Ok(Order {
+            id: Uuid::parse_str(&self.id).map_err(|_| corrupt("id"))?,
+            user_id: Uuid::parse_str(&self.user_id).map_err(|_| corrupt("user"))?,
+            status: Status::parse(&self.status).ok_or_else(|| corrupt("status"))?,
+            step: Step::parse(&self.step).ok_or_else(|| corrupt("step"))?,
+            total: self.total,
+            currency: self.currency,
+            expires_at: from_micros(self.expires_at),
+            payment_id: self.payment_id,
+            card_last4: self.card_last4,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+            lines: lines
+                .into_iter()
+                .map(|l| {
+                    Ok(Line {
+                        product_id: Uuid::parse_str(&l.product_id).map_err(|_| corrupt("line"))?,
+                        sku: l.sku,
+                        name: l.name,
+                        unit_price: l.unit_price,
+                        quantity: l.quantity,
+                    })
+                })
+                .collect::<Result<_, Error>>()?,
+        })
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// The orders database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// A store over this database.
+    pub fn new(db: Db) -> Self {
+        Store { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Claims `(user, key)` for a request with this body hash.
+    pub async fn claim_key(&self, user: Uuid, key: &str, hash: &str) -> Result<Claim, Error> {
+        let order_id = Uuid::now_v7();
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id(user))
+        .bind(key)
+        .bind(hash)
+        .bind(id(order_id))
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(self.db.pool())
+        .await;
+        match inserted {
+            Ok(_) => return Ok(Claim::Claimed(order_id)),
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let row: Option<(String, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT request_hash, response_status, response_body FROM idempotency_keys \
+             WHERE user_id = $1 AND idem_key = $2",
+        )
+        .bind(id(user))
+        .bind(key)
+        .fetch_optional(self.db.pool())
+        .await?;
+        Ok(match row {
+            // Released between our insert and this read: the caller may simply retry.
+            None => Claim::InFlight,
+            Some((stored_hash, _, _)) if stored_hash != hash => Claim::Mismatch,
+            Some((_, Some(status), Some(body))) => Claim::Replay(StoredResponse {
+                status: u16::try_from(status).unwrap_or(500),
+                body,
+            }),
+            Some(_) => Claim::InFlight,
+        })
+    }
+
+    /// Stores the final answer for `(user, key)`.
+    pub async fn finish_key(
+        &self,
+        user: Uuid,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $1, response_body = $2 \
+             WHERE user_id = $3 AND idem_key = $4",
+        )
+        .bind(i64::from(response.status))
+        .bind(&response.body)
+        .bind(id(user))
+        .bind(key)
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets `(user, key)` so a retry starts afresh (after a failure worth retrying).
+    pub async fn release_key(&self, user: Uuid, key: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2")
+            .bind(id(user))
+            .bind(key)
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets keys of orders that never got an answer (their request died with a process).
+    pub async fn release_keys_of(&self, order_id: Uuid) -> Result<(), Error> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE order_id = $1 AND response_status IS NULL")
+            .bind(id(order_id))
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Drops idempotency keys older than `before`.
+    pub async fn purge_keys(&self, before: OffsetDateTime) -> Result<u64, Error> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(micros(before))
+            .execute(self.db.pool())
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Stores a new order as `pending`, step `reserving`, with its lines.
+    pub async fn insert_pending(
+        &self,
+        order_id: Uuid,
+        user: Uuid,
+        lines: &[Line],
+        total: i64,
+        currency: &str,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), Error> {
+        let now = micros(OffsetDateTime::now_utc());
+        let mut tx = self.db.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO orders (id, user_id, status, step, total, currency, expires_at, \
+             created_at, updated_at) VALUES ($1, $2, 'pending', 'reserving', $3, $4, $5, $6, $6)",
+        )
+        .bind(id(order_id))
+        .bind(id(user))
+        .bind(total)
+        .bind(currency)
+        .bind(micros(expires_at))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for (position, line) in lines.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO order_lines (order_id, position, product_id, sku, name, unit_price, \
+                 quantity) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(id(order_id))
+            .bind(i64::try_from(position).unwrap_or(i64::MAX))
+            .bind(id(line.product_id))
+            .bind(&line.sku)
+            .bind(&line.name)
+            .bind(line.unit_price)
+            .bind(line.quantity)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One order with its lines.
+    pub async fn order(&self, order_id: Uuid) -> Result<Option<Order>, Error> {
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE id = $1"
+        ))
+        .bind(id(order_id))
+        .fetch_optional(self.db.pool())
+        .await?;
+        match row {
+            Some(row) => {
+                let lines = self.lines(order_id).await?;
+                Ok(Some(row.into_order(lines)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn lines(&self, order_id: Uuid) -> Result<Vec<LineRow>, Error> {
+        Ok(sqlx::query_as(
+            "SELECT product_id, sku, name, unit_price, quantity FROM order_lines \
+             WHERE order_id = $1 ORDER BY position",
+        )
+        .bind(id(order_id))
+        .fetch_all(self.db.pool())
+        .await?)
+    }
+
+    /// A customer's placed orders (or everyone's, for `None`), newest first, before the cursor.
+    pub async fn list(
+        &self,
+        user: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Order>, Error> {
+        let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE status NOT IN ('pending', 'rejected')",
+            " AND ($1 = '' OR user_id = $1) AND ($2 = '' OR id < $2)",
+            " ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(user.map(id).unwrap_or_default())
+        .bind(before.map(id).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut orders = Vec::with_capacity(rows.len());
+        for row in rows {
+            let order_id = Uuid::parse_str(&row.id).map_err(|_| corrupt("id"))?;
+            let lines = self.lines(order_id).await?;
+            orders.push(row.into_order(lines)?);
+        }
+        Ok(orders)
+    }
+
+    /// Moves an order from `(status, step)` to `(status, step)`, only if it is still in the
+    /// first; `false` if someone else moved it. Records the payment when given.
+    pub async fn transition(
+        &self,
+        order_id: Uuid,
+        from: (Status, Step),
+        to: (Status, Step),
+        payment: Option<(&str, &str)>,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
+             payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4) \
+             WHERE id = $6 AND status = $7 AND step = $8",
+        )
+        .bind(to.0.as_str())
+        .bind(to.1.as_str())
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(payment.map(|p| p.0.to_owned()))
+        .bind(payment.map(|p| p.1.to_owned()))
+        .bind(id(order_id))
+        .bind(from.0.as_str())
+        .bind(from.1.as_str())
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Orders with a step in flight last touched before `before` (all of them at start-up).
+    pub async fn in_flight(&self, before: OffsetDateTime) -> Result<Vec<Uuid>, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM orders WHERE step <> 'idle' AND updated_at < $1 ORDER BY id LIMIT 100",
+        )
+        .bind(micros(before))
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s,)| Uuid::parse_str(&s).ok())
+            .collect())
+    }
+
+    /// Unpaid orders past their expiry.
+    pub async fn overdue(&self) -> Result<Vec<Uuid>, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM orders WHERE status = 'awaiting_payment' AND step = 'idle' \
+             AND expires_at <= $1 ORDER BY expires_at LIMIT 100",
+        )
+        .bind(micros(OffsetDateTime::now_utc()))
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s,)| Uuid::parse_str(&s).ok())
+            .collect())
+    }
+}
