@@ -473,7 +473,7 @@ fn print_table(table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str
         }
     }
     println!(
-        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory)"
+        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory, orders)"
     );
 }
 
