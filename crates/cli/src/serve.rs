@@ -19,6 +19,8 @@ pub enum Service {
     Payments,
     /// Checkout: orders, payment and cancellation as a resumable saga.
     Orders,
+    /// One cart per customer.
+    Cart,
 }
 
 impl Service {
@@ -31,6 +33,7 @@ impl Service {
             Service::Inventory => "inventory",
             Service::Payments => "payments",
             Service::Orders => "orders",
+            Service::Cart => "cart",
         }
     }
 }
@@ -67,6 +70,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Inventory => shopmesh_inventory::run(sources, shutdown).await,
         Service::Payments => shopmesh_payments::run(sources, shutdown).await,
         Service::Orders => shopmesh_orders::run(sources, shutdown).await,
+        Service::Cart => shopmesh_cart::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     }
 }

@@ -41,6 +41,7 @@ const BACKENDS: &[Service] = &[
     Service::Catalog,
     Service::Inventory,
     Service::Payments,
+    Service::Cart,
     Service::Orders,
 ];
 /// Every process `up` runs.
@@ -49,6 +50,7 @@ const SERVICES: &[Service] = &[
     Service::Catalog,
     Service::Inventory,
     Service::Payments,
+    Service::Cart,
     Service::Orders,
     Service::Gateway,
 ];
@@ -254,10 +256,18 @@ fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<
                     ("catalog", "CATALOG_URL"),
                     ("inventory", "INVENTORY_URL"),
                     ("payments", "PAYMENTS_URL"),
+                    ("cart", "CART_URL"),
                 ] {
                     let addr = addrs.get(target).context("every backend is planned")?;
                     env.push((format!("SHOPMESH_ORDERS__{key}"), format!("http://{addr}")));
                 }
+            }
+            Service::Cart => {
+                let catalog = addrs.get("catalog").context("every backend is planned")?;
+                env.push((
+                    "SHOPMESH_CART__CATALOG_URL".to_owned(),
+                    format!("http://{catalog}"),
+                ));
             }
             Service::Users | Service::Payments | Service::Gateway => {}
         }
@@ -473,7 +483,7 @@ fn print_table(table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str
         }
     }
     println!(
-        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory, orders)"
+        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory, cart, orders)"
     );
 }
 

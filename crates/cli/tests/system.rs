@@ -411,9 +411,17 @@ fn help_explains_every_command() {
         .expect("run");
     let text = String::from_utf8_lossy(&serve.stdout);
     assert!(
-        ["users", "catalog", "inventory", "payments", "gateway"]
-            .iter()
-            .all(|s| text.contains(s)),
+        [
+            "users",
+            "catalog",
+            "inventory",
+            "payments",
+            "cart",
+            "orders",
+            "gateway"
+        ]
+        .iter()
+        .all(|s| text.contains(s)),
         "{text}"
     );
 }

@@ -1,4 +1,4 @@
-//! End-to-end harness: catalog, inventory, payments, orders and the gateway as real servers on
+//! End-to-end harness: catalog, inventory, payments, cart, orders and the gateway as real servers on
 //! port 0 in one process, each with its own fresh database (SQLite or PostgreSQL), tokens from
 //! a test issuer. The whole-system tests with real processes are in `crates/cli/tests`.
 //!
@@ -113,7 +113,26 @@ impl Shop {
         dbs.push(db);
 
         let db = database(backend).await?;
+        let extra = [(
+            "SHOPMESH_CART__CATALOG_URL",
+            format!("http://{catalog_addr}"),
+        )];
+        let cart = shopmesh_cart::Application::build(
+            shopmesh_cart::Config::load(&sources(&db, &issuer, &extra)).expect("cart config"),
+        )
+        .await
+        .expect("cart");
+        let cart_addr = cart.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(cart.run_until(async {
+            let _ = rx.await;
+        }));
+        spawn(tx);
+        dbs.push(db);
+
+        let db = database(backend).await?;
         let mut extra = vec![
+            ("SHOPMESH_ORDERS__CART_URL", format!("http://{cart_addr}")),
             (
                 "SHOPMESH_ORDERS__CATALOG_URL",
                 format!("http://{catalog_addr}"),
@@ -156,6 +175,10 @@ impl Shop {
             .set(
                 "SHOPMESH_GATEWAY__UPSTREAMS__ORDERS",
                 format!("http://{orders_addr}"),
+            )
+            .set(
+                "SHOPMESH_GATEWAY__UPSTREAMS__CART",
+                format!("http://{cart_addr}"),
             );
         let gateway = shopmesh_gateway::Application::build(
             shopmesh_gateway::Config::load(&gateway_sources).expect("gateway config"),

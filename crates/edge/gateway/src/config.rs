@@ -81,6 +81,7 @@ fn default_upstreams() -> BTreeMap<String, String> {
         ("catalog".to_owned(), "http://127.0.0.1:8082".to_owned()),
         ("inventory".to_owned(), "http://127.0.0.1:8083".to_owned()),
         ("orders".to_owned(), "http://127.0.0.1:8085".to_owned()),
+        ("cart".to_owned(), "http://127.0.0.1:8086".to_owned()),
     ])
 }
 
@@ -110,6 +111,7 @@ fn default_routes() -> Vec<RouteConfig> {
         route("/api/v1/products", "catalog", AuthPolicy::Public),
         route("/api/v1/inventory", "inventory", AuthPolicy::Public),
         route("/api/v1/orders", "orders", AuthPolicy::Required),
+        route("/api/v1/cart", "cart", AuthPolicy::Required),
     ]
 }
 

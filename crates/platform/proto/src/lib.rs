@@ -4,6 +4,14 @@
 //! version (`shopmesh.users.v1`). `build.rs` compiles them with protox, so no `protoc` is needed.
 //! Services depend on this crate, never on each other's crates.
 
+/// `shopmesh.cart.v1`: carts, as orders reads them.
+pub mod cart {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("shopmesh.cart.v1");
+    }
+}
+
 /// `shopmesh.catalog.v1`: products, as orders and cart price them.
 pub mod catalog {
     #[allow(clippy::all, missing_docs)]

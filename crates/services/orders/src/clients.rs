@@ -1,6 +1,7 @@
 //! gRPC clients for the services orders calls, and how their failures are read.
 
 use shopmesh_problem::Problem;
+use shopmesh_proto::cart::v1::cart_client::CartClient;
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
@@ -18,6 +19,8 @@ pub struct Clients {
     pub inventory: InventoryClient<Channel>,
     /// Cards.
     pub payments: PaymentsClient<Channel>,
+    /// Carts.
+    pub cart: CartClient<Channel>,
 }
 
 impl Clients {
@@ -35,6 +38,10 @@ impl Clients {
             )?),
             payments: PaymentsClient::new(shopmesh_runtime::grpc::channel(
                 &settings.payments_url,
+                deadline,
+            )?),
+            cart: CartClient::new(shopmesh_runtime::grpc::channel(
+                &settings.cart_url,
                 deadline,
             )?),
         })

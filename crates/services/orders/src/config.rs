@@ -37,6 +37,8 @@ pub struct OrdersSettings {
     pub inventory_url: String,
     /// The payments service's gRPC address.
     pub payments_url: String,
+    /// The cart's gRPC address (for orders placed `from_cart`).
+    pub cart_url: String,
     /// How long an unpaid order holds its stock, in seconds.
     pub order_ttl_secs: u64,
     /// Deadline of each call to another service, in milliseconds.
@@ -55,6 +57,7 @@ impl Default for OrdersSettings {
             catalog_url: "http://127.0.0.1:8082".to_owned(),
             inventory_url: "http://127.0.0.1:8083".to_owned(),
             payments_url: "http://127.0.0.1:8084".to_owned(),
+            cart_url: "http://127.0.0.1:8086".to_owned(),
             order_ttl_secs: 15 * 60,
             call_timeout_ms: 3_000,
             worker_interval_ms: 1_000,

@@ -27,6 +27,9 @@ pub enum Error {
         /// `items[i].product_id`.
         field: String,
     },
+    /// An order `from_cart` with nothing in the cart.
+    #[error("cart empty")]
+    CartEmpty,
     /// Lines priced in different currencies.
     #[error("mixed currencies")]
     MixedCurrencies,
@@ -91,6 +94,9 @@ impl From<Error> for Problem {
             )
             .with_field(field)
             .with_detail("No such product, or it is not on sale."),
+            Error::CartEmpty => Problem::new(Kind::Unprocessable, "cart_empty", "Cart empty")
+                .with_field("from_cart")
+                .with_detail("There is nothing in the cart to order."),
             Error::MixedCurrencies => Problem::new(
                 Kind::Unprocessable,
                 "mixed_currencies",

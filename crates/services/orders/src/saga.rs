@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shopmesh_problem::Invalid;
+use shopmesh_proto::cart::v1::{CartLine, GetCartRequest, RemoveLinesRequest};
 use shopmesh_proto::catalog::v1::GetProductsRequest;
 use shopmesh_proto::inventory::v1::{
     CommitRequest, Line as StockLine, ReleaseRequest, ReserveRequest,
@@ -80,6 +81,47 @@ impl Saga {
             clients,
             ttl,
             failpoint,
+        }
+    }
+
+    /// The customer's cart lines, as `items` would give them.
+    pub async fn cart_lines(&self, user: Uuid) -> Result<Vec<(String, i64)>, Error> {
+        let lines = self
+            .clients
+            .cart
+            .clone()
+            .get_cart(GetCartRequest {
+                user_id: user.hyphenated().to_string(),
+            })
+            .await
+            .map_err(|status| match failure(&status) {
+                Failure::Refused(problem) => refusal(problem),
+                Failure::Unknown => unavailable("cart"),
+            })?
+            .into_inner()
+            .lines;
+        Ok(lines
+            .into_iter()
+            .map(|l| (l.product_id, l.quantity))
+            .collect())
+    }
+
+    /// Takes an ordered cart's lines out of the cart. Best effort: a failure leaves the lines in
+    /// the cart, which is harmless (the order is placed either way).
+    pub async fn take_from_cart(&self, user: Uuid, request: &Request) {
+        let remove = RemoveLinesRequest {
+            user_id: user.hyphenated().to_string(),
+            lines: request
+                .lines
+                .iter()
+                .map(|(product, quantity)| CartLine {
+                    product_id: product.hyphenated().to_string(),
+                    quantity: *quantity,
+                })
+                .collect(),
+        };
+        if let Err(status) = self.clients.cart.clone().remove_lines(remove).await {
+            tracing::warn!(%user, error = %status, "ordered lines could not be taken out of the cart");
         }
     }
 

@@ -8,8 +8,8 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shopmesh_auth::AuthUser;
-use shopmesh_problem::Problem;
 use shopmesh_problem::extract::{Json, Path, Query};
+use shopmesh_problem::{Invalid, Problem};
 use shopmesh_proto::payments::v1::Card;
 use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
@@ -86,11 +86,13 @@ impl From<Order> for OrderView {
     }
 }
 
-/// `{"items": [...]}`. Prices and totals are not accepted: they come from the catalog.
+/// `{"items": [...]}` or `{"from_cart": true}`. Prices and totals are not accepted: they
+/// come from the catalog.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateOrder {
-    items: Vec<Item>,
+    items: Option<Vec<Item>>,
+    from_cart: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,15 +136,31 @@ async fn create(
         .to_str()
         .map_err(|_| Error::MissingIdempotencyKey)?;
     let key = IdempotencyKey::parse(key)?;
-    let items: Vec<(String, i64)> = body
-        .items
-        .into_iter()
-        .map(|i| (i.product_id, i.quantity))
-        .collect();
-    let request = Request::parse(&items)?;
+    // Explicit lines are checked before the key is claimed; a cart is read after, so that a
+    // replay answers as the first time even when the cart has been emptied since.
+    let (explicit, hash) = match (body.items, body.from_cart) {
+        (Some(items), None | Some(false)) => {
+            let items: Vec<(String, i64)> = items
+                .into_iter()
+                .map(|i| (i.product_id, i.quantity))
+                .collect();
+            let request = Request::parse(&items)?;
+            let hash = fingerprint(&request);
+            (Some(request), hash)
+        }
+        (None, Some(true)) => (None, "from_cart".to_owned()),
+        _ => {
+            return Err(Invalid::new(
+                "items",
+                "invalid_order_request",
+                "must be given, or else \"from_cart\": true (not both)",
+            )
+            .into());
+        }
+    };
     let order_id = match state
         .store
-        .claim_key(caller.id, key.as_str(), &fingerprint(&request))
+        .claim_key(caller.id, key.as_str(), &hash)
         .await?
     {
         Claim::Claimed(order_id) => order_id,
@@ -157,13 +175,26 @@ async fn create(
         Claim::InFlight => return Err(Error::InFlight),
         Claim::Mismatch => return Err(Error::KeyReused),
     };
-    let outcome = state.saga.place(caller.id, order_id, &request).await;
+    let from_cart = explicit.is_none();
+    let outcome = match explicit {
+        Some(request) => state
+            .saga
+            .place(caller.id, order_id, &request)
+            .await
+            .map(|o| (o, request)),
+        None => place_from_cart(&state, caller.id, order_id).await,
+    };
     let (status, body) = match outcome {
-        Ok(order) => (
-            StatusCode::CREATED,
-            serde_json::to_string(&OrderView::from(order))
-                .map_err(|e| Error::Internal(e.into()))?,
-        ),
+        Ok((order, request)) => {
+            if from_cart {
+                state.saga.take_from_cart(caller.id, &request).await;
+            }
+            (
+                StatusCode::CREATED,
+                serde_json::to_string(&OrderView::from(order))
+                    .map_err(|e| Error::Internal(e.into()))?,
+            )
+        }
         Err(error) => {
             let problem = Problem::from(error);
             if problem.status().is_server_error() {
@@ -195,6 +226,20 @@ async fn create(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+async fn place_from_cart(
+    state: &AppState,
+    user: Uuid,
+    order_id: Uuid,
+) -> Result<(Order, Request), Error> {
+    let lines = state.saga.cart_lines(user).await?;
+    if lines.is_empty() {
+        return Err(Error::CartEmpty);
+    }
+    let request = Request::parse(&lines)?;
+    let order = state.saga.place(user, order_id, &request).await?;
+    Ok((order, request))
 }
 
 /// The caller's order: an admin may see any; anyone else only their own (404 otherwise).

@@ -1,0 +1,110 @@
+//! The cart service: one cart per customer, priced from the catalog whenever it is read.
+//!
+//! # Layout
+//! - [`domain`]: quantities and limits (100 lines, 1000 units a line: what one order holds).
+//! - [`store`]: the SQL (lines only; prices are never stored here).
+//! - [`api`]: HTTP `/api/v1/cart` (read, add, set, remove, clear; each customer sees only their
+//!   own cart) and gRPC `shopmesh.cart.v1.Cart` (`GetCart`, `RemoveLines`) for orders placed
+//!   with `{"from_cart": true}`.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::extract::FromRef;
+use shopmesh_auth::Verifier;
+use shopmesh_config::Sources;
+use shopmesh_db::Db;
+use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
+use shopmesh_runtime::{App, ReadinessCheck, Server};
+use tonic::transport::Channel;
+
+pub use config::Config;
+
+/// The migrations of the cart database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    store: store::Store,
+    catalog: CatalogClient<Channel>,
+    verifier: Verifier,
+}
+
+impl FromRef<AppState> for Verifier {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+/// A cart service, built and bound, not yet serving.
+pub struct Application {
+    server: Server,
+    db: Db,
+}
+
+impl Application {
+    /// Connects, migrates and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let jwks_url = config.auth.jwks_url.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid configuration: auth.jwks_url (SHOPMESH_AUTH__JWKS_URL) must name the \
+                 users service's JWKS, e.g. http://users:8080/.well-known/jwks.json"
+            )
+        })?;
+        let db = Db::connect(&config.database_url(), &config.database).await?;
+        db.migrate(&MIGRATOR).await?;
+        let store = store::Store::new(db.clone());
+        let catalog = CatalogClient::new(shopmesh_runtime::grpc::channel(
+            &config.cart.catalog_url,
+            config.call_timeout(),
+        )?);
+        let state = AppState {
+            store: store.clone(),
+            catalog,
+            verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
+        };
+        let ready_db = db.clone();
+        let router = App::new("cart")
+            .http(api::http::routes(state))
+            .grpc(api::grpc::CartGrpc::server(store))
+            .readiness(ReadinessCheck::new("database", move || {
+                let db = ready_db.clone();
+                async move { db.ping().await.map_err(|e| e.to_string()) }
+            }))
+            .into_router();
+        let server = Server::bind("cart", &config.server, router).await?;
+        Ok(Application { server, db })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains and closes the database.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        self.server.run_until(shutdown).await?;
+        self.db.close().await;
+        Ok(())
+    }
+}
+
+/// Runs the cart configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config).await?.run_until(shutdown).await
+}
