@@ -5,6 +5,7 @@
 //!   binary, re-executed as `shopmesh serve <service>`), waits until each is ready, restarts the
 //!   ones that crash, and stops them all on Ctrl-C or SIGTERM.
 //! - `serve` ([`serve`]): one service, configured from the environment; what a container runs.
+//! - `verify` ([`verify`]): reconciles stock, orders and payments across services.
 //! - `admin` ([`admin`]): operator tasks against a service's database (create an admin).
 //!
 //! Everything a command needs comes from the service crates; this crate only wires them up.
@@ -12,6 +13,7 @@
 mod admin;
 mod serve;
 mod up;
+mod verify;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +38,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run one service, configured from the environment (what a container runs).
     Serve(serve::ServeArgs),
+    /// Check that stock, orders and payments agree across services; non-zero exit if not.
+    Verify(verify::VerifyArgs),
     /// Operator tasks (run beside a running `shopmesh up`, from the same folder).
     Admin {
         #[command(subcommand)]
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Serve(args) => serve::run(args).await,
+            Command::Verify(args) => verify::run(args).await,
             Command::Admin { command } => admin::run(command).await,
         }
     });

@@ -593,6 +593,19 @@ async fn a_crash_between_charge_and_commit_ends_paid_with_one_charge_and_one_com
         (capture.amount, capture.status.as_str()),
         (8400, "captured")
     );
+    // The books balance across services.
+    let verify = Command::new(BIN)
+        .args(["verify"])
+        .current_dir(shop.dir.path())
+        .output()
+        .expect("verify");
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(report.contains("1 paid"), "{report}");
     // A retried payment now answers `paid` without charging again.
     let retry = client
         .post(shop.url(&format!("/api/v1/orders/{order_id}/pay")))

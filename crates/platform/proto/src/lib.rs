@@ -28,6 +28,14 @@ pub mod inventory {
     }
 }
 
+/// `shopmesh.orders.v1`: orders, for reconciliation.
+pub mod orders {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("shopmesh.orders.v1");
+    }
+}
+
 /// `shopmesh.payments.v1`: charges and refunds, idempotent by order id.
 pub mod payments {
     #[allow(clippy::all, missing_docs)]

@@ -310,6 +310,23 @@ impl Store {
             .collect())
     }
 
+    /// Orders whose hold expired more than `grace` ago and is still held (for reconciliation:
+    /// the sweeper should have released them).
+    pub async fn overdue_holds(&self, grace: std::time::Duration) -> Result<Vec<Uuid>, Error> {
+        let cutoff = OffsetDateTime::now_utc() - grace;
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT order_id FROM reservations WHERE state = 'held' AND expires_at <= $1 \
+             ORDER BY order_id",
+        )
+        .bind(micros(cutoff))
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id,)| Uuid::parse_str(&id).ok())
+            .collect())
+    }
+
     /// Releases an order's hold if it is still held and has run out (a commit may have won).
     pub async fn release_if_expired(&self, order_id: Uuid) -> Result<bool, Error> {
         let mut tx = self.db.begin_write().await?;

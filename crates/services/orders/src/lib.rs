@@ -9,7 +9,8 @@
 //!   `resume` for a step interrupted by a crash or a lost answer.
 //! - [`clients`]: gRPC to catalog, inventory and payments, each call under a deadline.
 //! - [`worker`]: expires unpaid orders and resumes interrupted steps in the background.
-//! - [`api`]: HTTP `/api/v1/orders` (create with `Idempotency-Key`, list, read, pay, cancel).
+//! - [`api`]: HTTP `/api/v1/orders` (create with `Idempotency-Key`, list, read, pay, cancel)
+//!   and gRPC `shopmesh.orders.v1.Orders/Audit` for reconciliation.
 
 pub mod api;
 pub mod clients;
@@ -84,6 +85,7 @@ impl Application {
         };
         let router = App::new("orders")
             .http(api::http::routes(state))
+            .grpc(api::grpc::OrdersGrpc::server(store.clone()))
             .readiness(ReadinessCheck::new("database", move || {
                 let db = db.clone();
                 async move { db.ping().await.map_err(|e| e.to_string()) }

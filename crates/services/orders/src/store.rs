@@ -346,6 +346,24 @@ impl Store {
         Ok(orders)
     }
 
+    /// Every placed order (rejected ones excluded), oldest first: for reconciliation.
+    pub async fn all_orders(&self) -> Result<Vec<Order>, Error> {
+        let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE status <> 'rejected' ORDER BY id"
+        ))
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut orders = Vec::with_capacity(rows.len());
+        for row in rows {
+            let order_id = Uuid::parse_str(&row.id).map_err(|_| corrupt("id"))?;
+            let lines = self.lines(order_id).await?;
+            orders.push(row.into_order(lines)?);
+        }
+        Ok(orders)
+    }
+
     /// Moves an order from `(status, step)` to `(status, step)`, only if it is still in the
     /// first; `false` if someone else moved it. Records the payment when given.
     pub async fn transition(

@@ -3,14 +3,14 @@
 use shopmesh_problem::Invalid;
 use shopmesh_proto::inventory::v1::inventory_server::{Inventory, InventoryServer};
 use shopmesh_proto::inventory::v1::{
-    CommitRequest, CommitResponse, GetStockRequest, GetStockResponse, ReleaseRequest,
-    ReleaseResponse, ReserveRequest, ReserveResponse, Stock,
+    AuditRequest, AuditResponse, CommitRequest, CommitResponse, GetStockRequest, GetStockResponse,
+    ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, Stock,
 };
 use time::format_description::well_known::Rfc3339;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::domain::{Lines, Ttl};
+use crate::domain::{Lines, StockLevel, Ttl};
 use crate::error::Error;
 use crate::store::Store;
 
@@ -30,6 +30,18 @@ impl InventoryGrpc {
 fn order_id(raw: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(raw)
         .map_err(|_| Invalid::new("order_id", "invalid_order_id", "must be a UUID").into())
+}
+
+fn to_message(l: StockLevel) -> Stock {
+    Stock {
+        product_id: l.product_id.hyphenated().to_string(),
+        available: l.available(),
+        reserved: l.reserved,
+        on_hand: l.on_hand,
+        sold: l.sold,
+        added: l.added,
+        removed: l.removed,
+    }
 }
 
 #[tonic::async_trait]
@@ -87,17 +99,23 @@ impl Inventory for InventoryGrpc {
         }
         let levels = self.store.stocks(&ids).await?;
         Ok(Response::new(GetStockResponse {
-            stock: levels
+            stock: levels.into_iter().map(to_message).collect(),
+        }))
+    }
+
+    async fn audit(
+        &self,
+        request: Request<AuditRequest>,
+    ) -> Result<Response<AuditResponse>, Status> {
+        let grace =
+            std::time::Duration::from_secs(request.get_ref().grace_seconds.max(0).unsigned_abs());
+        let stock = self.store.all_stock().await?;
+        let overdue = self.store.overdue_holds(grace).await?;
+        Ok(Response::new(AuditResponse {
+            stock: stock.into_iter().map(to_message).collect(),
+            overdue_holds: overdue
                 .into_iter()
-                .map(|l| Stock {
-                    product_id: l.product_id.hyphenated().to_string(),
-                    available: l.available(),
-                    reserved: l.reserved,
-                    on_hand: l.on_hand,
-                    sold: l.sold,
-                    added: l.added,
-                    removed: l.removed,
-                })
+                .map(|id| id.hyphenated().to_string())
                 .collect(),
         }))
     }

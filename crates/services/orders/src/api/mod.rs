@@ -1,3 +1,4 @@
-//! The service's surface: public HTTP (through the gateway).
+//! The service's surfaces: public HTTP (through the gateway) and internal gRPC (audit).
 
+pub mod grpc;
 pub mod http;
