@@ -93,6 +93,10 @@ struct LauncherSettings {
     port: u16,
     /// How long every service has to become ready.
     ready_timeout_secs: u64,
+    /// Run the services on PostgreSQL (or any URL) instead of SQLite files: `{service}` is
+    /// replaced by each service's name, e.g. `postgres://shop@db/shop_{service}`. Each
+    /// service needs its own database.
+    database_url_template: Option<String>,
 }
 
 impl Default for LauncherSettings {
@@ -100,6 +104,7 @@ impl Default for LauncherSettings {
         LauncherSettings {
             port: 8080,
             ready_timeout_secs: 60,
+            database_url_template: None,
         }
     }
 }
@@ -141,7 +146,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _lock = Lock::take(&data_dir)?;
 
     let gateway_addr = SocketAddr::new(args.host, args.port.unwrap_or(config.launcher.port));
-    let specs = plan(&data_dir, gateway_addr, !args.no_demo)?;
+    let specs = plan(
+        &data_dir,
+        gateway_addr,
+        !args.no_demo,
+        config.launcher.database_url_template.as_deref(),
+    )?;
     let exe = std::env::current_exe().context("cannot find the shopmesh binary")?;
     println!("shopmesh up: data in {}", data_dir.display());
 
@@ -211,7 +221,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Addresses and environments of every child.
-fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<Spec>> {
+fn plan(
+    data_dir: &Path,
+    gateway: SocketAddr,
+    demo: bool,
+    database_url_template: Option<&str>,
+) -> anyhow::Result<Vec<Spec>> {
+    if let Some(template) = database_url_template
+        && !template.contains("{service}")
+    {
+        anyhow::bail!(
+            "invalid configuration: launcher.database_url_template \
+             (SHOPMESH_LAUNCHER__DATABASE_URL_TEMPLATE) must contain {{service}}: every service \
+             needs its own database"
+        );
+    }
     // Fail now, clearly, rather than in a child's log.
     TcpListener::bind(gateway).map_err(|e| {
         anyhow::anyhow!(
@@ -241,6 +265,12 @@ fn plan(data_dir: &Path, gateway: SocketAddr, demo: bool) -> anyhow::Result<Vec<
     for service in BACKENDS {
         let addr = addrs[service.name()];
         let mut env = common(addr);
+        if let Some(template) = database_url_template {
+            env.push((
+                "SHOPMESH_DATABASE__URL".to_owned(),
+                template.replace("{service}", service.name()),
+            ));
+        }
         if *service != Service::Users {
             env.push(("SHOPMESH_AUTH__JWKS_URL".to_owned(), jwks.clone()));
         }

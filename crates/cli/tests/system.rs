@@ -428,7 +428,37 @@ fn help_explains_every_command() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_between_charge_and_commit_ends_paid_with_one_charge_and_one_commit() {
-    let shop = Shop::start_with(&[("SHOPMESH_ORDERS__FAILPOINT", "pause_after_charge")]);
+    crash_between_charge_and_commit(&[]).await;
+}
+
+mod postgres {
+    /// The same crash, every service on its own PostgreSQL database.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crash_between_charge_and_commit_ends_paid_with_one_charge_and_one_commit() {
+        let services = [
+            "users",
+            "catalog",
+            "inventory",
+            "payments",
+            "cart",
+            "orders",
+        ];
+        let Some((template, _dbs)) = shopmesh_db::testing::TestDb::postgres_family(&services).await
+        else {
+            return;
+        };
+        super::crash_between_charge_and_commit(&[(
+            "SHOPMESH_LAUNCHER__DATABASE_URL_TEMPLATE",
+            template.as_str(),
+        )])
+        .await;
+    }
+}
+
+async fn crash_between_charge_and_commit(env: &[(&str, &str)]) {
+    let mut env = env.to_vec();
+    env.push(("SHOPMESH_ORDERS__FAILPOINT", "pause_after_charge"));
+    let shop = Shop::start_with(&env);
     let client = reqwest::Client::new();
     let admin = Command::new(BIN)
         .args([
@@ -439,6 +469,7 @@ async fn a_crash_between_charge_and_commit_ends_paid_with_one_charge_and_one_com
             "--password",
             "an admin passphrase",
         ])
+        .envs(env.iter().copied())
         .current_dir(shop.dir.path())
         .output()
         .expect("create-admin");
@@ -596,6 +627,7 @@ async fn a_crash_between_charge_and_commit_ends_paid_with_one_charge_and_one_com
     // The books balance across services.
     let verify = Command::new(BIN)
         .args(["verify"])
+        .envs(env.iter().copied())
         .current_dir(shop.dir.path())
         .output()
         .expect("verify");

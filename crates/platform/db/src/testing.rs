@@ -49,6 +49,25 @@ impl TestDb {
     /// A new PostgreSQL database, or `None` (with a notice) when PostgreSQL is not configured and
     /// not reachable at the default address.
     pub async fn postgres() -> Option<TestDb> {
+        let name = format!("shopmesh_test_{}", uuid::Uuid::new_v4().simple());
+        TestDb::postgres_named(name).await
+    }
+
+    /// One new PostgreSQL database per service, named `<prefix>_<service>`, and the URL template
+    /// (`…/<prefix>_{service}`) that names them, for `SHOPMESH_LAUNCHER__DATABASE_URL_TEMPLATE`.
+    /// `None` under the same conditions as [`TestDb::postgres`].
+    pub async fn postgres_family(services: &[&str]) -> Option<(String, Vec<TestDb>)> {
+        let prefix = format!("shopmesh_test_{}", uuid::Uuid::new_v4().simple());
+        let mut dbs = Vec::with_capacity(services.len());
+        for service in services {
+            dbs.push(TestDb::postgres_named(format!("{prefix}_{service}")).await?);
+        }
+        let admin =
+            std::env::var(POSTGRES_URL_VAR).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+        Some((with_database(&admin, &format!("{prefix}_{{service}}")), dbs))
+    }
+
+    async fn postgres_named(name: String) -> Option<TestDb> {
         let configured = std::env::var(POSTGRES_URL_VAR).ok();
         let admin_url = configured
             .clone()
@@ -64,7 +83,6 @@ impl TestDb {
             }
             Err(e) => panic!("{POSTGRES_URL_VAR} is set but PostgreSQL is unreachable: {e}"),
         };
-        let name = format!("shopmesh_test_{}", uuid::Uuid::new_v4().simple());
         if let Err(e) = admin
             .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .await
