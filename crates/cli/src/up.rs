@@ -277,6 +277,11 @@ fn plan(
         match service {
             Service::Catalog => {
                 env.push(("SHOPMESH_CATALOG__SEED_DEMO".to_owned(), demo.to_string()));
+                let inventory = addrs.get("inventory").context("every backend is planned")?;
+                env.push((
+                    "SHOPMESH_CATALOG__INVENTORY_URL".to_owned(),
+                    format!("http://{inventory}"),
+                ));
             }
             Service::Inventory => {
                 env.push(("SHOPMESH_INVENTORY__SEED_DEMO".to_owned(), demo.to_string()));

@@ -69,20 +69,6 @@ impl Shop {
         let mut spawn = |stop: oneshot::Sender<()>| stops.push(stop);
 
         let db = database(backend).await?;
-        let catalog = shopmesh_catalog::Application::build(
-            shopmesh_catalog::Config::load(&sources(&db, &issuer, &[])).expect("catalog config"),
-        )
-        .await
-        .expect("catalog");
-        let catalog_addr = catalog.local_addr().expect("addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(catalog.run_until(async {
-            let _ = rx.await;
-        }));
-        spawn(tx);
-        dbs.push(db);
-
-        let db = database(backend).await?;
         let extra = [("SHOPMESH_INVENTORY__SWEEP_INTERVAL_MS", "100".to_owned())];
         let inventory = shopmesh_inventory::Application::build(
             shopmesh_inventory::Config::load(&sources(&db, &issuer, &extra))
@@ -93,6 +79,24 @@ impl Shop {
         let inventory_addr = inventory.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(inventory.run_until(async {
+            let _ = rx.await;
+        }));
+        spawn(tx);
+        dbs.push(db);
+
+        let db = database(backend).await?;
+        let extra = [(
+            "SHOPMESH_CATALOG__INVENTORY_URL",
+            format!("http://{inventory_addr}"),
+        )];
+        let catalog = shopmesh_catalog::Application::build(
+            shopmesh_catalog::Config::load(&sources(&db, &issuer, &extra)).expect("catalog config"),
+        )
+        .await
+        .expect("catalog");
+        let catalog_addr = catalog.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(catalog.run_until(async {
             let _ = rx.await;
         }));
         spawn(tx);

@@ -63,6 +63,19 @@ async fn a_customer_orders_and_pays_and_the_books_balance(backend: Backend) {
     assert_eq!(order["lines"][0]["line_total"], 2500);
     assert!(order["expires_at"].is_string());
     assert_eq!(shop.stock(&product).await, (3, 2), "reserved while unpaid");
+    let page: Value = shop
+        .send(
+            Method::GET,
+            &format!("/api/v1/products/{product}"),
+            None,
+            None,
+            None,
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["available"], 3, "the product page shows availability");
 
     let id = order["id"].as_str().expect("id");
     let paid = shop.pay(&customer, id, GOOD_CARD).await;

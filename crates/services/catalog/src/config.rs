@@ -26,12 +26,26 @@ pub struct Config {
 }
 
 /// `[catalog]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogSettings {
     /// Add the demo products (demo/catalog.json) that are missing, at start-up. `shopmesh up`
     /// turns it on unless given `--no-demo`.
     pub seed_demo: bool,
+    /// The inventory's gRPC address, for availability on product pages.
+    pub inventory_url: String,
+    /// Deadline of the availability call, in milliseconds; past it the page goes without.
+    pub availability_timeout_ms: u64,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        CatalogSettings {
+            seed_demo: false,
+            inventory_url: "http://127.0.0.1:8083".to_owned(),
+            availability_timeout_ms: 300,
+        }
+    }
 }
 
 impl Config {

@@ -9,6 +9,10 @@
 //!   orders and cart use to price lines (prices never come from clients).
 //! - [`seed`]: the demo catalog `shopmesh up` starts with.
 //!
+//! A product page (`GET /api/v1/products/{id}`) carries `available`, asked of the inventory
+//! under a short deadline; when the inventory does not answer in time the page is served
+//! without it rather than not at all.
+//!
 //! Deleting a product is soft: it disappears from lists and pages, but past orders still name
 //! it, and `GetProducts` reports it as not purchasable.
 
@@ -26,7 +30,9 @@ use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
+use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
 use shopmesh_runtime::{App, ReadinessCheck, Server};
+use tonic::transport::Channel;
 
 pub use config::Config;
 
@@ -38,6 +44,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct AppState {
     store: store::Store,
     verifier: Verifier,
+    inventory: InventoryClient<Channel>,
 }
 
 impl FromRef<AppState> for Verifier {
@@ -72,9 +79,14 @@ impl Application {
                 tracing::info!(added, "demo catalog seeded");
             }
         }
+        let inventory = InventoryClient::new(shopmesh_runtime::grpc::channel(
+            &config.catalog.inventory_url,
+            std::time::Duration::from_millis(config.catalog.availability_timeout_ms),
+        )?);
         let state = AppState {
             store: store.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
+            inventory,
         };
         let ready_db = db.clone();
         let router = App::new("catalog")

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use shopmesh_auth::AdminUser;
 use shopmesh_problem::extract::{Json, Path, Query};
+use shopmesh_proto::inventory::v1::GetStockRequest;
 use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -49,6 +50,9 @@ pub struct ProductView {
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     updated_at: OffsetDateTime,
+    /// Units that can be ordered now (product pages only; absent if the inventory is down).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    available: Option<i64>,
 }
 
 impl From<Product> for ProductView {
@@ -65,6 +69,7 @@ impl From<Product> for ProductView {
             active: p.draft.active,
             created_at: p.created_at,
             updated_at: p.updated_at,
+            available: None,
         }
     }
 }
@@ -263,7 +268,21 @@ async fn read(
     Path(id): Path<Uuid>,
 ) -> Result<Json<ProductView>, Error> {
     let product = state.store.get(id).await?.ok_or(Error::NotFound)?;
-    Ok(Json(product.into()))
+    let mut view = ProductView::from(product);
+    let asked = state
+        .inventory
+        .clone()
+        .get_stock(GetStockRequest {
+            product_ids: vec![id.hyphenated().to_string()],
+        })
+        .await;
+    match asked {
+        Ok(stock) => view.available = stock.into_inner().stock.first().map(|s| s.available),
+        Err(status) => {
+            tracing::debug!(product_id = %id, error = %status, "no availability for the product page");
+        }
+    }
+    Ok(Json(view))
 }
 
 async fn replace(
