@@ -86,6 +86,9 @@ pub enum Claim {
     Replay(StoredResponse),
     /// The first request is still running.
     InFlight,
+    /// The first request started long ago and never answered: its process died. The caller
+    /// settles it from the state of this order id.
+    Abandoned(Uuid),
     /// The key was used with another body.
     Mismatch,
 }
@@ -138,6 +141,10 @@ impl OrderRow {
     }
 }
 
+/// A key whose first request has not answered after this long belongs to a dead process (every
+/// downstream call has a deadline of a few seconds).
+const ABANDONED_AFTER: time::Duration = time::Duration::seconds(60);
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -178,24 +185,52 @@ impl Store {
             Err(e) if is_unique_violation(&e) => {}
             Err(e) => return Err(e.into()),
         }
-        let row: Option<(String, Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT request_hash, response_status, response_body FROM idempotency_keys \
-             WHERE user_id = $1 AND idem_key = $2",
+        type KeyRow = (String, Option<i64>, Option<String>, String, i64);
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT request_hash, response_status, response_body, order_id, created_at \
+             FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2",
         )
         .bind(id(user))
         .bind(key)
         .fetch_optional(self.db.pool())
         .await?;
+        let abandoned_before = micros(OffsetDateTime::now_utc() - ABANDONED_AFTER);
         Ok(match row {
             // Released between our insert and this read: the caller may simply retry.
             None => Claim::InFlight,
-            Some((stored_hash, _, _)) if stored_hash != hash => Claim::Mismatch,
-            Some((_, Some(status), Some(body))) => Claim::Replay(StoredResponse {
+            Some((stored_hash, ..)) if stored_hash != hash => Claim::Mismatch,
+            Some((_, Some(status), Some(body), _, _)) => Claim::Replay(StoredResponse {
                 status: u16::try_from(status).unwrap_or(500),
                 body,
             }),
+            Some((_, _, _, order_id, created_at)) if created_at < abandoned_before => {
+                Claim::Abandoned(Uuid::parse_str(&order_id).map_err(|_| corrupt("key order id"))?)
+            }
             Some(_) => Claim::InFlight,
         })
+    }
+
+    /// Takes over an abandoned key for a fresh attempt under a new order id; `None` if someone
+    /// else took it over first.
+    pub async fn retake_key(
+        &self,
+        user: Uuid,
+        key: &str,
+        abandoned: Uuid,
+    ) -> Result<Option<Uuid>, Error> {
+        let fresh = Uuid::now_v7();
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET order_id = $1, created_at = $2 \
+             WHERE user_id = $3 AND idem_key = $4 AND order_id = $5 AND response_status IS NULL",
+        )
+        .bind(id(fresh))
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(id(user))
+        .bind(key)
+        .bind(id(abandoned))
+        .execute(self.db.pool())
+        .await?;
+        Ok((done.rows_affected() > 0).then_some(fresh))
     }
 
     /// Stores the final answer for `(user, key)`.

@@ -174,6 +174,27 @@ async fn create(
         }
         Claim::InFlight => return Err(Error::InFlight),
         Claim::Mismatch => return Err(Error::KeyReused),
+        Claim::Abandoned(order_id) => match state.store.order(order_id).await? {
+            // The dead request placed its order: that is the answer, never a second order.
+            Some(order) if !matches!(order.status, Status::Pending | Status::Rejected) => {
+                let body = serde_json::to_string(&OrderView::from(order))
+                    .map_err(|e| Error::Internal(e.into()))?;
+                let answer = StoredResponse { status: 201, body };
+                state
+                    .store
+                    .finish_key(caller.id, key.as_str(), &answer)
+                    .await?;
+                return Ok(stored(StatusCode::CREATED, answer.body));
+            }
+            // Its reservation is being rolled back by the worker.
+            Some(order) if order.status == Status::Pending => return Err(Error::InFlight),
+            // It placed nothing (or was rejected): start afresh under a new order id.
+            _ => state
+                .store
+                .retake_key(caller.id, key.as_str(), order_id)
+                .await?
+                .ok_or(Error::InFlight)?,
+        },
     };
     let from_cart = explicit.is_none();
     let outcome = match explicit {
