@@ -328,6 +328,30 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
         .await
         .expect("json");
     assert_eq!(skillet["available"], 25);
+    // One OpenAPI document for the whole public API, complete when every service is up.
+    let doc: Value = client
+        .get(shop.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    for path in [
+        "/api/v1/register",
+        "/api/v1/login",
+        "/api/v1/products",
+        "/api/v1/orders",
+        "/api/v1/cart",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+    assert!(
+        !doc["info"]["description"]
+            .as_str()
+            .expect("description")
+            .contains("incomplete")
+    );
 
     // SIGTERM stops every process and exits cleanly.
     let children = [

@@ -6,6 +6,8 @@
 //! - [`proxy`]: forwarding: token check on protected routes, body cap (413), hop-by-hop headers
 //!   removed, `X-Forwarded-*` set, a deadline on every upstream call (504), 503/502 problems when
 //!   the upstream is down or breaks off, pooled keep-alive connections.
+//! - [`docs`]: the public API's OpenAPI document, merged from the services' own, at
+//!   `/api/v1/openapi.json`, and a readable page at `/api/v1/docs`.
 //! - [`Application`]: the routes on the shared runtime (request ids, metrics, `/healthz`,
 //!   `/readyz`), plus a background task that loads the users service's JWKS.
 //!
@@ -15,6 +17,7 @@
 //! their own ports.
 
 pub mod config;
+pub mod docs;
 pub mod proxy;
 
 use std::future::Future;
@@ -24,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::any;
+use axum::routing::{any, get};
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
 use shopmesh_runtime::{App, ReadinessCheck, Server};
@@ -84,6 +87,23 @@ impl Application {
                     .with_state(target),
             );
         }
+
+        let mut documented = std::collections::BTreeSet::new();
+        let mut sources = Vec::new();
+        for route in &config.gateway.routes {
+            if documented.insert(route.service.clone())
+                && let Some(url) = config.gateway.upstreams.get(&route.service)
+            {
+                sources.push((route.service.clone(), url.trim_end_matches('/').parse()?));
+            }
+        }
+        let docs = docs::Docs::new(sources, shared.client.clone());
+        routes = routes.merge(
+            Router::new()
+                .route("/api/v1/openapi.json", get(docs::openapi_json))
+                .route("/api/v1/docs", get(docs::page))
+                .with_state(docs),
+        );
 
         let keys_loaded = Arc::new(AtomicBool::new(false));
         let ready_flag = keys_loaded.clone();

@@ -270,7 +270,7 @@ impl std::fmt::Display for Problem {
 impl std::error::Error for Problem {}
 
 /// The serialised form of a [`Problem`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProblemBody {
     /// `urn:shopmesh:problem:<code>`.
     pub r#type: String,

@@ -58,6 +58,7 @@ pub struct App {
     service: &'static str,
     router: Router,
     checks: Vec<ReadinessCheck>,
+    openapi: Option<utoipa::openapi::OpenApi>,
 }
 
 impl App {
@@ -67,6 +68,7 @@ impl App {
             service,
             router: Router::new(),
             checks: Vec::new(),
+            openapi: None,
         }
     }
 
@@ -94,6 +96,13 @@ impl App {
         self
     }
 
+    /// Serves this OpenAPI document (of the routes added with it) at `/openapi.json`; the
+    /// gateway merges the services' documents into the public one.
+    pub fn openapi(mut self, doc: utoipa::openapi::OpenApi) -> Self {
+        self.openapi = Some(doc);
+        self
+    }
+
     /// Adds a readiness check run by `/readyz`.
     pub fn readiness(mut self, check: ReadinessCheck) -> Self {
         self.checks.push(check);
@@ -111,6 +120,19 @@ impl App {
             )
             .route("/readyz", get(move || readyz(checks.clone())))
             .route("/metrics", get(metrics_text));
+        let platform = match self.openapi {
+            Some(doc) => {
+                let doc = Arc::new(doc);
+                platform.route(
+                    "/openapi.json",
+                    get(move || {
+                        let doc = doc.clone();
+                        async move { axum::Json(doc.as_ref().clone()) }
+                    }),
+                )
+            }
+            None => platform,
+        };
 
         // Installs the recorder before the first request is counted.
         telemetry::prometheus();

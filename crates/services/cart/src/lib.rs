@@ -71,8 +71,10 @@ impl Application {
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
         };
         let ready_db = db.clone();
+        let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("cart")
-            .http(api::http::routes(state))
+            .http(public)
+            .openapi(openapi)
             .grpc(api::grpc::CartGrpc::server(store))
             .readiness(ReadinessCheck::new("database", move || {
                 let db = ready_db.clone();

@@ -89,8 +89,10 @@ impl Application {
             inventory,
         };
         let ready_db = db.clone();
+        let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("catalog")
-            .http(api::http::routes(state))
+            .http(public)
+            .openapi(openapi)
             .grpc(api::grpc::CatalogGrpc::server(store))
             .readiness(ReadinessCheck::new("database", move || {
                 let db = ready_db.clone();

@@ -78,8 +78,10 @@ impl Application {
             store: store.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
         };
+        let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("inventory")
-            .http(api::http::routes(state))
+            .http(public)
+            .openapi(openapi)
             .grpc(api::grpc::InventoryGrpc::server(store.clone()))
             .readiness(ReadinessCheck::new("database", move || {
                 let db = db.clone();

@@ -83,8 +83,10 @@ impl Application {
             saga: saga.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
         };
+        let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("orders")
-            .http(api::http::routes(state))
+            .http(public)
+            .openapi(openapi)
             .grpc(api::grpc::OrdersGrpc::server(store.clone()))
             .readiness(ReadinessCheck::new("database", move || {
                 let db = db.clone();

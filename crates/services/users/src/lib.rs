@@ -89,8 +89,11 @@ impl Application {
         };
         let db = store.db().clone();
         let ready_db = db.clone();
+        let (public, openapi) = api::http::routes(state.clone()).split_for_parts();
         let router = App::new("users")
-            .http(api::http::routes(state))
+            .http(public)
+            .http(api::http::internal_routes(state))
+            .openapi(openapi)
             .grpc(api::grpc::UsersGrpc::server(store))
             .readiness(ReadinessCheck::new("database", move || {
                 let db = ready_db.clone();

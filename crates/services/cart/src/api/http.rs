@@ -2,31 +2,34 @@
 
 use std::collections::HashMap;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 use shopmesh_auth::AuthUser;
+use shopmesh_problem::ProblemBody;
 use shopmesh_problem::extract::{Json, Path};
 use shopmesh_proto::catalog::v1::GetProductsRequest;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::domain::Quantity;
 use crate::error::Error;
 
-/// The cart's HTTP routes (all need a signed-in customer; each sees only their own cart).
-pub fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/cart", get(read).delete(clear))
-        .route("/api/v1/cart/items", post(add))
-        .route("/api/v1/cart/items/{product_id}", put(set).delete(remove))
+/// The cart's HTTP routes (all need a signed-in customer; each sees only their own cart), with
+/// their OpenAPI document.
+pub fn routes(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(read, clear))
+        .routes(routes!(add))
+        .routes(routes!(set, remove))
         .with_state(state)
 }
 
 /// A cart line, priced now.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct LineView {
     product_id: Uuid,
     quantity: i64,
@@ -39,7 +42,7 @@ struct LineView {
 }
 
 /// The cart, priced from the catalog at read time.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct CartView {
     items: Vec<LineView>,
     /// Sum of the purchasable lines; `null` if they are in several currencies.
@@ -100,17 +103,29 @@ async fn view(state: &AppState, user: Uuid) -> Result<CartView, Error> {
     })
 }
 
+/// The caller's cart, priced now.
+#[utoipa::path(get, path = "/api/v1/cart", tag = "cart", security(("bearer" = [])),
+    responses((status = 200, description = "The cart", body = CartView), (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json")))]
 async fn read(State(state): State<AppState>, caller: AuthUser) -> Result<Json<CartView>, Error> {
     Ok(Json(view(&state, caller.id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// A product to add, and how many.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddItem {
     product_id: Uuid,
     quantity: i64,
 }
 
+/// Adds units of a product to the caller's cart.
+#[utoipa::path(post, path = "/api/v1/cart/items", tag = "cart", security(("bearer" = [])), request_body = AddItem,
+    responses(
+        (status = 200, description = "The cart", body = CartView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Cart full", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Unavailable product or invalid quantity", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn add(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -137,12 +152,21 @@ async fn add(
     Ok(Json(view(&state, caller.id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// The new quantity.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetQuantity {
     quantity: i64,
 }
 
+/// Sets how many of a product the cart holds.
+#[utoipa::path(put, path = "/api/v1/cart/items/{product_id}", tag = "cart", security(("bearer" = [])), params(("product_id" = Uuid, Path, description = "The product's id")), request_body = SetQuantity,
+    responses(
+        (status = 200, description = "The cart", body = CartView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "Not in the cart", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid quantity", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn set(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -154,6 +178,9 @@ async fn set(
     Ok(Json(view(&state, caller.id).await?))
 }
 
+/// Takes a product out of the cart.
+#[utoipa::path(delete, path = "/api/v1/cart/items/{product_id}", tag = "cart", security(("bearer" = [])), params(("product_id" = Uuid, Path, description = "The product's id")),
+    responses((status = 200, description = "The cart", body = CartView), (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json")))]
 async fn remove(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -163,6 +190,9 @@ async fn remove(
     Ok(Json(view(&state, caller.id).await?))
 }
 
+/// Empties the cart.
+#[utoipa::path(delete, path = "/api/v1/cart", tag = "cart", security(("bearer" = [])),
+    responses((status = 204, description = "Emptied"), (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json")))]
 async fn clear(State(state): State<AppState>, caller: AuthUser) -> Result<StatusCode, Error> {
     state.store.clear(caller.id).await?;
     Ok(StatusCode::NO_CONTENT)

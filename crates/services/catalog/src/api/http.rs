@@ -1,18 +1,20 @@
 //! The public HTTP API: `/api/v1/products`.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use shopmesh_auth::AdminUser;
+use shopmesh_problem::ProblemBody;
 use shopmesh_problem::extract::{Json, Path, Query};
 use shopmesh_proto::inventory::v1::GetStockRequest;
 use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::AppState;
@@ -22,19 +24,16 @@ use crate::domain::{
 use crate::error::Error;
 use crate::store::{After, ListQuery};
 
-/// The catalog's HTTP routes.
-pub fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/products", get(list).post(create))
-        .route(
-            "/api/v1/products/{id}",
-            get(read).put(replace).patch(amend).delete(remove),
-        )
+/// The catalog's HTTP routes, with their OpenAPI document.
+pub fn routes(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(read, replace, amend, remove))
         .with_state(state)
 }
 
 /// A product as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProductView {
     id: Uuid,
     sku: String,
@@ -74,13 +73,19 @@ impl From<Product> for ProductView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
+    /// Words to find in the name or description (case-insensitive).
     q: Option<String>,
+    /// Only this category.
     category: Option<String>,
+    /// `name` (default), `-name`, `price` or `-price`.
     sort: Option<String>,
+    /// Page size, 1 to 100 (default 20).
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page (same sort).
     cursor: Option<String>,
 }
 
@@ -126,6 +131,13 @@ fn decode_cursor(raw: &str, sort: Sort) -> Result<After, Error> {
     }
 }
 
+/// Products on sale: search, filter, sort, page.
+#[utoipa::path(get, path = "/api/v1/products", tag = "catalog", params(ListParams),
+    responses(
+        (status = 200, description = "A page of products", body = Page<ProductView>),
+        (status = 400, description = "Bad limit, cursor or unknown parameter", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Bad sort or category", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn list(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
@@ -172,7 +184,7 @@ async fn list(
 }
 
 /// What an admin sends to create or replace a product. Everything but the id.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProductInput {
     sku: String,
@@ -202,7 +214,7 @@ impl ProductInput {
 }
 
 /// A partial change: only the fields present are changed.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProductPatch {
     sku: Option<String>,
@@ -245,6 +257,16 @@ impl ProductPatch {
     }
 }
 
+/// Creates a product (admins).
+#[utoipa::path(post, path = "/api/v1/products", tag = "catalog", security(("bearer" = [])), request_body = ProductInput,
+    responses(
+        (status = 201, description = "The product", body = ProductView),
+        (status = 400, description = "Malformed body or unknown field", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "SKU already used", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid value", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn create(
     State(state): State<AppState>,
     _admin: AdminUser,
@@ -263,6 +285,12 @@ async fn create(
         .into_response())
 }
 
+/// One product, with the units available now.
+#[utoipa::path(get, path = "/api/v1/products/{id}", tag = "catalog", params(("id" = Uuid, Path, description = "The product's id")),
+    responses(
+        (status = 200, description = "The product", body = ProductView),
+        (status = 404, description = "No such product", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn read(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -285,6 +313,15 @@ async fn read(
     Ok(Json(view))
 }
 
+/// Replaces a product (admins).
+#[utoipa::path(put, path = "/api/v1/products/{id}", tag = "catalog", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The product's id")), request_body = ProductInput,
+    responses(
+        (status = 200, description = "The product", body = ProductView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid value", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn replace(
     State(state): State<AppState>,
     _admin: AdminUser,
@@ -300,6 +337,15 @@ async fn replace(
     Ok(Json(product.into()))
 }
 
+/// Changes some fields of a product (admins).
+#[utoipa::path(patch, path = "/api/v1/products/{id}", tag = "catalog", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The product's id")), request_body = ProductPatch,
+    responses(
+        (status = 200, description = "The product", body = ProductView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid value", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn amend(
     State(state): State<AppState>,
     _admin: AdminUser,
@@ -316,6 +362,14 @@ async fn amend(
     Ok(Json(product.into()))
 }
 
+/// Deletes a product (admins); past orders keep naming it.
+#[utoipa::path(delete, path = "/api/v1/products/{id}", tag = "catalog", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The product's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such product", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn remove(
     State(state): State<AppState>,
     _admin: AdminUser,

@@ -1,18 +1,19 @@
 //! The public HTTP API: `/api/v1/orders`.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shopmesh_auth::AuthUser;
 use shopmesh_problem::extract::{Json, Path, Query};
-use shopmesh_problem::{Invalid, Problem};
+use shopmesh_problem::{Invalid, Problem, ProblemBody};
 use shopmesh_proto::payments::v1::Card;
 use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::AppState;
@@ -20,18 +21,18 @@ use crate::domain::{IdempotencyKey, Request, Status};
 use crate::error::Error;
 use crate::store::{Claim, Order, StoredResponse};
 
-/// The orders' HTTP routes.
-pub fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/orders", post(create).get(list))
-        .route("/api/v1/orders/{id}", get(read))
-        .route("/api/v1/orders/{id}/pay", post(pay))
-        .route("/api/v1/orders/{id}/cancel", post(cancel))
+/// The orders' HTTP routes, with their OpenAPI document.
+pub fn routes(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(read))
+        .routes(routes!(pay))
+        .routes(routes!(cancel))
         .with_state(state)
 }
 
 /// A line as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct LineView {
     product_id: Uuid,
     sku: String,
@@ -42,9 +43,11 @@ struct LineView {
 }
 
 /// An order as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct OrderView {
     id: Uuid,
+    /// `pending`, `awaiting_payment`, `paid`, `cancelled` or `expired`.
+    #[schema(value_type = String)]
     status: &'static str,
     lines: Vec<LineView>,
     total: i64,
@@ -88,14 +91,15 @@ impl From<Order> for OrderView {
 
 /// `{"items": [...]}` or `{"from_cart": true}`. Prices and totals are not accepted: they
 /// come from the catalog.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateOrder {
     items: Option<Vec<Item>>,
     from_cart: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One line: a product and how many.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Item {
     product_id: String,
@@ -124,6 +128,18 @@ fn stored(status: StatusCode, body: String) -> Response {
     response
 }
 
+/// Places an order from explicit lines or from the cart; prices come from the catalog, stock is
+/// reserved until the order is paid or expires.
+#[utoipa::path(post, path = "/api/v1/orders", tag = "orders", security(("bearer" = [])), request_body = CreateOrder,
+    params(("Idempotency-Key" = String, Header, description = "Unique per new order; a retry with the same key and body gets the same answer")),
+    responses(
+        (status = 201, description = "The order, awaiting payment", body = OrderView),
+        (status = 400, description = "No Idempotency-Key, malformed body, or a price or total sent", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Not enough stock, or the first request with this key is still running", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid line, unavailable product, empty cart, or key reused with another body", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "A service did not answer; retry with the same key", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn create(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -272,6 +288,13 @@ async fn visible(state: &AppState, caller: &AuthUser, id: Uuid) -> Result<Order,
     Ok(order)
 }
 
+/// One order (the caller's own; an admin's any).
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such order, or not yours", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn read(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -280,13 +303,22 @@ async fn read(
     Ok(Json(visible(&state, &caller, id).await?.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
+    /// Page size, 1 to 100 (default 20).
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<Uuid>,
 }
 
+/// The caller's orders, newest first (an admin's: everyone's).
+#[utoipa::path(get, path = "/api/v1/orders", tag = "orders", security(("bearer" = [])), params(ListParams),
+    responses(
+        (status = 200, description = "A page of orders", body = Page<OrderView>),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn list(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -301,13 +333,16 @@ async fn list(
 }
 
 // No `Debug` on these two: a card number must never be formatted into a log.
-#[derive(Deserialize)]
+/// The card to pay with.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PayRequest {
     card: CardInput,
 }
 
-#[derive(Deserialize)]
+/// Test cards: 4242 4242 4242 4242 succeeds, 4000 0000 0000 0002 is declined,
+/// 4000 0000 0000 9995 has insufficient funds.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CardInput {
     number: String,
@@ -316,6 +351,17 @@ struct CardInput {
     cvc: String,
 }
 
+/// Pays an order: charges the card, then commits the stock.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/pay", tag = "orders", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The order's id")), request_body = PayRequest,
+    responses(
+        (status = 200, description = "The paid order (also for an order already paid)", body = OrderView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 402, description = "Declined; the order stays payable", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such order, or not yours", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Expired, cancelled, or another action in progress", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid card details", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "A service did not answer; the outcome is settled in the background", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn pay(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -336,6 +382,14 @@ async fn pay(
     Ok(Json(state.saga.pay(order, card).await?.into()))
 }
 
+/// Cancels an order: its stock goes back and a payment is refunded.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/cancel", tag = "orders", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The cancelled order", body = OrderView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such order, or not yours", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Expired, or another action in progress", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn cancel(
     State(state): State<AppState>,
     caller: AuthUser,

@@ -4,36 +4,48 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use shopmesh_auth::{AdminUser, AuthUser, JwkSet};
+use shopmesh_problem::ProblemBody;
 use shopmesh_problem::extract::{Json, Path, Query};
 use shopmesh_runtime::paging::{self, Page};
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::domain::{Email, NewUser, Role, User};
 use crate::error::Error;
 
-/// The users service's HTTP routes.
-pub fn routes(state: AppState) -> Router {
+/// The users service's public HTTP routes, with their OpenAPI document.
+pub fn routes(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(me))
+        .routes(routes!(list_users))
+        .routes(routes!(get_user))
+        .with_state(state)
+}
+
+/// Internal routes (not in the public API): the JWKS.
+pub fn internal_routes(state: AppState) -> Router {
     Router::new()
-        .route("/api/v1/register", post(register))
-        .route("/api/v1/login", post(login))
-        .route("/api/v1/me", get(me))
-        .route("/api/v1/users", get(list_users))
-        .route("/api/v1/users/{id}", get(get_user))
         .route("/.well-known/jwks.json", get(jwks))
         .with_state(state)
 }
 
 /// A user as the API shows it. Never the password hash.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UserView {
     id: Uuid,
     email: String,
     name: String,
+    /// `customer` or `admin`.
+    #[schema(value_type = String, example = "customer")]
     role: Role,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
@@ -51,7 +63,8 @@ impl From<User> for UserView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A new account.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterRequest {
     email: String,
@@ -59,6 +72,14 @@ struct RegisterRequest {
     password: String,
 }
 
+/// Creates a customer account.
+#[utoipa::path(post, path = "/api/v1/register", tag = "users", request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "The account", body = UserView),
+        (status = 400, description = "Malformed body or unknown field (such as `role`)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "E-mail already registered", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid e-mail, name or weak password", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn register(
     State(state): State<AppState>,
     Json(body): Json<RegisterRequest>,
@@ -81,20 +102,28 @@ async fn register(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Credentials.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     email: String,
     password: String,
 }
 
-#[derive(Debug, Serialize)]
+/// A bearer access token.
+#[derive(Debug, Serialize, ToSchema)]
 struct TokenResponse {
     access_token: String,
     token_type: &'static str,
     expires_in: u64,
 }
 
+/// Exchanges credentials for an access token (EdDSA JWT, 15 minutes).
+#[utoipa::path(post, path = "/api/v1/login", tag = "users", request_body = LoginRequest,
+    responses(
+        (status = 200, description = "The token", body = TokenResponse),
+        (status = 401, description = "Wrong e-mail or password (the same answer for both)", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn login(
     State(state): State<AppState>,
     Json(body): Json<LoginRequest>,
@@ -133,11 +162,25 @@ async fn login(
         .into_response())
 }
 
+/// The caller's own account.
+#[utoipa::path(get, path = "/api/v1/me", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account", body = UserView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn me(State(state): State<AppState>, caller: AuthUser) -> Result<Json<UserView>, Error> {
     let user = state.store.user(caller.id).await?.ok_or(Error::NotFound)?;
     Ok(Json(user.into()))
 }
 
+/// One account: the caller's own, or any for an admin (another's is a 404).
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The account", body = UserView),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such account, or not yours", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn get_user(
     State(state): State<AppState>,
     caller: AuthUser,
@@ -151,13 +194,23 @@ async fn get_user(
     Ok(Json(user.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Page size, 1 to 100 (default 20).
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<Uuid>,
 }
 
+/// Every account, in creation order (admins only).
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", security(("bearer" = [])), params(ListQuery),
+    responses(
+        (status = 200, description = "A page of accounts", body = Page<UserView>),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 async fn list_users(
     State(state): State<AppState>,
     _admin: AdminUser,
