@@ -6,28 +6,7 @@ use serde_json::{Value, json};
 use shopmesh_e2e::{Backend, Shop};
 use shopmesh_testkit::assert_problem;
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    super::$test(shopmesh_e2e::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    super::$test(shopmesh_e2e::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_e2e::test_on_both_backends!(
     a_cart_is_priced_from_the_catalog_whenever_it_is_read,
     lines_can_be_changed_removed_and_the_cart_cleared,
     bad_cart_input_names_the_field_and_carts_are_private,

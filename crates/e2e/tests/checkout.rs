@@ -8,28 +8,7 @@ use shopmesh_proto::payments::v1::GetPaymentRequest;
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
 use shopmesh_testkit::assert_problem;
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    super::$test(shopmesh_e2e::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    super::$test(shopmesh_e2e::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_e2e::test_on_both_backends!(
     a_customer_orders_and_pays_and_the_books_balance,
     two_hundred_concurrent_checkouts_against_fifty_units_sell_exactly_fifty,
     the_same_order_request_replays_and_concurrent_copies_make_one_order,

@@ -103,6 +103,21 @@ impl Default for AuthSettings {
     }
 }
 
+impl AuthSettings {
+    /// The JWKS URL, which every service but users needs; the error names the setting.
+    pub fn require_jwks_url(&self) -> Result<String, MissingJwksUrl> {
+        self.jwks_url.clone().ok_or(MissingJwksUrl)
+    }
+}
+
+/// `auth.jwks_url` is not set.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "invalid configuration: auth.jwks_url (SHOPMESH_AUTH__JWKS_URL) must name the users \
+     service's JWKS, e.g. http://users:8080/.well-known/jwks.json"
+)]
+pub struct MissingJwksUrl;
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()

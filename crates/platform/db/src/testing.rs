@@ -15,6 +15,33 @@ use secrecy::{ExposeSecret, SecretString};
 // never taken from input, hence `AssertSqlSafe`.
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
+/// Declares each listed `async fn name(db: TestDb)` as two tests, `sqlite::name` and
+/// `postgres::name`, each with a fresh database. (CI's PostgreSQL coverage check counts the
+/// `postgres::` ones.)
+#[macro_export]
+macro_rules! test_on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::$test($crate::testing::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    if let Some(db) = $crate::testing::TestDb::postgres().await {
+                        super::$test(db).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// Environment variable naming the PostgreSQL server for tests (an admin database URL).
 pub const POSTGRES_URL_VAR: &str = "TEST_POSTGRES_URL";
 /// Environment variable naming a directory where each PostgreSQL test database leaves a marker.

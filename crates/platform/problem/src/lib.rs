@@ -63,6 +63,36 @@ impl From<Invalid> for Problem {
     }
 }
 
+/// Implements the HTTP and gRPC answers of a service's error type from its
+/// `From<$error> for Problem` (the one place each error is mapped): `IntoResponse` (problem+json)
+/// and `From<$error> for tonic::Status`. Also `From<sqlx::Error>` into `$error::Internal`, for
+/// services with a database (`with_database`).
+#[macro_export]
+macro_rules! problem_responses {
+    ($error:ty) => {
+        impl ::axum::response::IntoResponse for $error {
+            fn into_response(self) -> ::axum::response::Response {
+                ::axum::response::IntoResponse::into_response($crate::Problem::from(self))
+            }
+        }
+
+        impl ::core::convert::From<$error> for ::tonic::Status {
+            fn from(error: $error) -> Self {
+                $crate::Problem::from(error).into()
+            }
+        }
+    };
+    ($error:ident, with_database) => {
+        $crate::problem_responses!($error);
+
+        impl ::core::convert::From<::sqlx::Error> for $error {
+            fn from(e: ::sqlx::Error) -> Self {
+                $error::Internal(::anyhow::Error::new(e).context("database"))
+            }
+        }
+    };
+}
+
 /// The media type of a problem body.
 pub const CONTENT_TYPE: &str = "application/problem+json";
 

@@ -1,6 +1,5 @@
 //! The cart's errors, mapped once to HTTP problems and gRPC statuses.
 
-use axum::response::{IntoResponse, Response};
 use shopmesh_problem::{Invalid, Kind, Problem};
 
 /// Everything a cart operation can fail with.
@@ -30,12 +29,6 @@ pub enum Error {
     /// Anything unexpected; the cause is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e).context("database"))
-    }
 }
 
 impl From<Error> for Problem {
@@ -82,14 +75,4 @@ impl From<Error> for Problem {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        Problem::from(self).into_response()
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        Problem::from(error).into()
-    }
-}
+shopmesh_problem::problem_responses!(Error, with_database);

@@ -52,12 +52,7 @@ pub struct Application {
 impl Application {
     /// Connects, migrates and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let jwks_url = config.auth.jwks_url.clone().ok_or_else(|| {
-            anyhow::anyhow!(
-                "invalid configuration: auth.jwks_url (SHOPMESH_AUTH__JWKS_URL) must name the \
-                 users service's JWKS, e.g. http://users:8080/.well-known/jwks.json"
-            )
-        })?;
+        let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::connect(&config.database_url(), &config.database).await?;
         db.migrate(&MIGRATOR).await?;
         let store = store::Store::new(db.clone());

@@ -1,6 +1,5 @@
 //! The catalog's errors, mapped once to HTTP problems and once to gRPC statuses.
 
-use axum::response::{IntoResponse, Response};
 use shopmesh_problem::{Invalid, Kind, Problem};
 
 /// Everything a catalog operation can fail with.
@@ -26,12 +25,6 @@ pub enum Error {
     Internal(#[from] anyhow::Error),
 }
 
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e).context("database"))
-    }
-}
-
 impl From<Error> for Problem {
     fn from(error: Error) -> Self {
         match error {
@@ -54,14 +47,4 @@ impl From<Error> for Problem {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        Problem::from(self).into_response()
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        Problem::from(error).into()
-    }
-}
+shopmesh_problem::problem_responses!(Error, with_database);

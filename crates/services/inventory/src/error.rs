@@ -1,6 +1,5 @@
 //! The inventory's errors, mapped once to HTTP problems and once to gRPC statuses.
 
-use axum::response::{IntoResponse, Response};
 use shopmesh_problem::{Invalid, Kind, Problem};
 use uuid::Uuid;
 
@@ -38,12 +37,6 @@ pub enum Error {
     /// Anything unexpected; the cause is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e).context("database"))
-    }
 }
 
 impl From<Error> for Problem {
@@ -88,14 +81,4 @@ impl From<Error> for Problem {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        Problem::from(self).into_response()
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        Problem::from(error).into()
-    }
-}
+shopmesh_problem::problem_responses!(Error, with_database);

@@ -1,6 +1,5 @@
 //! The orders service's errors, mapped once to HTTP problems.
 
-use axum::response::{IntoResponse, Response};
 use shopmesh_problem::{Invalid, Kind, Problem};
 
 /// Everything an orders operation can fail with.
@@ -55,12 +54,6 @@ pub enum Error {
     /// Anything unexpected; the cause is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e).context("database"))
-    }
 }
 
 impl From<Error> for Problem {
@@ -135,8 +128,4 @@ impl From<Error> for Problem {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        Problem::from(self).into_response()
-    }
-}
+shopmesh_problem::problem_responses!(Error, with_database);

@@ -6,30 +6,7 @@ use shopmesh_db::testing::TestDb;
 use shopmesh_orders::store::{Claim, Store, StoredResponse};
 use uuid::Uuid;
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(shopmesh_db::testing::TestDb::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    if let Some(db) = shopmesh_db::testing::TestDb::postgres().await {
-                        super::$test(db).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_db::test_on_both_backends!(
     a_key_is_claimed_once_then_replays_its_answer,
     a_key_abandoned_by_a_dead_request_can_be_taken_over_once,
 );

@@ -24,12 +24,6 @@ pub enum Error {
     Internal(#[from] anyhow::Error),
 }
 
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e).context("database"))
-    }
-}
-
 impl From<Error> for Problem {
     fn from(error: Error) -> Self {
         match error {
@@ -58,8 +52,4 @@ impl From<Error> for Problem {
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        Problem::from(error).into()
-    }
-}
+shopmesh_problem::problem_responses!(Error, with_database);

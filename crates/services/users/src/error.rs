@@ -1,6 +1,5 @@
 //! The users service's errors, mapped once to HTTP problems and once to gRPC statuses.
 
-use axum::response::{IntoResponse, Response};
 use shopmesh_problem::{Kind, Problem};
 
 use crate::domain::Invalid;
@@ -26,12 +25,6 @@ pub enum Error {
     /// Anything unexpected; the cause is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e).context("database"))
-    }
 }
 
 impl From<Error> for Problem {
@@ -60,14 +53,4 @@ impl From<Error> for Problem {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        Problem::from(self).into_response()
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        Problem::from(error).into()
-    }
-}
+shopmesh_problem::problem_responses!(Error, with_database);

@@ -13,30 +13,7 @@ use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
 use shopmesh_testkit::{Issuer, assert_problem};
 use tokio::sync::oneshot;
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(shopmesh_db::testing::TestDb::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    if let Some(db) = shopmesh_db::testing::TestDb::postgres().await {
-                        super::$test(db).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_db::test_on_both_backends!(
     an_admin_creates_a_product_and_anyone_reads_it,
     only_admins_change_the_catalog,
     a_duplicate_sku_is_a_409,

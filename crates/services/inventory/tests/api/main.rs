@@ -18,30 +18,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    super::$test(shopmesh_db::testing::TestDb::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    if let Some(db) = shopmesh_db::testing::TestDb::postgres().await {
-                        super::$test(db).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_db::test_on_both_backends!(
     anyone_reads_stock_and_only_admins_change_it,
     removing_more_than_is_free_is_a_409_and_changes_nothing,
     a_reservation_is_all_or_nothing,

@@ -10,30 +10,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    super::$test(shopmesh_db::testing::TestDb::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    if let Some(db) = shopmesh_db::testing::TestDb::postgres().await {
-                        super::$test(db).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_db::test_on_both_backends!(
     a_good_card_is_captured_once_however_often_and_concurrently_it_is_charged,
     a_declined_card_is_a_402_and_the_order_stays_payable_with_another_card,
     each_test_decline_has_its_own_code,

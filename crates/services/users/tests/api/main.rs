@@ -12,31 +12,7 @@ use shopmesh_proto::users::v1::GetUserRequest;
 use shopmesh_proto::users::v1::users_client::UsersClient;
 use shopmesh_testkit::assert_problem;
 
-/// Declares each test function once per backend.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(shopmesh_db::testing::TestDb::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    if let Some(db) = shopmesh_db::testing::TestDb::postgres().await {
-                        super::$test(db).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+shopmesh_db::test_on_both_backends!(
     register_returns_201_with_the_user_and_never_the_password_hash,
     an_email_differing_only_in_case_is_a_duplicate_409,
     concurrent_registrations_of_one_email_create_exactly_one_account,
