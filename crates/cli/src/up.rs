@@ -469,7 +469,7 @@ fn spawn(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
 async fn relay(name: &'static str, stream: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        println!("{name:>8} | {line}");
+        println!("{name:>9} | {line}");
     }
 }
 
