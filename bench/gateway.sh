@@ -15,6 +15,9 @@ target_dir=${CARGO_TARGET_DIR:-target}
 
 cargo build --release --quiet -p shopmesh -p shopmesh-bench
 work=$(mktemp -d)
+# One client address sends everything: the per-address and per-user limits would measure
+# themselves, not the gateway.
+SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND=0 SHOPMESH_GATEWAY__RATE_LIMIT__PER_USER_PER_SECOND=0 \
 SHOPMESH_LOG__LEVEL=warn "$target_dir/release/shopmesh" up --port "$port" --data-dir "$work/data" \
     > "$work/up.log" 2>&1 &
 launcher=$!

@@ -189,8 +189,11 @@ impl Shop {
         spawn(tx);
         dbs.push(db);
 
+        // Every test request comes from 127.0.0.1: the per-address limit is for real clients
+        // (the gateway's own tests cover it).
         let gateway_sources = Sources::empty()
             .set("SHOPMESH_SERVER__PORT", "0")
+            .set("SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND", "0")
             .set("SHOPMESH_AUTH__JWKS_URL", issuer.jwks_url())
             .set(
                 "SHOPMESH_GATEWAY__UPSTREAMS__CATALOG",

@@ -8,6 +8,8 @@ use shopmesh_auth::AuthSettings;
 use shopmesh_config::{ConfigError, DataDir, Sources};
 use shopmesh_runtime::{LogSettings, ServerSettings};
 
+pub use crate::ratelimit::RateLimitSettings;
+
 /// Everything the gateway process reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -61,6 +63,8 @@ pub struct GatewaySettings {
     pub upstreams: BTreeMap<String, String>,
     /// The route table; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
+    /// `[gateway.rate_limit]`.
+    pub rate_limit: RateLimitSettings,
 }
 
 impl Default for GatewaySettings {
@@ -71,6 +75,7 @@ impl Default for GatewaySettings {
             connect_timeout_ms: 1_000,
             upstreams: default_upstreams(),
             routes: default_routes(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }

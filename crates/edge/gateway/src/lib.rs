@@ -6,6 +6,8 @@
 //! - [`proxy`]: forwarding: token check on protected routes, body cap (413), hop-by-hop headers
 //!   removed, `X-Forwarded-*` set, a deadline on every upstream call (504), 503/502 problems when
 //!   the upstream is down or breaks off, pooled keep-alive connections.
+//! - [`ratelimit`]: per client IP, per user, and stricter per IP and account on `/login`;
+//!   429 with `Retry-After` and `RateLimit` headers.
 //! - [`docs`]: the public API's OpenAPI document, merged from the services' own, at
 //!   `/api/v1/openapi.json`, and a readable page at `/api/v1/docs`.
 //! - [`Application`]: the routes on the shared runtime (request ids, metrics, `/healthz`,
@@ -19,6 +21,7 @@
 pub mod config;
 pub mod docs;
 pub mod proxy;
+pub mod ratelimit;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,6 +43,7 @@ pub struct Application {
     server: Server,
     verifier: Verifier,
     keys_loaded: Arc<AtomicBool>,
+    limits: Arc<ratelimit::RateLimits>,
 }
 
 impl Application {
@@ -58,7 +62,9 @@ impl Application {
             verifier: verifier.clone(),
             body_limit: config.gateway.body_limit_bytes,
             timeout: config.gateway.upstream_timeout(),
+            limits: Arc::new(ratelimit::RateLimits::new(&config.gateway.rate_limit)),
         });
+        let limits = shared.limits.clone();
 
         let mut routes = Router::new();
         for route in &config.gateway.routes {
@@ -125,6 +131,7 @@ impl Application {
             server,
             verifier,
             keys_loaded,
+            limits,
         })
     }
 
@@ -139,8 +146,17 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let loader = tokio::spawn(load_keys(self.verifier.clone(), self.keys_loaded.clone()));
+        let limits = self.limits.clone();
+        let sweeper = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                ticker.tick().await;
+                limits.sweep();
+            }
+        });
         let result = self.server.run_until(shutdown).await;
         loader.abort();
+        sweeper.abort();
         Ok(result?)
     }
 }

@@ -19,6 +19,7 @@ use shopmesh_auth::extract::AuthRejection;
 use shopmesh_problem::{Kind, Problem};
 
 use crate::config::AuthPolicy;
+use crate::ratelimit::RateLimits;
 
 /// The pooled HTTP/1.1 client the gateway forwards with.
 pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
@@ -56,6 +57,8 @@ pub struct Shared {
     pub body_limit: usize,
     /// Upstream deadline.
     pub timeout: Duration,
+    /// Rate limits.
+    pub limits: Arc<RateLimits>,
 }
 
 /// Headers that describe one connection, not the request, and must not be forwarded
@@ -104,17 +107,25 @@ async fn try_forward(
 ) -> Result<Response, Response> {
     let shared = &target.shared;
     let (mut parts, body) = request.into_parts();
+    shared
+        .limits
+        .check_ip(peer.ip())
+        .map_err(IntoResponse::into_response)?;
 
     if target.auth == AuthPolicy::Required {
         let value = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        shared
+        let claims = shared
             .verifier
             .verify_header(value)
             .await
             .map_err(|e| AuthRejection(e).into_response())?;
+        shared
+            .limits
+            .check_user(claims.sub)
+            .map_err(IntoResponse::into_response)?;
     }
 
     let too_large = || {
@@ -151,6 +162,10 @@ async fn try_forward(
             .into_response());
         }
     };
+    shared
+        .limits
+        .check_login(parts.uri.path(), peer.ip(), &body)
+        .map_err(IntoResponse::into_response)?;
 
     let path_and_query = parts
         .uri

@@ -370,3 +370,118 @@ async fn readyz_turns_ready_once_the_jwks_is_loaded() {
         .expect("text");
     assert!(metrics.contains("http_requests_total"), "{metrics}");
 }
+
+#[tokio::test]
+async fn three_times_the_login_limit_gets_exactly_the_limit_through_and_429s_with_headers() {
+    let up = upstream().await;
+    let gw = gateway(
+        &format!("http://{}", up.addr),
+        &[
+            (
+                "SHOPMESH_GATEWAY__RATE_LIMIT__LOGIN_PER_MINUTE_PER_ACCOUNT",
+                "5",
+            ),
+            (
+                "SHOPMESH_GATEWAY__RATE_LIMIT__LOGIN_PER_MINUTE_PER_IP",
+                "100",
+            ),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..15 {
+        let response = client
+            .post(format!("http://{gw}/api/v1/login"))
+            .json(&json!({"email": "Victim@Example.com", "password": "guess"}))
+            .send()
+            .await
+            .expect("send");
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 && refused.is_none() {
+            refused = Some(response);
+        }
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        5,
+        "refused attempts never reach the users service"
+    );
+    let refused = refused.expect("a refusal");
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("secs");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        refused.headers()["ratelimit-policy"],
+        "\"login-account\";q=5;w=60"
+    );
+    assert!(
+        refused.headers()["ratelimit"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("\"login-account\";r=0;t=")
+    );
+    problem(refused, 429, "rate_limited").await;
+    // Another account from the same address is not affected.
+    let other = client
+        .post(format!("http://{gw}/api/v1/login"))
+        .json(&json!({"email": "someone.else@example.com", "password": "guess"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(other.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_over_its_per_address_rate_is_refused_on_every_route() {
+    let up = upstream().await;
+    let gw = gateway(
+        &format!("http://{}", up.addr),
+        &[
+            ("SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND", "5"),
+            ("SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_BURST", "5"),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for _ in 0..15 {
+        match client
+            .post(format!("http://{gw}/api/v1/register"))
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+        {
+            200 => accepted += 1,
+            429 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // A burst of 5 plus what refilled at 5/s while the loop ran.
+    let refill = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        accepted >= 5 && accepted <= 5 + refill,
+        "accepted {accepted}, refill {refill}"
+    );
+    assert_eq!(accepted + refused, 15);
+    assert!(refused > 0);
+}
