@@ -62,6 +62,10 @@ fn id(uuid: Uuid) -> String {
     uuid.hyphenated().to_string()
 }
 
+/// How often a commit or release re-reads a reservation that changed under it before giving up
+/// (each retry means another writer finished a move; three in a row does not happen).
+const RACE_RETRIES: usize = 3;
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -239,59 +243,85 @@ impl Store {
 
     /// Turns an order's held stock into sold stock. Idempotent.
     pub async fn commit(&self, order_id: Uuid) -> Result<(), Error> {
-        let mut tx = self.db.begin_write().await?;
-        let (state, expires_at) = reservation_in(&mut tx, order_id)
-            .await?
-            .ok_or(Error::ReservationNotFound)?;
-        match state {
-            State::Committed => return Ok(()),
-            State::Released => return Err(Error::ReservationReleased),
-            State::Held => {}
+        for _ in 0..RACE_RETRIES {
+            let mut tx = self.db.begin_write().await?;
+            let (state, expires_at) = reservation_in(&mut tx, order_id)
+                .await?
+                .ok_or(Error::ReservationNotFound)?;
+            let now = micros(OffsetDateTime::now_utc());
+            match state {
+                State::Committed => return Ok(()),
+                State::Released => return Err(Error::ReservationReleased),
+                // Too late: give the stock back now rather than wait for the sweeper.
+                State::Held if expires_at <= now => {
+                    if finish_in(&mut tx, order_id, State::Held, now).await? {
+                        tx.commit().await?;
+                        return Err(Error::ReservationExpired);
+                    }
+                }
+                State::Held => {
+                    if transition(&mut tx, order_id, State::Held, State::Committed, now).await? {
+                        for (product_id, quantity) in lines_in(&mut tx, order_id).await? {
+                            sqlx::query(
+                                "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
+                                 sold = sold + $1, updated_at = $2 WHERE product_id = $3",
+                            )
+                            .bind(quantity)
+                            .bind(now)
+                            .bind(product_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        tx.commit().await?;
+                        return Ok(());
+                    }
+                }
+            }
+            // Someone else moved the reservation meanwhile: look again.
         }
-        let now = micros(OffsetDateTime::now_utc());
-        if expires_at <= now {
-            // Too late: give the stock back now rather than wait for the sweeper.
-            finish_in(&mut tx, order_id, State::Held, now).await?;
-            tx.commit().await?;
-            return Err(Error::ReservationExpired);
-        }
-        for (product_id, quantity) in lines_in(&mut tx, order_id).await? {
-            sqlx::query(
-                "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
-                 sold = sold + $1, updated_at = $2 WHERE product_id = $3",
-            )
-            .bind(quantity)
-            .bind(now)
-            .bind(product_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        set_state(&mut tx, order_id, State::Committed, now).await?;
-        tx.commit().await?;
-        Ok(())
+        Err(Error::Internal(anyhow::anyhow!(
+            "reservation {order_id} kept changing under a commit"
+        )))
     }
 
     /// Gives an order's stock back (held: freed; committed: restocked). Idempotent. An order
     /// never reserved is recorded as released, so a late `reserve` for it is refused.
     pub async fn release(&self, order_id: Uuid) -> Result<(), Error> {
-        let mut tx = self.db.begin_write().await?;
-        let now = micros(OffsetDateTime::now_utc());
-        match reservation_in(&mut tx, order_id).await? {
-            None => {
-                sqlx::query(
-                    "INSERT INTO reservations (order_id, state, expires_at, created_at, updated_at) \
-                     VALUES ($1, 'released', $2, $2, $2)",
-                )
-                .bind(id(order_id))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+        for _ in 0..RACE_RETRIES {
+            let mut tx = self.db.begin_write().await?;
+            let now = micros(OffsetDateTime::now_utc());
+            match reservation_in(&mut tx, order_id).await? {
+                None => {
+                    let tombstone = sqlx::query(
+                        "INSERT INTO reservations (order_id, state, expires_at, created_at, updated_at) \
+                         VALUES ($1, 'released', $2, $2, $2)",
+                    )
+                    .bind(id(order_id))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await;
+                    match tombstone {
+                        Ok(_) => {
+                            tx.commit().await?;
+                            return Ok(());
+                        }
+                        // A reservation for it appeared meanwhile: look again.
+                        Err(e) if is_unique_violation(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some((State::Released, _)) => return Ok(()),
+                Some((state, _)) => {
+                    if finish_in(&mut tx, order_id, state, now).await? {
+                        tx.commit().await?;
+                        return Ok(());
+                    }
+                }
             }
-            Some((State::Released, _)) => return Ok(()),
-            Some((state, _)) => finish_in(&mut tx, order_id, state, now).await?,
         }
-        tx.commit().await?;
-        Ok(())
+        Err(Error::Internal(anyhow::anyhow!(
+            "reservation {order_id} kept changing under a release"
+        )))
     }
 
     /// Orders whose hold ran out, oldest first.
@@ -332,8 +362,9 @@ impl Store {
         let mut tx = self.db.begin_write().await?;
         let now = micros(OffsetDateTime::now_utc());
         match reservation_in(&mut tx, order_id).await? {
-            Some((State::Held, expires_at)) if expires_at <= now => {
-                finish_in(&mut tx, order_id, State::Held, now).await?;
+            Some((State::Held, expires_at))
+                if expires_at <= now && finish_in(&mut tx, order_id, State::Held, now).await? =>
+            {
                 tx.commit().await?;
                 Ok(true)
             }
@@ -411,28 +442,37 @@ async fn lines_in(
     .await?)
 }
 
-async fn set_state(
+/// Moves a reservation from `from` to `to` if it is still in `from`; whether it did. This
+/// guarded update is what makes concurrent commits and releases safe: on PostgreSQL the row
+/// lock makes a second writer wait and then find the state changed (a plain SELECT of the state
+/// would let both go on and move the stock twice).
+async fn transition(
     tx: &mut Transaction<'static, Any>,
     order_id: Uuid,
-    state: State,
+    from: State,
+    to: State,
     now: i64,
-) -> Result<(), Error> {
-    sqlx::query("UPDATE reservations SET state = $1, updated_at = $2 WHERE order_id = $3")
-        .bind(state.as_str())
-        .bind(now)
-        .bind(id(order_id))
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "UPDATE reservations SET state = $1, updated_at = $2 WHERE order_id = $3 AND state = $4",
+    )
+    .bind(to.as_str())
+    .bind(now)
+    .bind(id(order_id))
+    .bind(from.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
-/// Gives back the stock of a held or committed reservation and marks it released.
+/// Marks a held or committed reservation released and gives its stock back; `false` (and
+/// nothing done) if it was no longer in `from`.
 async fn finish_in(
     tx: &mut Transaction<'static, Any>,
     order_id: Uuid,
     from: State,
     now: i64,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let sql = match from {
         State::Held => {
             "UPDATE stock SET reserved = reserved - $1, updated_at = $2 WHERE product_id = $3"
@@ -441,8 +481,11 @@ async fn finish_in(
             "UPDATE stock SET on_hand = on_hand + $1, sold = sold - $1, updated_at = $2 \
              WHERE product_id = $3"
         }
-        State::Released => return Ok(()),
+        State::Released => return Ok(false),
     };
+    if !transition(tx, order_id, from, State::Released, now).await? {
+        return Ok(false);
+    }
     for (product_id, quantity) in lines_in(tx, order_id).await? {
         sqlx::query(sql)
             .bind(quantity)
@@ -451,5 +494,5 @@ async fn finish_in(
             .execute(&mut **tx)
             .await?;
     }
-    set_state(tx, order_id, State::Released, now).await
+    Ok(true)
 }

@@ -29,6 +29,7 @@ shopmesh_db::test_on_both_backends!(
     an_expired_hold_is_released_by_the_sweeper,
     an_expired_hold_cannot_be_committed,
     bad_grpc_input_names_the_field,
+    concurrent_releases_and_commits_of_one_order_move_its_stock_once,
     the_demo_stock_is_seeded_once,
 );
 
@@ -541,5 +542,82 @@ async fn the_demo_stock_is_seeded_once(db: TestDb) {
         app.level(skillet).await.available,
         30,
         "a restart does not reset stock"
+    );
+}
+
+async fn concurrent_releases_and_commits_of_one_order_move_its_stock_once(db: TestDb) {
+    let app = start(db).await;
+    let product = Uuid::now_v7();
+    app.stock_up(product, 30).await;
+    let mut grpc = app.grpc.clone();
+    // Another order holds 10, so a double release could not hide behind `reserved >= 0`.
+    grpc.reserve(reserve_request(
+        Uuid::now_v7(),
+        vec![line(product, 10)],
+        600,
+    ))
+    .await
+    .expect("other");
+    let released = Uuid::now_v7();
+    grpc.reserve(reserve_request(released, vec![line(product, 3)], 600))
+        .await
+        .expect("reserve");
+    let racers = (0..20).map(|_| {
+        let mut grpc = app.grpc.clone();
+        tokio::spawn(async move {
+            grpc.release(ReleaseRequest {
+                order_id: released.to_string(),
+            })
+            .await
+            .map(|_| ())
+        })
+    });
+    for result in futures_util::future::join_all(racers).await {
+        result.expect("join").expect("every release succeeds");
+    }
+    let level = app.level(product).await;
+    assert_eq!(
+        (level.reserved, level.available),
+        (10, 20),
+        "released once: {level:?}"
+    );
+
+    // Commit racing release on another order: exactly one of them wins, the books balance.
+    let contested = Uuid::now_v7();
+    grpc.reserve(reserve_request(contested, vec![line(product, 4)], 600))
+        .await
+        .expect("reserve");
+    let racers = (0..20).map(|i| {
+        let mut grpc = app.grpc.clone();
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                grpc.commit(CommitRequest {
+                    order_id: contested.to_string(),
+                })
+                .await
+                .map(|_| ())
+            } else {
+                grpc.release(ReleaseRequest {
+                    order_id: contested.to_string(),
+                })
+                .await
+                .map(|_| ())
+            }
+        })
+    });
+    let results = futures_util::future::join_all(racers).await;
+    for result in &results {
+        if let Ok(Err(status)) = result {
+            assert_eq!(problem_code(status), "reservation_released", "{status:?}");
+        }
+    }
+    let level = app.level(product).await;
+    assert_eq!(
+        level.reserved, 10,
+        "the contested hold is gone either way: {level:?}"
+    );
+    assert!(
+        level.sold == 0 || level.sold == 4,
+        "sold once or restocked: {level:?}"
     );
 }
