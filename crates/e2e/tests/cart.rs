@@ -52,6 +52,30 @@ async fn a_cart_is_priced_from_the_catalog_whenever_it_is_read(backend: Backend)
         "adding again adds units"
     );
     assert_eq!(cart(&shop, &customer).await["total"], 6600);
+    // Concurrent first adds of one product add up, without colliding.
+    let cup = shop.product("CUP", 100, 10).await;
+    let adds = (0..10).map(|_| add(&shop, &customer, &cup, 1));
+    for response in futures_util::future::join_all(adds).await {
+        assert_eq!(response.status(), 200);
+    }
+    let with_cups = cart(&shop, &customer).await;
+    assert_eq!(with_cups["total"], 6600 + 10 * 100, "{with_cups}");
+    let over = add(&shop, &customer, &cup, 991).await;
+    assert_eq!(
+        over.status(),
+        422,
+        "10 + 991 units is over the 1000 a line may hold"
+    );
+    let removed = shop
+        .send(
+            Method::DELETE,
+            &format!("/api/v1/cart/items/{cup}"),
+            Some(&customer),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(removed.status(), 200);
     // The admin changes a price: the cart shows the new one at once.
     let repriced = shop
         .send(

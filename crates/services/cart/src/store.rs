@@ -50,49 +50,35 @@ impl Store {
             .collect()
     }
 
-    /// Adds units of a product (to a line already there, or as a new line).
+    /// Adds units of a product (to a line already there, or as a new line). One upsert, with
+    /// the per-line cap in its condition, so concurrent adds neither collide nor exceed it.
     pub async fn add(&self, user: Uuid, product: Uuid, quantity: Quantity) -> Result<(), Error> {
         let mut tx = self.db.begin_write().await?;
-        let existing: Option<(i64,)> = sqlx::query_as(
-            "SELECT quantity FROM cart_lines WHERE user_id = $1 AND product_id = $2",
+        let (lines,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM cart_lines WHERE user_id = $1 AND product_id <> $2",
         )
         .bind(id(user))
         .bind(id(product))
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        match existing {
-            Some((current,)) => {
-                if current + quantity.get() > MAX_QUANTITY {
-                    return Err(Error::TooMany);
-                }
-                sqlx::query(
-                    "UPDATE cart_lines SET quantity = quantity + $1 WHERE user_id = $2 AND product_id = $3",
-                )
-                .bind(quantity.get())
-                .bind(id(user))
-                .bind(id(product))
-                .execute(&mut *tx)
-                .await?;
-            }
-            None => {
-                let (count,): (i64,) =
-                    sqlx::query_as("SELECT COUNT(*) FROM cart_lines WHERE user_id = $1")
-                        .bind(id(user))
-                        .fetch_one(&mut *tx)
-                        .await?;
-                if count >= MAX_LINES {
-                    return Err(Error::CartFull);
-                }
-                sqlx::query(
-                    "INSERT INTO cart_lines (user_id, product_id, quantity, added_at) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(id(user))
-                .bind(id(product))
-                .bind(quantity.get())
-                .bind(now())
-                .execute(&mut *tx)
-                .await?;
-            }
+        if lines >= MAX_LINES {
+            return Err(Error::CartFull);
+        }
+        let done = sqlx::query(
+            "INSERT INTO cart_lines (user_id, product_id, quantity, added_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (user_id, product_id) DO UPDATE \
+             SET quantity = cart_lines.quantity + excluded.quantity \
+             WHERE cart_lines.quantity + excluded.quantity <= $5",
+        )
+        .bind(id(user))
+        .bind(id(product))
+        .bind(quantity.get())
+        .bind(now())
+        .bind(MAX_QUANTITY)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::TooMany);
         }
         tx.commit().await?;
         Ok(())
