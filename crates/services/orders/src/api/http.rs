@@ -235,8 +235,16 @@ async fn create(
         Err(error) => {
             let problem = Problem::from(error);
             if problem.status().is_server_error() {
-                // Worth retrying with the same key: forget it (the order, if any, is rolled back).
-                state.store.release_key(caller.id, key.as_str()).await?;
+                // Worth retrying with the same key: forget it, unless an order was placed after
+                // all (the failure came later). Then the key stays, and a retry once it counts
+                // as abandoned answers with that order: never a second one.
+                let placed = matches!(
+                    state.store.order(order_id).await,
+                    Ok(Some(order)) if !matches!(order.status, Status::Pending | Status::Rejected)
+                );
+                if !placed {
+                    state.store.release_key(caller.id, key.as_str()).await?;
+                }
                 return Ok(problem.into_response());
             }
             (
