@@ -17,7 +17,9 @@
 #[cfg(feature = "testing")]
 pub mod testing;
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -146,6 +148,30 @@ impl Db {
             .await
             .map_err(|source| DbError::Connect { backend, source })?;
         Ok(Db { pool, backend })
+    }
+
+    /// Connects and applies the service's migrations: what every service does at start-up.
+    pub async fn open(
+        url: &SecretString,
+        settings: &DatabaseSettings,
+        migrator: &Migrator,
+    ) -> Result<Db, DbError> {
+        let db = Db::connect(url, settings).await?;
+        db.migrate(migrator).await?;
+        Ok(db)
+    }
+
+    /// A `/readyz` probe of this database (a trivial query; its error as text), for
+    /// `shopmesh_runtime::ReadinessCheck::new("database", db.probe())`.
+    pub fn probe(
+        &self,
+    ) -> impl Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync + 'static
+    {
+        let db = self.clone();
+        move || {
+            let db = db.clone();
+            Box::pin(async move { db.ping().await.map_err(|e| e.to_string()) })
+        }
     }
 
     /// Applies the service's migrations (idempotent; concurrent replicas serialise on a lock).

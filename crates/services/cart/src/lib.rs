@@ -53,8 +53,7 @@ impl Application {
     /// Connects, migrates and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
-        let db = Db::connect(&config.database_url(), &config.database).await?;
-        db.migrate(&MIGRATOR).await?;
+        let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
         let catalog = CatalogClient::new(shopmesh_runtime::grpc::channel(
             &config.cart.catalog_url,
@@ -65,16 +64,12 @@ impl Application {
             catalog,
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
         };
-        let ready_db = db.clone();
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("cart")
             .http(public)
             .openapi(openapi)
             .grpc(api::grpc::CartGrpc::server(store))
-            .readiness(ReadinessCheck::new("database", move || {
-                let db = ready_db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            }))
+            .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("cart", &config.server, router).await?;
         Ok(Application { server, db })

@@ -63,8 +63,7 @@ impl Application {
     /// Connects, migrates, seeds the demo catalog if asked, and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
-        let db = Db::connect(&config.database_url(), &config.database).await?;
-        db.migrate(&MIGRATOR).await?;
+        let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
         if config.catalog.seed_demo {
             let added = seed::seed(&store)
@@ -83,16 +82,12 @@ impl Application {
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
             inventory,
         };
-        let ready_db = db.clone();
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("catalog")
             .http(public)
             .openapi(openapi)
             .grpc(api::grpc::CatalogGrpc::server(store))
-            .readiness(ReadinessCheck::new("database", move || {
-                let db = ready_db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            }))
+            .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("catalog", &config.server, router).await?;
         Ok(Application { server, db })

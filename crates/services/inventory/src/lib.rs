@@ -58,8 +58,7 @@ impl Application {
     /// Connects, migrates, seeds the demo stock if asked, and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
-        let db = Db::connect(&config.database_url(), &config.database).await?;
-        db.migrate(&MIGRATOR).await?;
+        let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
         if config.inventory.seed_demo {
             let added = seed::seed(&store)
@@ -78,10 +77,7 @@ impl Application {
             .http(public)
             .openapi(openapi)
             .grpc(api::grpc::InventoryGrpc::server(store.clone()))
-            .readiness(ReadinessCheck::new("database", move || {
-                let db = db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            }))
+            .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("inventory", &config.server, router).await?;
         Ok(Application {

@@ -62,8 +62,7 @@ impl Application {
     /// Connects, migrates, prepares the clients and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
-        let db = shopmesh_db::Db::connect(&config.database_url(), &config.database).await?;
-        db.migrate(&MIGRATOR).await?;
+        let db = shopmesh_db::Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
         let clients = clients::Clients::new(&config.orders)?;
         let failpoint = config.orders.failpoint.clone().map(|name| saga::Failpoint {
@@ -83,10 +82,7 @@ impl Application {
             .http(public)
             .openapi(openapi)
             .grpc(api::grpc::OrdersGrpc::server(store.clone()))
-            .readiness(ReadinessCheck::new("database", move || {
-                let db = db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            }))
+            .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("orders", &config.server, router).await?;
         Ok(Application {

@@ -39,16 +39,11 @@ pub struct Application {
 impl Application {
     /// Connects, migrates and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let db = Db::connect(&config.database_url(), &config.database).await?;
-        db.migrate(&MIGRATOR).await?;
+        let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
-        let ready_db = db.clone();
         let router = App::new("payments")
             .grpc(api::PaymentsGrpc::server(store))
-            .readiness(ReadinessCheck::new("database", move || {
-                let db = ready_db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            }))
+            .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("payments", &config.server, router).await?;
         Ok(Application { server, db })

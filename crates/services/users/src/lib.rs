@@ -63,8 +63,7 @@ pub struct Application {
 
 /// Connects to the users database and applies the migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
-    let db = Db::connect(&config.database_url(), &config.database).await?;
-    db.migrate(&MIGRATOR).await?;
+    let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
     Ok(store::Store::new(db))
 }
 
@@ -88,17 +87,13 @@ impl Application {
             jwks: Arc::new(keys.jwks),
         };
         let db = store.db().clone();
-        let ready_db = db.clone();
         let (public, openapi) = api::http::routes(state.clone()).split_for_parts();
         let router = App::new("users")
             .http(public)
             .http(api::http::internal_routes(state))
             .openapi(openapi)
             .grpc(api::grpc::UsersGrpc::server(store))
-            .readiness(ReadinessCheck::new("database", move || {
-                let db = ready_db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            }))
+            .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("users", &config.server, router).await?;
         Ok(Application { server, db })
