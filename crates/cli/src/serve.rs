@@ -1,7 +1,11 @@
 //! `shopmesh serve <service>`: one service process.
 
 use clap::{Args, ValueEnum};
+use serde::Deserialize;
 use shopmesh_config::Sources;
+use shopmesh_mesh::MeshSettings;
+use shopmesh_mesh::register::Registration;
+use shopmesh_runtime::ServerSettings;
 use tokio::io::AsyncReadExt;
 
 /// The services this binary can run.
@@ -51,8 +55,39 @@ pub struct ServeArgs {
     exit_with_parent: bool,
 }
 
+/// The sections `serve` itself reads (each service checks its whole configuration).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Common {
+    server: ServerSettings,
+    mesh: MeshSettings,
+}
+
+/// The URL others reach this instance at: `mesh.advertise_url`, or the address it binds.
+fn advertise_url(common: &Common) -> anyhow::Result<String> {
+    if let Some(url) = &common.mesh.advertise_url {
+        return Ok(url.clone());
+    }
+    if common.server.host.is_unspecified() {
+        anyhow::bail!(
+            "invalid configuration: mesh.advertise_url (SHOPMESH_MESH__ADVERTISE_URL) is needed \
+             to register in etcd when server.host is {} (others cannot reach that address)",
+            common.server.host
+        );
+    }
+    Ok(format!("http://{}", common.server.addr()))
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let sources = Sources::from_process();
+    let common: Common = sources.load(Some(args.service.name()))?;
+    // In a fleet discovered through etcd, the instance announces itself under a lease: if it
+    // dies, the lease runs out and clients drop it; if it stops, it withdraws at once.
+    let registration = match common.mesh.etcd_url {
+        Some(_) => Registration::start(&common.mesh, args.service.name(), &advertise_url(&common)?)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
+        None => None,
+    };
     let exit_with_parent = args.exit_with_parent;
     let shutdown = async move {
         if exit_with_parent {
@@ -64,7 +99,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             shopmesh_runtime::shutdown_signal().await;
         }
     };
-    match args.service {
+    let result = match args.service {
         Service::Users => shopmesh_users::run(sources, shutdown).await,
         Service::Catalog => shopmesh_catalog::run(sources, shutdown).await,
         Service::Inventory => shopmesh_inventory::run(sources, shutdown).await,
@@ -72,7 +107,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Orders => shopmesh_orders::run(sources, shutdown).await,
         Service::Cart => shopmesh_cart::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
+    };
+    if let Some(registration) = registration {
+        registration.stop().await;
     }
+    result
 }
 
 async fn stdin_closed() {

@@ -3,8 +3,13 @@
 //! The launcher re-executes its own binary as `shopmesh serve <service>` for each service, with
 //! the port, data directory and upstream addresses in the child's environment. It
 //!
-//! - picks a free loopback port per service (the gateway gets `--port`, default 8080) and keeps
-//!   it across restarts, so the gateway's upstream addresses stay true;
+//! - runs `--replicas` instances of a service if asked (`--replicas inventory=3,catalog=2`, or
+//!   `launcher.replicas.<service>`), the first before the others (it migrates the database);
+//! - picks a free loopback port per instance (the gateway gets `--port`, default 8080); an
+//!   instance that restarts gets a new one;
+//! - keeps `<data-dir>/registry.json` true: the ready instances of every service, which every
+//!   process's mesh re-reads (`registry:<service>` upstreams), so instances that come, go or
+//!   move are found;
 //! - prefixes each child's output with its name;
 //! - waits until every child answers `/readyz`, then prints the table and `ready: <url>`;
 //! - restarts a child that dies, after a back-off (0.5 s doubling to 10 s, reset after 30 s of
@@ -14,7 +19,8 @@
 //!   reaches only the launcher, which stops them in order) and stop by themselves if the
 //!   launcher vanishes, because their stdin is a pipe from it.
 //!
-//! `<data-dir>/up.json` says which process listens where, while `up` runs.
+//! `<data-dir>/up.json` says which process listens where, while `up` runs. Services fetch the
+//! token keys through the gateway (`/.well-known/jwks.json`), whichever users instance serves.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
@@ -29,6 +35,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shopmesh_config::{DataDir, Sources};
+use shopmesh_mesh::{Registry, RegistryEntry};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
@@ -75,6 +82,10 @@ pub struct UpArgs {
     /// Start with an empty catalog instead of the demo products and their stock.
     #[arg(long)]
     no_demo: bool,
+    /// Instances per service, e.g. `inventory=3,catalog=2` [default: 1 each, or
+    /// SHOPMESH_LAUNCHER__REPLICAS__<SERVICE>].
+    #[arg(long, value_delimiter = ',', value_name = "SERVICE=N")]
+    replicas: Vec<String>,
 }
 
 /// What the launcher itself reads from configuration. Other sections are the children's, who
@@ -97,6 +108,8 @@ struct LauncherSettings {
     /// replaced by each service's name, e.g. `postgres://shop@db/shop_{service}`. Each
     /// service needs its own database.
     database_url_template: Option<String>,
+    /// Instances per service, e.g. `replicas.inventory = 3`.
+    replicas: BTreeMap<String, u32>,
 }
 
 impl Default for LauncherSettings {
@@ -105,38 +118,96 @@ impl Default for LauncherSettings {
             port: 8080,
             ready_timeout_secs: 60,
             database_url_template: None,
+            replicas: BTreeMap::new(),
         }
     }
+}
+
+/// Most instances of one service `up` runs.
+const MAX_REPLICAS: u32 = 16;
+
+/// Instances per service: the configured ones, overridden by `--replicas`.
+fn replicas(
+    configured: &BTreeMap<String, u32>,
+    args: &[String],
+) -> anyhow::Result<BTreeMap<&'static str, u32>> {
+    let mut counts: BTreeMap<&'static str, u32> = BACKENDS.iter().map(|s| (s.name(), 1)).collect();
+    let mut set = |name: &str, n: u32, origin: &str| -> anyhow::Result<()> {
+        let Some(service) = BACKENDS.iter().find(|s| s.name() == name) else {
+            anyhow::bail!(
+                "{origin}: {name:?} is not a service that can have replicas (one of: {})",
+                BACKENDS
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        if !(1..=MAX_REPLICAS).contains(&n) {
+            anyhow::bail!("{origin}: {name} = {n}: expected 1 to {MAX_REPLICAS} instances");
+        }
+        counts.insert(service.name(), n);
+        Ok(())
+    };
+    for (name, n) in configured {
+        set(name, *n, &format!("launcher.replicas.{name}"))?;
+    }
+    for item in args {
+        let (name, n) = item
+            .split_once('=')
+            .and_then(|(name, n)| Some((name.trim(), n.trim().parse::<u32>().ok()?)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--replicas {item:?}: expected SERVICE=N, e.g. inventory=3")
+            })?;
+        set(name, n, "--replicas")?;
+    }
+    Ok(counts)
 }
 
 /// One line of `up.json`.
 #[derive(Debug, Clone, Serialize)]
 struct ProcessInfo {
+    service: &'static str,
     pid: u32,
     addr: SocketAddr,
     restarts: u32,
 }
 
+/// Instances by name (`inventory`, `inventory-2`, ...).
+type Table = BTreeMap<String, ProcessInfo>;
+
 #[derive(Debug, Serialize)]
 struct UpState<'a> {
     launcher_pid: u32,
     gateway: String,
-    processes: &'a BTreeMap<&'static str, ProcessInfo>,
+    processes: &'a Table,
 }
 
 enum Event {
-    Ready(&'static str),
-    Failed(&'static str, String),
+    /// An instance answers `/readyz` at this address.
+    Ready(String, &'static str, SocketAddr),
+    /// An instance exited (it will be restarted).
+    Down(String),
+    Failed(String, String),
 }
 
 struct Spec {
     service: Service,
+    /// `inventory` for the first instance, `inventory-2` for the next...
+    instance: String,
     addr: SocketAddr,
+    /// The gateway keeps its port (it is the shop's address); services move on restart.
+    fixed_port: bool,
     env: Vec<(String, String)>,
+    /// Set once the first instance of the service is ready (it migrates the database).
+    first_ready: Option<watch::Sender<bool>>,
+    /// Started after the first instance is ready.
+    after: Option<watch::Receiver<bool>>,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let config: LauncherConfig = Sources::from_process().load(Some("launcher"))?;
+    let replicas = replicas(&config.launcher.replicas, &args.replicas)?;
     let data_dir = args.data_dir.unwrap_or(config.data_dir.0);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
@@ -146,18 +217,32 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _lock = Lock::take(&data_dir)?;
 
     let gateway_addr = SocketAddr::new(args.host, args.port.unwrap_or(config.launcher.port));
-    let specs = plan(
+    let registry_file = data_dir.join("registry.json");
+    // Instances of an earlier run are gone: nobody may find them.
+    Registry::default()
+        .write(&registry_file)
+        .with_context(|| format!("cannot write {}", registry_file.display()))?;
+    let mut specs = plan(
         &data_dir,
         gateway_addr,
         !args.no_demo,
         config.launcher.database_url_template.as_deref(),
+        &replicas,
     )?;
+    // The door opens last: the gateway starts once every service has a ready instance.
+    let (backends_ready, gate) = watch::channel(false);
+    for spec in &mut specs {
+        if spec.service == Service::Gateway {
+            spec.after = Some(gate.clone());
+        }
+    }
     let exe = std::env::current_exe().context("cannot find the shopmesh binary")?;
     println!("shopmesh up: data in {}", data_dir.display());
 
-    let table: Arc<Mutex<BTreeMap<&'static str, ProcessInfo>>> = Arc::default();
+    let table: Arc<Mutex<Table>> = Arc::default();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (events_tx, mut events) = mpsc::channel(16);
+    let (events_tx, mut events) = mpsc::channel(64);
+    let mut waiting: Vec<String> = specs.iter().map(|s| s.instance.clone()).collect();
     let mut supervisors = Vec::new();
     for spec in specs {
         supervisors.push(tokio::spawn(supervise(
@@ -172,16 +257,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let gateway_url = format!("http://{gateway_addr}");
     let state_file = data_dir.join("up.json");
+    let mut registry: BTreeMap<String, (&'static str, SocketAddr)> = BTreeMap::new();
+    let publish = |registry: &BTreeMap<String, (&'static str, SocketAddr)>| {
+        let mut file = Registry::default();
+        for (instance, (service, addr)) in registry {
+            file.services
+                .entry((*service).to_owned())
+                .or_default()
+                .push(RegistryEntry {
+                    instance: instance.clone(),
+                    url: format!("http://{addr}"),
+                });
+        }
+        if let Err(e) = file.write(&registry_file) {
+            eprintln!("shopmesh up: cannot write {}: {e}", registry_file.display());
+        }
+    };
     let deadline = tokio::time::sleep(Duration::from_secs(config.launcher.ready_timeout_secs));
     tokio::pin!(deadline);
-    let mut waiting: Vec<&'static str> = SERVICES.iter().map(|s| s.name()).collect();
     let startup: anyhow::Result<()> = loop {
         if waiting.is_empty() {
             break Ok(());
         }
         tokio::select! {
             event = events.recv() => match event {
-                Some(Event::Ready(name)) => waiting.retain(|w| *w != name),
+                Some(Event::Ready(instance, service, addr)) => {
+                    waiting.retain(|w| *w != instance);
+                    registry.insert(instance, (service, addr));
+                    publish(&registry);
+                    if waiting.iter().all(|w| w == Service::Gateway.name()) {
+                        let _ = backends_ready.send(true);
+                    }
+                }
+                Some(Event::Down(instance)) => {
+                    registry.remove(&instance);
+                    publish(&registry);
+                }
                 Some(Event::Failed(name, why)) => break Err(anyhow::anyhow!("{name} failed to start: {why}")),
                 None => break Err(anyhow::anyhow!("every supervisor stopped")),
             },
@@ -196,11 +307,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         print_table(&table, &gateway_url);
         write_state(&state_file, &table, &gateway_url);
         println!("ready: {gateway_url}");
-        // Keep the state file true across restarts until we are told to stop.
+        // Keep the registry and the state file true across restarts until we are told to stop.
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(Event::Ready(_)) => write_state(&state_file, &table, &gateway_url),
+                    Some(Event::Ready(instance, service, addr)) => {
+                        registry.insert(instance, (service, addr));
+                        publish(&registry);
+                        write_state(&state_file, &table, &gateway_url);
+                    }
+                    Some(Event::Down(instance)) => {
+                        registry.remove(&instance);
+                        publish(&registry);
+                    }
                     Some(Event::Failed(name, why)) => eprintln!("shopmesh up: {name}: {why}"),
                     None => break,
                 },
@@ -215,17 +334,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = supervisor.await;
     }
     let _ = std::fs::remove_file(&state_file);
+    let _ = std::fs::remove_file(&registry_file);
     startup?;
     println!("shopmesh up: stopped");
     Ok(())
 }
 
-/// Addresses and environments of every child.
+/// Addresses and environments of every instance.
 fn plan(
     data_dir: &Path,
     gateway: SocketAddr,
     demo: bool,
     database_url_template: Option<&str>,
+    replicas: &BTreeMap<&'static str, u32>,
 ) -> anyhow::Result<Vec<Spec>> {
     if let Some(template) = database_url_template
         && !template.contains("{service}")
@@ -242,6 +363,13 @@ fn plan(
             "cannot listen on {gateway} for the gateway: {e}; choose another with --port"
         )
     })?;
+    // The gateway serves the users service's public keys, from whichever instance is up.
+    let gateway_local = if gateway.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), gateway.port())
+    } else {
+        gateway
+    };
+    let jwks = format!("http://{gateway_local}/.well-known/jwks.json");
     let common = |addr: SocketAddr| {
         vec![
             (
@@ -250,21 +378,15 @@ fn plan(
             ),
             ("SHOPMESH_SERVER__HOST".to_owned(), addr.ip().to_string()),
             ("SHOPMESH_SERVER__PORT".to_owned(), addr.port().to_string()),
+            (
+                "SHOPMESH_MESH__REGISTRY_FILE".to_owned(),
+                data_dir.join("registry.json").display().to_string(),
+            ),
         ]
     };
-    let mut addrs = BTreeMap::new();
-    for service in BACKENDS {
-        addrs.insert(service.name(), free_loopback_addr()?);
-    }
-    let users = addrs
-        .get("users")
-        .copied()
-        .context("users is always planned")?;
-    let jwks = format!("http://{users}/.well-known/jwks.json");
     let mut specs = Vec::new();
     for service in BACKENDS {
-        let addr = addrs[service.name()];
-        let mut env = common(addr);
+        let mut env = Vec::new();
         if let Some(template) = database_url_template {
             env.push((
                 "SHOPMESH_DATABASE__URL".to_owned(),
@@ -277,10 +399,9 @@ fn plan(
         match service {
             Service::Catalog => {
                 env.push(("SHOPMESH_CATALOG__SEED_DEMO".to_owned(), demo.to_string()));
-                let inventory = addrs.get("inventory").context("every backend is planned")?;
                 env.push((
                     "SHOPMESH_CATALOG__INVENTORY_URL".to_owned(),
-                    format!("http://{inventory}"),
+                    "registry:inventory".to_owned(),
                 ));
             }
             Service::Inventory => {
@@ -293,36 +414,60 @@ fn plan(
                     ("payments", "PAYMENTS_URL"),
                     ("cart", "CART_URL"),
                 ] {
-                    let addr = addrs.get(target).context("every backend is planned")?;
-                    env.push((format!("SHOPMESH_ORDERS__{key}"), format!("http://{addr}")));
+                    env.push((
+                        format!("SHOPMESH_ORDERS__{key}"),
+                        format!("registry:{target}"),
+                    ));
                 }
             }
             Service::Cart => {
-                let catalog = addrs.get("catalog").context("every backend is planned")?;
                 env.push((
                     "SHOPMESH_CART__CATALOG_URL".to_owned(),
-                    format!("http://{catalog}"),
+                    "registry:catalog".to_owned(),
                 ));
             }
             Service::Users | Service::Payments | Service::Gateway => {}
         }
-        specs.push(Spec {
-            service: *service,
-            addr,
-            env,
-        });
+        let count = replicas.get(service.name()).copied().unwrap_or(1);
+        let (first_tx, first_rx) = watch::channel(false);
+        for n in 1..=count {
+            let addr = free_loopback_addr()?;
+            let mut instance_env = common(addr);
+            instance_env.extend(env.iter().cloned());
+            specs.push(Spec {
+                service: *service,
+                instance: if n == 1 {
+                    service.name().to_owned()
+                } else {
+                    format!("{}-{n}", service.name())
+                },
+                addr,
+                fixed_port: false,
+                env: instance_env,
+                first_ready: (n == 1).then(|| first_tx.clone()),
+                after: (n > 1).then(|| first_rx.clone()),
+            });
+        }
     }
     let mut gateway_env = common(gateway);
-    for (name, addr) in &addrs {
+    gateway_env.push(("SHOPMESH_AUTH__JWKS_URL".to_owned(), jwks));
+    for service in BACKENDS {
         gateway_env.push((
-            format!("SHOPMESH_GATEWAY__UPSTREAMS__{}", name.to_ascii_uppercase()),
-            format!("http://{addr}"),
+            format!(
+                "SHOPMESH_GATEWAY__UPSTREAMS__{}",
+                service.name().to_ascii_uppercase()
+            ),
+            format!("registry:{}", service.name()),
         ));
     }
     specs.push(Spec {
         service: Service::Gateway,
+        instance: Service::Gateway.name().to_owned(),
         addr: gateway,
+        fixed_port: true,
         env: gateway_env,
+        first_ready: None,
+        after: None,
     });
     Ok(specs)
 }
@@ -357,15 +502,21 @@ fn rand_below(n: u16) -> u16 {
     (hasher.finish() % u64::from(n)) as u16
 }
 
-/// Runs one child until told to stop, restarting it when it dies.
+/// Runs one instance until told to stop, restarting it when it dies.
 async fn supervise(
-    spec: Spec,
+    mut spec: Spec,
     exe: PathBuf,
-    table: Arc<Mutex<BTreeMap<&'static str, ProcessInfo>>>,
+    table: Arc<Mutex<Table>>,
     mut stop: watch::Receiver<bool>,
     events: mpsc::Sender<Event>,
 ) {
-    let name = spec.service.name();
+    let name = spec.instance.clone();
+    if let Some(mut first) = spec.after.take() {
+        tokio::select! {
+            _ = first.wait_for(|ready| *ready) => {},
+            _ = stop.changed() => return,
+        }
+    }
     let mut backoff = FIRST_BACKOFF;
     let mut restarts = 0u32;
     let mut ever_ready = false;
@@ -374,7 +525,7 @@ async fn supervise(
             Ok(child) => child,
             Err(e) => {
                 let _ = events
-                    .send(Event::Failed(name, format!("cannot start: {e:#}")))
+                    .send(Event::Failed(name.clone(), format!("cannot start: {e:#}")))
                     .await;
                 return;
             }
@@ -385,8 +536,9 @@ async fn supervise(
         let pid = child.id().unwrap_or_default();
         if let Ok(mut table) = table.lock() {
             table.insert(
-                name,
+                name.clone(),
                 ProcessInfo {
+                    service: spec.service.name(),
                     pid,
                     addr: spec.addr,
                     restarts,
@@ -404,12 +556,15 @@ async fn supervise(
                     is_ready = true;
                     ever_ready = true;
                     if restarts > 0 {
-                        println!("shopmesh up: {name} is back (pid {pid})");
+                        println!("shopmesh up: {name} is back (pid {pid}, {})", spec.addr);
                     }
-                    let _ = events.send(Event::Ready(name)).await;
+                    if let Some(first) = &spec.first_ready {
+                        let _ = first.send(true);
+                    }
+                    let _ = events.send(Event::Ready(name.clone(), spec.service.name(), spec.addr)).await;
                 }
                 _ = stop.changed() => {
-                    terminate(name, &mut child).await;
+                    terminate(&name, &mut child).await;
                     return;
                 }
             }
@@ -417,11 +572,12 @@ async fn supervise(
         if *stop.borrow() {
             return;
         }
+        let _ = events.send(Event::Down(name.clone())).await;
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
         if !ever_ready {
             let _ = events
                 .send(Event::Failed(
-                    name,
+                    name.clone(),
                     format!("exited ({status}); see its log above"),
                 ))
                 .await;
@@ -440,14 +596,24 @@ async fn supervise(
             _ = stop.changed() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        if !spec.fixed_port
+            && let Ok(addr) = free_loopback_addr()
+        {
+            // A new port: whoever still holds the old address must find it again.
+            spec.addr = addr;
+            for (key, value) in &mut spec.env {
+                if key == "SHOPMESH_SERVER__PORT" {
+                    *value = addr.port().to_string();
+                }
+            }
+        }
     }
 }
 
 fn spawn(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
-    let name = spec.service.name();
     let mut child = Command::new(exe)
         .arg("serve")
-        .arg(name)
+        .arg(spec.service.name())
         .arg("--exit-with-parent")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
@@ -457,8 +623,9 @@ fn spawn(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("spawning {}", exe.display()))?;
+    let name: Arc<str> = spec.instance.as_str().into();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(relay(name, out));
+        tokio::spawn(relay(name.clone(), out));
     }
     if let Some(err) = child.stderr.take() {
         tokio::spawn(relay(name, err));
@@ -466,10 +633,10 @@ fn spawn(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
     Ok(child)
 }
 
-async fn relay(name: &'static str, stream: impl AsyncRead + Unpin) {
+async fn relay(name: Arc<str>, stream: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        println!("{name:>9} | {line}");
+        println!("{name:>11} | {line}");
     }
 }
 
@@ -504,17 +671,12 @@ async fn terminate(name: &str, child: &mut Child) {
     }
 }
 
-fn print_table(table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str) {
+fn print_table(table: &Mutex<Table>, gateway: &str) {
     let Ok(table) = table.lock() else { return };
-    println!("{:<10} {:>8}  address", "service", "pid");
+    println!("{:<12} {:>8}  address", "instance", "pid");
     for service in SERVICES {
-        if let Some(info) = table.get(service.name()) {
-            println!(
-                "{:<10} {:>8}  http://{}",
-                service.name(),
-                info.pid,
-                info.addr
-            );
+        for (instance, info) in table.iter().filter(|(_, i)| i.service == service.name()) {
+            println!("{instance:<12} {:>8}  http://{}", info.pid, info.addr);
         }
     }
     println!(
@@ -522,7 +684,7 @@ fn print_table(table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str
     );
 }
 
-fn write_state(path: &Path, table: &Mutex<BTreeMap<&'static str, ProcessInfo>>, gateway: &str) {
+fn write_state(path: &Path, table: &Mutex<Table>, gateway: &str) {
     let Ok(table) = table.lock() else { return };
     let state = UpState {
         launcher_pid: std::process::id(),

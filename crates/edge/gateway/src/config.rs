@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use shopmesh_auth::AuthSettings;
 use shopmesh_config::{ConfigError, DataDir, Sources};
+use shopmesh_mesh::{MeshSettings, Source};
 use shopmesh_runtime::{LogSettings, ServerSettings};
 
 pub use crate::ratelimit::RateLimitSettings;
@@ -24,6 +25,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// `[gateway]`.
     pub gateway: GatewaySettings,
+    /// `[mesh]`: discovery, balancing, health, breakers, retries for every upstream.
+    pub mesh: MeshSettings,
 }
 
 impl Config {
@@ -36,13 +39,18 @@ impl Config {
         Ok(config)
     }
 
-    /// The JWKS URL: configured, or the users upstream's well-known path.
+    /// The JWKS URL: configured, or the well-known path of the users upstream when that is
+    /// one fixed URL.
     pub fn jwks_url(&self) -> Option<String> {
         self.auth.jwks_url.clone().or_else(|| {
-            self.gateway
-                .upstreams
-                .get("users")
-                .map(|base| format!("{}/.well-known/jwks.json", base.trim_end_matches('/')))
+            let spec = self.gateway.upstreams.get("users")?;
+            match Source::parse(spec).ok()? {
+                Source::Static(endpoints) if endpoints.len() == 1 => Some(format!(
+                    "{}/.well-known/jwks.json",
+                    spec.trim().trim_end_matches('/')
+                )),
+                _ => None,
+            }
         })
     }
 }
@@ -53,18 +61,21 @@ impl Config {
 pub struct GatewaySettings {
     /// Largest request body accepted, in bytes (413 beyond).
     pub body_limit_bytes: usize,
-    /// Deadline for an upstream to answer, in milliseconds (504 beyond).
+    /// Deadline of a request at the gateway, in milliseconds, for routes that set none (504
+    /// beyond); propagated to the service.
     pub upstream_timeout_ms: u64,
-    /// Deadline for connecting to an upstream, in milliseconds (503 beyond).
-    pub connect_timeout_ms: u64,
-    /// Base URL of each service, e.g. `users = "http://127.0.0.1:8081"`. Configured entries
-    /// are merged over the defaults, so setting one service's URL keeps the others.
+    /// Where each service's endpoints are found: a URL or a list of them
+    /// (`http://10.0.0.5:8080,http://10.0.0.6:8080`), `registry:<service>` (the launcher's),
+    /// `dns:<name>:<port>` or `etcd:<service>`. Configured entries are merged over the
+    /// defaults, so setting one service's keeps the others.
     #[serde(deserialize_with = "over_default_upstreams")]
     pub upstreams: BTreeMap<String, String>,
     /// The route table; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
     /// `[gateway.rate_limit]`.
     pub rate_limit: RateLimitSettings,
+    /// How long a kept answer may be served stale on `stale_fallback` routes, in seconds.
+    pub stale_max_age_secs: u64,
 }
 
 impl Default for GatewaySettings {
@@ -72,10 +83,10 @@ impl Default for GatewaySettings {
         GatewaySettings {
             body_limit_bytes: 1024 * 1024,
             upstream_timeout_ms: 5_000,
-            connect_timeout_ms: 1_000,
             upstreams: default_upstreams(),
             routes: default_routes(),
             rate_limit: RateLimitSettings::default(),
+            stale_max_age_secs: 300,
         }
     }
 }
@@ -107,8 +118,12 @@ fn default_routes() -> Vec<RouteConfig> {
         prefix: prefix.to_owned(),
         service: service.to_owned(),
         auth,
+        timeout_ms: None,
+        stale_fallback: service == "catalog",
     };
     vec![
+        // Public keys, so that services (and anyone) can check tokens through the one door.
+        route("/.well-known/jwks.json", "users", AuthPolicy::Public),
         route("/api/v1/register", "users", AuthPolicy::Public),
         route("/api/v1/login", "users", AuthPolicy::Public),
         route("/api/v1/me", "users", AuthPolicy::Required),
@@ -132,6 +147,20 @@ pub struct RouteConfig {
     /// Whether the gateway requires a valid token before forwarding.
     #[serde(default)]
     pub auth: AuthPolicy,
+    /// This route's deadline, in milliseconds [default: `gateway.upstream_timeout_ms`].
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Anonymous GETs are answered from a short-lived cache, marked stale, when the service
+    /// cannot answer (every endpoint down or failing).
+    #[serde(default)]
+    pub stale_fallback: bool,
+}
+
+impl RouteConfig {
+    /// The deadline of a request on this route.
+    pub fn timeout(&self, default: Duration) -> Duration {
+        self.timeout_ms.map_or(default, Duration::from_millis)
+    }
 }
 
 /// Who may pass a route.
@@ -151,28 +180,18 @@ impl GatewaySettings {
         Duration::from_millis(self.upstream_timeout_ms)
     }
 
-    /// The connect deadline.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-
     /// Checks the table, naming the key at fault.
     pub fn validate(&self) -> anyhow::Result<()> {
-        for (name, url) in &self.upstreams {
-            let parsed: http::Uri = url.parse().map_err(|_| {
+        for (name, spec) in &self.upstreams {
+            Source::parse(spec).map_err(|e| {
                 anyhow::anyhow!(
                     "invalid configuration: gateway.upstreams.{name} \
-                     (SHOPMESH_GATEWAY__UPSTREAMS__{}) = {url:?} is not a URL; expected \
-                     http://host:port",
+                     (SHOPMESH_GATEWAY__UPSTREAMS__{}): {e}; expected http://host:port, a \
+                     comma-separated list of them, registry:<service>, dns:<name>:<port> or \
+                     etcd:<service>",
                     name.to_ascii_uppercase()
                 )
             })?;
-            if parsed.scheme_str() != Some("http") || parsed.authority().is_none() {
-                anyhow::bail!(
-                    "invalid configuration: gateway.upstreams.{name} = {url:?}: expected \
-                     http://host:port"
-                );
-            }
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -256,6 +275,8 @@ mod tests {
             prefix: "/api/v1/reviews".into(),
             service: "reviews".into(),
             auth: AuthPolicy::Required,
+            timeout_ms: None,
+            stale_fallback: false,
         });
         assert!(settings.validate().is_err());
         let mut settings = GatewaySettings::default();

@@ -13,42 +13,38 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 use bytes::Bytes;
-use http::Uri;
 use http_body_util::{BodyExt, Full};
+use shopmesh_mesh::{CallOptions, Upstream};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{InfoBuilder, OpenApi, OpenApiBuilder};
-
-use crate::proxy::UpstreamClient;
 
 const CACHE_FOR: Duration = Duration::from_secs(10);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the documents come from, and the last complete one.
 pub struct Docs {
-    sources: Vec<(String, Uri)>,
-    client: UpstreamClient,
+    sources: Vec<Arc<Upstream>>,
     cache: Mutex<Option<(Instant, OpenApi)>>,
 }
 
 impl Docs {
-    /// Documents of these services (name, base URL).
-    pub fn new(sources: Vec<(String, Uri)>, client: UpstreamClient) -> Arc<Self> {
+    /// Documents of these services.
+    pub fn new(sources: Vec<Arc<Upstream>>) -> Arc<Self> {
         Arc::new(Docs {
             sources,
-            client,
             cache: Mutex::new(None),
         })
     }
 
-    async fn fetch(&self, base: &Uri) -> Option<OpenApi> {
-        let uri: Uri = format!("{}/openapi.json", base.to_string().trim_end_matches('/'))
-            .parse()
+    async fn fetch(&self, upstream: &Upstream) -> Option<OpenApi> {
+        let request = http::Request::get("/openapi.json")
+            .body(Full::new(Bytes::new()))
             .ok()?;
-        let request = http::Request::get(uri).body(Full::new(Bytes::new())).ok()?;
-        let response = tokio::time::timeout(FETCH_TIMEOUT, self.client.request(request))
-            .await
-            .ok()?
-            .ok()?;
+        let options = CallOptions {
+            deadline: tokio::time::Instant::now() + FETCH_TIMEOUT,
+            retry_safe: true,
+        };
+        let response = upstream.call(request, options).await.ok()?;
         if !response.status().is_success() {
             return None;
         }
@@ -79,10 +75,10 @@ impl Docs {
                     .build(),
             )
             .build();
-        for (service, base) in &self.sources {
-            match self.fetch(base).await {
+        for upstream in &self.sources {
+            match self.fetch(upstream).await {
                 Some(part) => doc.merge(part),
-                None => missing.push(service.clone()),
+                None => missing.push(upstream.name().to_owned()),
             }
         }
         let components = doc.components.get_or_insert_with(Default::default);

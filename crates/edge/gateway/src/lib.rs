@@ -18,8 +18,10 @@
 //! response streamed back. Services verify the token again: in local mode they are reachable on
 //! their own ports.
 
+pub mod cluster;
 pub mod config;
 pub mod docs;
+pub mod fallback;
 pub mod proxy;
 pub mod ratelimit;
 
@@ -33,6 +35,7 @@ use axum::Router;
 use axum::routing::{any, get};
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
+use shopmesh_mesh::{Mesh, Protocol};
 use shopmesh_runtime::{App, ReadinessCheck, Server};
 
 pub use config::Config;
@@ -58,27 +61,48 @@ impl Application {
         })?;
         let verifier = Verifier::from_jwks_url(&config.auth, jwks_url);
         let shared = Arc::new(Shared {
-            client: proxy::client(config.gateway.connect_timeout()),
             verifier: verifier.clone(),
             body_limit: config.gateway.body_limit_bytes,
-            timeout: config.gateway.upstream_timeout(),
             limits: Arc::new(ratelimit::RateLimits::new(&config.gateway.rate_limit)),
         });
         let limits = shared.limits.clone();
+        let mesh = Mesh::new(config.mesh.clone());
+        let mut upstreams = std::collections::BTreeMap::new();
+        for route in &config.gateway.routes {
+            if !upstreams.contains_key(&route.service) {
+                let spec = config
+                    .gateway
+                    .upstreams
+                    .get(&route.service)
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                upstreams.insert(
+                    route.service.clone(),
+                    mesh.upstream(&route.service, spec, Protocol::Http)?,
+                );
+            }
+        }
+        let mut caches = std::collections::BTreeMap::new();
 
         let mut routes = Router::new();
         for route in &config.gateway.routes {
-            let base = config
-                .gateway
-                .upstreams
-                .get(&route.service)
-                .map(|u| u.trim_end_matches('/'))
-                .unwrap_or_default()
-                .parse()?;
+            let fallback = route.stale_fallback.then(|| {
+                caches
+                    .entry(route.service.clone())
+                    .or_insert_with(|| {
+                        Arc::new(fallback::StaleCache::new(
+                            Duration::from_secs(config.gateway.stale_max_age_secs),
+                            1_000,
+                        ))
+                    })
+                    .clone()
+            });
             let target = Arc::new(Target {
                 service: route.service.clone(),
-                base,
+                upstream: upstreams[&route.service].clone(),
                 auth: route.auth,
+                timeout: route.timeout(config.gateway.upstream_timeout()),
+                fallback,
                 shared: shared.clone(),
             });
             let wildcard = if route.prefix == "/" {
@@ -94,27 +118,28 @@ impl Application {
             );
         }
 
-        let mut documented = std::collections::BTreeSet::new();
-        let mut sources = Vec::new();
-        for route in &config.gateway.routes {
-            if documented.insert(route.service.clone())
-                && let Some(url) = config.gateway.upstreams.get(&route.service)
-            {
-                sources.push((route.service.clone(), url.trim_end_matches('/').parse()?));
-            }
-        }
-        let docs = docs::Docs::new(sources, shared.client.clone());
-        routes = routes.merge(
-            Router::new()
-                .route("/api/v1/openapi.json", get(docs::openapi_json))
-                .route("/api/v1/docs", get(docs::page))
-                .with_state(docs),
-        );
+        let docs = docs::Docs::new(upstreams.values().cloned().collect());
+        routes = routes
+            .merge(
+                Router::new()
+                    .route("/api/v1/openapi.json", get(docs::openapi_json))
+                    .route("/api/v1/docs", get(docs::page))
+                    .with_state(docs),
+            )
+            .merge(
+                Router::new()
+                    .route("/api/v1/admin/cluster", get(cluster::cluster))
+                    .with_state(Arc::new(cluster::Cluster {
+                        mesh: mesh.clone(),
+                        shared: shared.clone(),
+                    })),
+            );
 
         let keys_loaded = Arc::new(AtomicBool::new(false));
         let ready_flag = keys_loaded.clone();
         let router = App::new("gateway")
             .http(routes)
+            .mesh(mesh)
             .readiness(ReadinessCheck::new("signing_keys", move || {
                 let loaded = ready_flag.load(Ordering::Relaxed);
                 async move {

@@ -7,58 +7,55 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Uri, uri::PathAndQuery};
+use http::{Method, uri::PathAndQuery};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use shopmesh_auth::Verifier;
 use shopmesh_auth::extract::AuthRejection;
+use shopmesh_mesh::{CallError, CallOptions, Upstream};
 use shopmesh_problem::{Kind, Problem};
 
 use crate::config::AuthPolicy;
+use crate::fallback::StaleCache;
 use crate::ratelimit::RateLimits;
-
-/// The pooled HTTP/1.1 client the gateway forwards with.
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
-
-/// A client with keep-alive pooling, `TCP_NODELAY` and a connect deadline.
-pub fn client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(connector)
-}
 
 /// What a route needs to forward a request.
 pub struct Target {
     /// The service's name (for logs and metrics).
     pub service: String,
-    /// `scheme://authority` of the upstream.
-    pub base: Uri,
+    /// Its endpoints and the state of calls to them.
+    pub upstream: Arc<Upstream>,
     /// Whether a token is required.
     pub auth: AuthPolicy,
+    /// The route's deadline.
+    pub timeout: Duration,
+    /// Where anonymous GETs are kept to answer, stale, when the service cannot.
+    pub fallback: Option<Arc<StaleCache>>,
     /// Shared by every route.
     pub shared: Arc<Shared>,
 }
 
 /// What every route shares.
 pub struct Shared {
-    /// The pooled client.
-    pub client: UpstreamClient,
     /// Checks tokens on protected routes.
     pub verifier: Verifier,
     /// Largest accepted body.
     pub body_limit: usize,
-    /// Upstream deadline.
-    pub timeout: Duration,
     /// Rate limits.
     pub limits: Arc<RateLimits>,
+}
+
+/// The header a client sends to make a POST safe to repeat.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Whether sending the request twice is harmless: an idempotent method (RFC 9110 §9.2.2), or
+/// a POST/PATCH carrying an `Idempotency-Key` (the service answers a repeat with the first
+/// answer).
+fn retry_safe(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Headers that describe one connection, not the request, and must not be forwarded
@@ -74,7 +71,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -172,9 +169,10 @@ async fn try_forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = target.base.clone().into_parts();
-    uri.path_and_query = Some(path_and_query);
-    parts.uri = Uri::from_parts(uri).map_err(|_| Problem::internal().into_response())?;
+    parts.uri = path_and_query
+        .as_str()
+        .parse()
+        .map_err(|_| Problem::internal().into_response())?;
     parts.version = http::Version::HTTP_11;
 
     let original_host = parts.headers.remove(header::HOST);
@@ -195,54 +193,86 @@ async fn try_forward(
             .headers
             .insert(HeaderName::from_static("x-forwarded-host"), host);
     }
+    // Only anonymous reads are cached: an answer for a signed-in user may be theirs alone.
+    let cache_key = target.fallback.as_ref().and_then(|_| {
+        (parts.method == Method::GET && !parts.headers.contains_key(header::AUTHORIZATION))
+            .then(|| path_and_query.as_str().to_owned())
+    });
 
-    let upstream = http::Request::from_parts(parts, Full::new(body));
-    let response = match tokio::time::timeout(shared.timeout, shared.client.request(upstream)).await
-    {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => return Err(upstream_error(&target.service, &e)),
-        Err(_) => {
-            metrics::counter!("gateway_upstream_errors_total", "service" => target.service.clone(), "kind" => "timeout").increment(1);
-            tracing::warn!(service = %target.service, timeout_ms = shared.timeout.as_millis() as u64, "upstream timed out");
-            return Err(
-                Problem::new(Kind::Timeout, "upstream_timeout", "Upstream timed out")
-                    .with_detail(format!(
-                        "The {} service did not answer in time.",
-                        target.service
-                    ))
-                    .into_response(),
-            );
-        }
+    let options = CallOptions {
+        deadline: tokio::time::Instant::now() + target.timeout,
+        retry_safe: retry_safe(&parts.method, &parts.headers),
     };
+    let upstream = http::Request::from_parts(parts, Full::new(body));
+    let result = target.upstream.call(upstream, options).await;
+
+    if let (Some(cache), Some(key)) = (&target.fallback, &cache_key) {
+        return Ok(cache
+            .answer(key, result, |e| upstream_error(target, &e))
+            .await);
+    }
+    let response = result.map_err(|e| upstream_error(target, &e))?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-fn upstream_error(service: &str, error: &hyper_util::client::legacy::Error) -> Response {
-    let connect = error.is_connect();
-    metrics::counter!(
-        "gateway_upstream_errors_total",
-        "service" => service.to_owned(),
-        "kind" => if connect { "connect" } else { "transport" }
-    )
-    .increment(1);
-    tracing::warn!(service, error = ?error, "upstream request failed");
-    if connect {
-        Problem::new(
+/// The problem for a call that got no answer.
+pub(crate) fn upstream_error(target: &Target, error: &CallError) -> Response {
+    let service = &target.service;
+    let kind = match error {
+        CallError::NoEndpoints(_) => "no_endpoints",
+        CallError::CircuitOpen(_) => "circuit_open",
+        CallError::Overloaded(_) => "overloaded",
+        CallError::Timeout(_) => "timeout",
+        CallError::Connect(_) => "connect",
+        CallError::Transport(_) => "transport",
+    };
+    metrics::counter!("gateway_upstream_errors_total", "service" => service.clone(), "kind" => kind).increment(1);
+    match error {
+        CallError::Timeout(_) => {
+            tracing::warn!(service = %service, timeout_ms = target.timeout.as_millis() as u64, "upstream timed out");
+            Problem::new(Kind::Timeout, "upstream_timeout", "Upstream timed out")
+                .with_detail(format!("The {service} service did not answer in time."))
+                .into_response()
+        }
+        CallError::Transport(_) => {
+            tracing::warn!(service = %service, "upstream broke off the exchange");
+            Problem::new(Kind::BadGateway, "bad_gateway", "Bad gateway")
+                .with_detail(format!("The {service} service broke off the exchange."))
+                .into_response()
+        }
+        CallError::CircuitOpen(_) => {
+            Problem::new(Kind::Unavailable, "circuit_open", "Service unavailable")
+                .with_detail(format!(
+                    "The {service} service is failing; calls are paused for a few seconds."
+                ))
+                .with_retry_after(1)
+                .into_response()
+        }
+        CallError::Overloaded(_) => Problem::new(
             Kind::Unavailable,
-            "upstream_unavailable",
-            "Service unavailable",
+            "upstream_overloaded",
+            "Service overloaded",
         )
         .with_detail(format!(
-            "The {service} service is not reachable; retry shortly."
+            "Too many requests to the {service} service are in progress; retry shortly."
         ))
         .with_retry_after(1)
-        .into_response()
-    } else {
-        Problem::new(Kind::BadGateway, "bad_gateway", "Bad gateway")
-            .with_detail(format!("The {service} service broke off the exchange."))
+        .into_response(),
+        CallError::NoEndpoints(_) | CallError::Connect(_) => {
+            tracing::warn!(service = %service, error = %error, "upstream unreachable");
+            Problem::new(
+                Kind::Unavailable,
+                "upstream_unavailable",
+                "Service unavailable",
+            )
+            .with_detail(format!(
+                "The {service} service is not reachable; retry shortly."
+            ))
+            .with_retry_after(1)
             .into_response()
+        }
     }
 }
 

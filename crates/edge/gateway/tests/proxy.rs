@@ -46,6 +46,8 @@ async fn upstream() -> Upstream {
             "/.well-known/jwks.json",
             get(move || async move { axum::Json(jwks) }),
         )
+        // The gateway's health checks: not requests of the tests.
+        .route("/readyz", get(|| async { "ready" }))
         .route(
             "/api/v1/users/hang",
             any(|| async {

@@ -59,6 +59,7 @@ pub struct App {
     router: Router,
     checks: Vec<ReadinessCheck>,
     openapi: Option<utoipa::openapi::OpenApi>,
+    mesh: Option<shopmesh_mesh::Mesh>,
 }
 
 impl App {
@@ -69,6 +70,7 @@ impl App {
             router: Router::new(),
             checks: Vec::new(),
             openapi: None,
+            mesh: None,
         }
     }
 
@@ -103,6 +105,13 @@ impl App {
         self
     }
 
+    /// Serves this mesh's state (its upstreams, endpoints, breakers) at `/internal/mesh`; the
+    /// gateway's cluster view gathers them.
+    pub fn mesh(mut self, mesh: shopmesh_mesh::Mesh) -> Self {
+        self.mesh = Some(mesh);
+        self
+    }
+
     /// Adds a readiness check run by `/readyz`.
     pub fn readiness(mut self, check: ReadinessCheck) -> Self {
         self.checks.push(check);
@@ -134,6 +143,17 @@ impl App {
             None => platform,
         };
 
+        let platform = match self.mesh {
+            Some(mesh) => platform.route(
+                "/internal/mesh",
+                get(move || {
+                    let mesh = mesh.clone();
+                    async move { axum::Json(mesh.snapshot()) }
+                }),
+            ),
+            None => platform,
+        };
+
         // Installs the recorder before the first request is counted.
         telemetry::prometheus();
 
@@ -147,6 +167,7 @@ impl App {
                     "Method not allowed",
                 )
             })
+            .layer(middleware::from_fn(enforce_deadline))
             .layer(middleware::from_fn(track_metrics))
             .layer(
                 // Outermost first: the id is set before the span opens, so the span carries it.
@@ -218,6 +239,49 @@ async fn metrics_text() -> Response {
         body,
     )
         .into_response()
+}
+
+/// Stops working on a request once the deadline its caller sent (`grpc-timeout` or
+/// `x-deadline-ms`) has passed, and hands what is left to every call made meanwhile: the
+/// caller has given up, so finishing would only spend resources. A gRPC caller gets
+/// `DEADLINE_EXCEEDED`, an HTTP caller a 504 problem. Handlers are written so that being
+/// stopped between two awaits is safe (the saga resumes interrupted steps).
+async fn enforce_deadline(req: Request, next: Next) -> Response {
+    let Some(deadline) =
+        shopmesh_mesh::deadline::from_headers(req.headers(), tokio::time::Instant::now())
+    else {
+        return next.run(req).await;
+    };
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let run = shopmesh_mesh::deadline::scope(deadline, next.run(req));
+    match tokio::time::timeout_at(deadline, run).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("http_deadline_exceeded_total").increment(1);
+            tracing::info!("the caller's deadline passed; request abandoned");
+            if is_grpc {
+                let mut response = StatusCode::OK.into_response();
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                headers.insert("grpc-status", HeaderValue::from_static("4"));
+                headers.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("the caller's deadline passed"),
+                );
+                response
+            } else {
+                Problem::new(Kind::Timeout, "deadline_exceeded", "Deadline exceeded")
+                    .with_detail("The caller's deadline passed before the request was done.")
+                    .into_response()
+            }
+        }
+    }
 }
 
 /// Counts requests and records their latency per route template (never per raw path, which

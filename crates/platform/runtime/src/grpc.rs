@@ -1,8 +1,5 @@
-//! Channels to other services' gRPC APIs, each call under a deadline.
-//!
-//! Today a channel goes to one configured URL (the local launcher's static addresses, or a
-//! Kubernetes service name). Discovery, balancing, breakers and retries come with the client
-//! stack of the fault-tolerance issue; callers will not change, they hold a `Channel`.
+//! A plain channel to one gRPC URL, for one-off tools (`shopmesh verify`). Services calling
+//! services use `shopmesh_mesh::Mesh::grpc` instead: discovery, balancing, breakers, retries.
 
 use std::time::Duration;
 

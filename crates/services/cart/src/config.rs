@@ -23,6 +23,9 @@ pub struct Config {
     pub database: DatabaseSettings,
     /// `[auth]`; `jwks_url` is required.
     pub auth: AuthSettings,
+    /// `[mesh]`: how calls to other services find and treat their instances, and the
+    /// registration of this one in etcd (`mesh.etcd_url`).
+    pub mesh: shopmesh_mesh::MeshSettings,
     /// `[cart]`.
     pub cart: CartSettings,
 }

@@ -20,9 +20,9 @@ use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
+use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
 use shopmesh_runtime::{App, ReadinessCheck, Server};
-use tonic::transport::Channel;
 
 pub use config::Config;
 
@@ -33,7 +33,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone)]
 pub struct AppState {
     store: store::Store,
-    catalog: CatalogClient<Channel>,
+    catalog: CatalogClient<GrpcChannel>,
     verifier: Verifier,
 }
 
@@ -55,7 +55,9 @@ impl Application {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
-        let catalog = CatalogClient::new(shopmesh_runtime::grpc::channel(
+        let mesh = Mesh::new(config.mesh.clone());
+        let catalog = CatalogClient::new(mesh.grpc(
+            "catalog",
             &config.cart.catalog_url,
             config.call_timeout(),
         )?);
@@ -67,6 +69,7 @@ impl Application {
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("cart")
             .http(public)
+            .mesh(mesh)
             .openapi(openapi)
             .grpc(api::grpc::CartGrpc::server(store))
             .readiness(ReadinessCheck::new("database", db.probe()))

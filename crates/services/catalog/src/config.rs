@@ -21,6 +21,9 @@ pub struct Config {
     pub database: DatabaseSettings,
     /// `[auth]`; `jwks_url` is required (admins edit the catalog).
     pub auth: AuthSettings,
+    /// `[mesh]`: how calls to other services find and treat their instances, and the
+    /// registration of this one in etcd (`mesh.etcd_url`).
+    pub mesh: shopmesh_mesh::MeshSettings,
     /// `[catalog]`.
     pub catalog: CatalogSettings,
 }

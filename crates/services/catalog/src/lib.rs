@@ -30,9 +30,9 @@ use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
+use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
 use shopmesh_runtime::{App, ReadinessCheck, Server};
-use tonic::transport::Channel;
 
 pub use config::Config;
 
@@ -44,7 +44,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct AppState {
     store: store::Store,
     verifier: Verifier,
-    inventory: InventoryClient<Channel>,
+    inventory: InventoryClient<GrpcChannel>,
 }
 
 impl FromRef<AppState> for Verifier {
@@ -73,7 +73,9 @@ impl Application {
                 tracing::info!(added, "demo catalog seeded");
             }
         }
-        let inventory = InventoryClient::new(shopmesh_runtime::grpc::channel(
+        let mesh = Mesh::new(config.mesh.clone());
+        let inventory = InventoryClient::new(mesh.grpc(
+            "inventory",
             &config.catalog.inventory_url,
             std::time::Duration::from_millis(config.catalog.availability_timeout_ms),
         )?);
@@ -85,6 +87,7 @@ impl Application {
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("catalog")
             .http(public)
+            .mesh(mesh)
             .openapi(openapi)
             .grpc(api::grpc::CatalogGrpc::server(store))
             .readiness(ReadinessCheck::new("database", db.probe()))

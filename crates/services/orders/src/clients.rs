@@ -1,49 +1,47 @@
 //! gRPC clients for the services orders calls, and how their failures are read.
 
+use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_problem::Problem;
 use shopmesh_proto::cart::v1::cart_client::CartClient;
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
-use tonic::transport::Channel;
 
 use crate::config::OrdersSettings;
 use crate::error::Error;
 
-/// One client per service; each call carries the configured deadline.
+/// One client per service, over the mesh (balancing, breakers, retries); each call carries the
+/// configured deadline, or less if the request being handled has less left. Every RPC orders
+/// makes is a read or idempotent by order id, so the mesh may retry them.
 #[derive(Debug, Clone)]
 pub struct Clients {
     /// Prices.
-    pub catalog: CatalogClient<Channel>,
+    pub catalog: CatalogClient<GrpcChannel>,
     /// Stock.
-    pub inventory: InventoryClient<Channel>,
+    pub inventory: InventoryClient<GrpcChannel>,
     /// Cards.
-    pub payments: PaymentsClient<Channel>,
+    pub payments: PaymentsClient<GrpcChannel>,
     /// Carts.
-    pub cart: CartClient<Channel>,
+    pub cart: CartClient<GrpcChannel>,
 }
 
 impl Clients {
-    /// Lazily connecting clients (the services may start after us).
-    pub fn new(settings: &OrdersSettings) -> anyhow::Result<Self> {
+    /// Clients of the configured upstreams (the services may start after us).
+    pub fn new(settings: &OrdersSettings, mesh: &Mesh) -> anyhow::Result<Self> {
         let deadline = settings.call_timeout();
         Ok(Clients {
-            catalog: CatalogClient::new(shopmesh_runtime::grpc::channel(
-                &settings.catalog_url,
-                deadline,
-            )?),
-            inventory: InventoryClient::new(shopmesh_runtime::grpc::channel(
+            catalog: CatalogClient::new(mesh.grpc("catalog", &settings.catalog_url, deadline)?),
+            inventory: InventoryClient::new(mesh.grpc(
+                "inventory",
                 &settings.inventory_url,
                 deadline,
             )?),
-            payments: PaymentsClient::new(shopmesh_runtime::grpc::channel(
+            payments: PaymentsClient::new(mesh.grpc(
+                "payments",
                 &settings.payments_url,
                 deadline,
             )?),
-            cart: CartClient::new(shopmesh_runtime::grpc::channel(
-                &settings.cart_url,
-                deadline,
-            )?),
+            cart: CartClient::new(mesh.grpc("cart", &settings.cart_url, deadline)?),
         })
     }
 }

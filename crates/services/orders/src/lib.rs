@@ -64,7 +64,8 @@ impl Application {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = shopmesh_db::Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
-        let clients = clients::Clients::new(&config.orders)?;
+        let mesh = shopmesh_mesh::Mesh::new(config.mesh.clone());
+        let clients = clients::Clients::new(&config.orders, &mesh)?;
         let failpoint = config.orders.failpoint.clone().map(|name| saga::Failpoint {
             marker: config
                 .data_dir
@@ -80,6 +81,7 @@ impl Application {
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("orders")
             .http(public)
+            .mesh(mesh)
             .openapi(openapi)
             .grpc(api::grpc::OrdersGrpc::server(store.clone()))
             .readiness(ReadinessCheck::new("database", db.probe()))

@@ -22,6 +22,9 @@ pub struct Config {
     /// Unused (payments has no public surface); accepted so one environment serves every
     /// process.
     pub auth: AuthSettings,
+    /// `[mesh]`: how calls to other services find and treat their instances, and the
+    /// registration of this one in etcd (`mesh.etcd_url`).
+    pub mesh: shopmesh_mesh::MeshSettings,
 }
 
 impl Config {
