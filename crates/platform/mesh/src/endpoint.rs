@@ -14,6 +14,8 @@ use crate::settings::MeshSettings;
 
 /// How fast the latency estimate forgets.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The latency a failed call counts as, at least.
+const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 /// The estimate of an endpoint never measured: optimistic, so a new instance gets traffic.
 const INITIAL_RTT: Duration = Duration::from_millis(1);
 
@@ -150,9 +152,14 @@ impl Endpoint {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
         let mut stats = self.stats();
-        stats
-            .ewma
-            .observe(now.saturating_duration_since(started), now);
+        let rtt = now.saturating_duration_since(started);
+        // A fast failure (refused, 503 at once) must not look like a fast endpoint.
+        let rtt = if failed {
+            rtt.max(FAILURE_PENALTY)
+        } else {
+            rtt
+        };
+        stats.ewma.observe(rtt, now);
         stats.breaker.record(now, permit, failed);
         stats.ejection.record(failed, &settings.ejection)
     }

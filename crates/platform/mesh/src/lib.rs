@@ -177,7 +177,10 @@ impl Mesh {
 /// Asks every endpoint's `/readyz` at the configured interval; an endpoint that does not
 /// answer 2xx in time is passed over while others are healthy.
 async fn health_checks(upstream: Weak<Upstream>, client: HttpClient, settings: Arc<MeshSettings>) {
-    let mut ticker = tokio::time::interval(settings.health_interval());
+    let Some(interval) = settings.health_interval() else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;

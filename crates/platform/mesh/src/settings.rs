@@ -55,7 +55,8 @@ pub struct MeshSettings {
     pub advertise_url: Option<String>,
     /// How often the registry file is re-read and DNS names resolved, in milliseconds.
     pub refresh_ms: u64,
-    /// Interval of the active health check (`GET /readyz`), in milliseconds.
+    /// Interval of the active health check (`GET /readyz`), in milliseconds (0: none; only
+    /// passive ejection and breakers).
     pub health_interval_ms: u64,
     /// How long a health check may take, in milliseconds.
     pub health_timeout_ms: u64,
@@ -106,8 +107,9 @@ impl MeshSettings {
     pub(crate) fn refresh(&self) -> Duration {
         Duration::from_millis(self.refresh_ms.max(50))
     }
-    pub(crate) fn health_interval(&self) -> Duration {
-        Duration::from_millis(self.health_interval_ms.max(50))
+    pub(crate) fn health_interval(&self) -> Option<Duration> {
+        (self.health_interval_ms > 0)
+            .then(|| Duration::from_millis(self.health_interval_ms.max(50)))
     }
     pub(crate) fn health_timeout(&self) -> Duration {
         Duration::from_millis(self.health_timeout_ms.max(10))

@@ -383,10 +383,12 @@ impl Upstream {
                 Retry::Always => true,
             };
             let backoff = self.backoff(attempt);
+            // A call that reached no one (refused connection) is sent for the first time when
+            // it is tried elsewhere: it adds no load, so it does not spend the retry budget.
             if !allowed
                 || attempt >= self.settings.retry.max_attempts.max(1)
                 || Instant::now() + backoff >= options.deadline
-                || !self.withdraw()
+                || (retry != Retry::Always && !self.withdraw())
             {
                 return match outcome {
                     Outcome::Answer(response) | Outcome::FailedAnswer(response, _) => {
