@@ -300,8 +300,22 @@ async fn a_stopped_replica_gets_little_traffic_and_the_gateway_p99_holds() {
     let _serial = SERIAL.lock().await;
     let shop = Shop::start_args(&["--replicas", "inventory=3", "--no-demo"], &NO_LIMITS);
     let client = reqwest::Client::new();
-    let (boss, _cat, product) = stocked_shop(&shop, &client).await;
+    let (boss, cat, product) = stocked_shop(&shop, &client).await;
     let url = shop.url(&format!("/api/v1/inventory/{product}"));
+    // The cluster view is for admins only.
+    let anonymous = client
+        .get(shop.url("/api/v1/admin/cluster"))
+        .send()
+        .await
+        .expect("cluster");
+    assert_eq!(anonymous.status(), 401);
+    let customer = client
+        .get(shop.url("/api/v1/admin/cluster"))
+        .bearer_auth(&cat)
+        .send()
+        .await
+        .expect("cluster");
+    assert_eq!(customer.status(), 403);
     let cluster = || {
         let (client, boss, url) = (
             client.clone(),

@@ -43,6 +43,7 @@ impl Docs {
         let options = CallOptions {
             deadline: tokio::time::Instant::now() + FETCH_TIMEOUT,
             retry_safe: true,
+            cut_slow_attempts: true,
         };
         let response = upstream.call(request, options).await.ok()?;
         if !response.status().is_success() {

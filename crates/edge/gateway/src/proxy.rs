@@ -52,10 +52,14 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// a POST/PATCH carrying an `Idempotency-Key` (the service answers a repeat with the first
 /// answer).
 fn retry_safe(method: &Method, headers: &HeaderMap) -> bool {
+    idempotent(method) || headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    ) || headers.contains_key(IDEMPOTENCY_KEY)
+    )
 }
 
 /// Headers that describe one connection, not the request, and must not be forwarded
@@ -202,6 +206,7 @@ async fn try_forward(
     let options = CallOptions {
         deadline: tokio::time::Instant::now() + target.timeout,
         retry_safe: retry_safe(&parts.method, &parts.headers),
+        cut_slow_attempts: idempotent(&parts.method),
     };
     let upstream = http::Request::from_parts(parts, Full::new(body));
     let result = target.upstream.call(upstream, options).await;

@@ -79,6 +79,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
                     CallOptions {
                         deadline,
                         retry_safe: true,
+                        cut_slow_attempts: true,
                     },
                 )
                 .await

@@ -89,6 +89,12 @@ pub struct CallOptions {
     /// Whether sending the request twice is harmless (idempotent method, an idempotency key,
     /// or an RPC idempotent by contract). Unsafe calls are retried only when nothing was sent.
     pub retry_safe: bool,
+    /// Whether a slow attempt may be abandoned after `mesh.attempt_timeout_ms` and the call
+    /// tried elsewhere while it may still be running. Right for reads and RPCs idempotent by
+    /// contract; wrong for a POST with an idempotency key, whose repeat would find the first
+    /// still in progress (409) and which the service stops working on at the attempt's
+    /// deadline.
+    pub cut_slow_attempts: bool,
 }
 
 /// One service's endpoints and the state of calls to them.
@@ -335,7 +341,7 @@ impl Upstream {
                 Ok(chosen) => chosen,
                 Err(e) => return self.fail(e),
             };
-            let attempt_deadline = if options.retry_safe {
+            let attempt_deadline = if options.retry_safe && options.cut_slow_attempts {
                 options.deadline.min(now + self.settings.attempt_timeout())
             } else {
                 options.deadline

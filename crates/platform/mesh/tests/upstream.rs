@@ -49,6 +49,7 @@ async fn get_ok(upstream: &shopmesh_mesh::Upstream) -> bool {
     let options = CallOptions {
         deadline: Instant::now() + Duration::from_secs(2),
         retry_safe: true,
+        cut_slow_attempts: true,
     };
     matches!(upstream.call(request, options).await, Ok(r) if r.status() == 200)
 }
@@ -187,6 +188,7 @@ async fn calls_over_the_in_flight_cap_are_shed_at_once() {
             CallOptions {
                 deadline: Instant::now() + Duration::from_secs(2),
                 retry_safe: true,
+                cut_slow_attempts: true,
             },
         )
         .await;
