@@ -730,3 +730,40 @@ impl Drop for Lock {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_come_from_configuration_and_the_flag_overrides_it() {
+        let configured = BTreeMap::from([("catalog".to_owned(), 2), ("inventory".to_owned(), 2)]);
+        let counts = replicas(&configured, &["inventory=3".to_owned()]).expect("valid");
+        assert_eq!(counts["inventory"], 3);
+        assert_eq!(counts["catalog"], 2);
+        assert_eq!(counts["orders"], 1);
+        assert!(!counts.contains_key("gateway"));
+    }
+
+    #[test]
+    fn bad_replica_counts_are_refused_naming_the_culprit() {
+        let none = BTreeMap::new();
+        for (arg, says) in [
+            ("inventory", "expected SERVICE=N"),
+            ("inventory=x", "expected SERVICE=N"),
+            ("inventory=0", "expected 1 to 16"),
+            ("inventory=17", "expected 1 to 16"),
+            ("gateway=2", "not a service that can have replicas"),
+            ("reviews=2", "not a service that can have replicas"),
+        ] {
+            let err = replicas(&none, &[arg.to_owned()]).expect_err(arg);
+            assert!(err.to_string().contains(says), "{arg}: {err}");
+        }
+        let configured = BTreeMap::from([("inventory".to_owned(), 99)]);
+        let err = replicas(&configured, &[]).expect_err("too many");
+        assert!(
+            err.to_string().contains("launcher.replicas.inventory"),
+            "{err}"
+        );
+    }
+}
