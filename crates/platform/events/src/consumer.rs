@@ -1,0 +1,347 @@
+//! The consumer's side of the embedded transport: pull each producer's stream from a persisted
+//! cursor, handle each event once (inbox), set aside what keeps failing (dead letters).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::{Deserialize, Serialize};
+use shopmesh_db::Db;
+use shopmesh_mesh::{CallOptions, Upstream};
+use sqlx::AnyConnection;
+use time::OffsetDateTime;
+
+use crate::Envelope;
+
+/// What a handler returns: `Err` with a reason to try again later.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Applies an event. Its database effects go through `tx`, committed with the inbox entry and
+/// the cursor; an effect outside the database must be idempotent by the event's id.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one event.
+    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a>;
+}
+
+/// A producer's stream to follow.
+#[derive(Clone)]
+pub struct Subscription {
+    /// The producer's name (the cursor's key).
+    pub producer: String,
+    /// Where it is.
+    pub upstream: Arc<Upstream>,
+}
+
+/// Why a page could not be consumed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The producer did not answer.
+    #[error("cannot read {0}'s events: {1}")]
+    Fetch(String, String),
+    /// Our database failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A handler failed (will be retried).
+    #[error("handling {0} failed: {1}")]
+    Handler(String, String),
+}
+
+/// An event set aside.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The producer.
+    pub producer: String,
+    /// The event.
+    pub event: Envelope,
+    /// The last failure.
+    pub error: String,
+}
+
+/// Follows streams with one handler.
+pub struct Consumer {
+    db: Db,
+    handler: Arc<dyn Handler>,
+    max_attempts: u32,
+    poll: Duration,
+}
+
+/// Events fetched per request.
+const PAGE: usize = 100;
+
+fn now_micros() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
+}
+
+#[derive(Deserialize)]
+struct Page {
+    events: Vec<Envelope>,
+}
+
+/// Creates the consumer's tables if they are missing.
+pub async fn install(db: &Db) -> Result<(), sqlx::Error> {
+    crate::install_schema(db, crate::CONSUMER_SQL).await
+}
+
+impl Consumer {
+    /// A consumer writing to `db`; an event failing `max_attempts` times becomes a dead letter;
+    /// an idle stream is asked again every `poll`.
+    pub fn new(db: Db, handler: Arc<dyn Handler>, max_attempts: u32, poll: Duration) -> Self {
+        Consumer {
+            db,
+            handler,
+            max_attempts: max_attempts.max(1),
+            poll,
+        }
+    }
+
+    /// Follows `subscription` until the task is aborted.
+    pub fn spawn(self: &Arc<Self>, subscription: Subscription) -> tokio::task::JoinHandle<()> {
+        let consumer = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = consumer.poll;
+            let mut warned = false;
+            loop {
+                match consumer.pump(&subscription).await {
+                    Ok(n) => {
+                        backoff = consumer.poll;
+                        warned = false;
+                        if n == PAGE {
+                            continue;
+                        }
+                        tokio::time::sleep(consumer.poll).await;
+                    }
+                    Err(e) => {
+                        if !warned || !matches!(e, ConsumeError::Fetch(..)) {
+                            tracing::warn!(error = %e, "consuming events");
+                            warned = true;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Where we are in `producer`'s stream.
+    pub async fn cursor(&self, producer: &str) -> Result<i64, sqlx::Error> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT position FROM event_cursors WHERE producer = $1")
+                .bind(producer)
+                .fetch_optional(self.db.pool())
+                .await?;
+        Ok(row.map_or(0, |r| r.0))
+    }
+
+    /// Fetches one page after the cursor and handles it, in order, stopping at the first
+    /// event that fails (it is retried, in order, next time). Returns how many were taken.
+    pub async fn pump(&self, subscription: &Subscription) -> Result<usize, ConsumeError> {
+        let producer = &subscription.producer;
+        let after = self.cursor(producer).await?;
+        let events = self.fetch(subscription, after).await?;
+        let n = events.len();
+        for event in &events {
+            self.process(producer, event).await?;
+        }
+        Ok(n)
+    }
+
+    async fn fetch(
+        &self,
+        subscription: &Subscription,
+        after: i64,
+    ) -> Result<Vec<Envelope>, ConsumeError> {
+        let failed = |why: String| ConsumeError::Fetch(subscription.producer.clone(), why);
+        let request = http::Request::get(format!("/internal/outbox?after={after}&limit={PAGE}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| failed(e.to_string()))?;
+        let options = CallOptions {
+            deadline: tokio::time::Instant::now() + Duration::from_secs(3),
+            retry_safe: true,
+            cut_slow_attempts: true,
+        };
+        let response = subscription
+            .upstream
+            .call(request, options)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(failed(format!("answered {}", response.status())));
+        }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .to_bytes();
+        let page: Page = serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))?;
+        Ok(page.events)
+    }
+
+    /// Handles one event unless its id is in the inbox; records it and moves the cursor in the
+    /// same transaction.
+    async fn process(&self, producer: &str, event: &Envelope) -> Result<(), ConsumeError> {
+        let id = event.id.hyphenated().to_string();
+        let mut tx = self.db.begin_write().await?;
+        // Handled already, or set aside (a redrive will handle it): only move the cursor.
+        let seen: Option<(String,)> = sqlx::query_as(
+            "SELECT event_id FROM event_inbox WHERE event_id = $1 \
+             UNION SELECT event_id FROM event_dead_letters WHERE event_id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if seen.is_none() {
+            if let Err(why) = self.handler.handle(&mut tx, event).await {
+                drop(tx);
+                let attempts = self.record_failure(&id, &why).await?;
+                if attempts >= i64::from(self.max_attempts) {
+                    self.bury(producer, event, &why).await?;
+                    return Ok(());
+                }
+                return Err(ConsumeError::Handler(format!("{} {id}", event.kind), why));
+            }
+            sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(&event.kind)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+            metrics::counter!("events_consumed_total", "producer" => producer.to_owned(), "type" => event.kind.clone()).increment(1);
+        } else {
+            metrics::counter!("events_duplicates_total", "producer" => producer.to_owned())
+                .increment(1);
+        }
+        advance(&mut tx, producer, event.position).await?;
+        sqlx::query("DELETE FROM event_failures WHERE event_id = $1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_failure(&self, id: &str, why: &str) -> Result<i64, sqlx::Error> {
+        let mut tx = self.db.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO event_failures (event_id, attempts, last_error) VALUES ($1, 1, $2) \
+             ON CONFLICT (event_id) DO UPDATE SET attempts = event_failures.attempts + 1, \
+             last_error = excluded.last_error",
+        )
+        .bind(id)
+        .bind(why)
+        .execute(&mut *tx)
+        .await?;
+        let (attempts,): (i64,) =
+            sqlx::query_as("SELECT attempts FROM event_failures WHERE event_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(attempts)
+    }
+
+    /// Sets the event aside and moves past it, so the stream keeps flowing.
+    async fn bury(&self, producer: &str, event: &Envelope, why: &str) -> Result<(), sqlx::Error> {
+        let id = event.id.hyphenated().to_string();
+        let mut tx = self.db.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO event_dead_letters (event_id, producer, envelope, error, dead_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(producer)
+        .bind(serde_json::to_string(event).unwrap_or_default())
+        .bind(why)
+        .bind(now_micros())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM event_failures WHERE event_id = $1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        advance(&mut tx, producer, event.position).await?;
+        tx.commit().await?;
+        tracing::error!(event = %id, kind = %event.kind, producer, error = why, "event dead-lettered");
+        metrics::counter!("events_dead_lettered_total", "producer" => producer.to_owned())
+            .increment(1);
+        Ok(())
+    }
+
+    /// The events set aside.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, sqlx::Error> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT producer, envelope, error FROM event_dead_letters ORDER BY dead_at, event_id",
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(producer, envelope, error)| {
+                Some(DeadLetter {
+                    producer,
+                    event: serde_json::from_str(&envelope).ok()?,
+                    error,
+                })
+            })
+            .collect())
+    }
+
+    /// Handles every dead letter again; those that now succeed leave the list. Returns
+    /// (handled, still failing).
+    pub async fn redrive(&self) -> Result<(usize, usize), sqlx::Error> {
+        let mut handled = 0;
+        let mut failing = 0;
+        for letter in self.dead_letters().await? {
+            let id = letter.event.id.hyphenated().to_string();
+            let mut tx = self.db.begin_write().await?;
+            let seen: Option<(String,)> =
+                sqlx::query_as("SELECT event_id FROM event_inbox WHERE event_id = $1")
+                    .bind(&id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if seen.is_none() {
+                if let Err(why) = self.handler.handle(&mut tx, &letter.event).await {
+                    drop(tx);
+                    sqlx::query("UPDATE event_dead_letters SET error = $1 WHERE event_id = $2")
+                        .bind(&why)
+                        .bind(&id)
+                        .execute(self.db.pool())
+                        .await?;
+                    failing += 1;
+                    continue;
+                }
+                sqlx::query(
+                    "INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)",
+                )
+                .bind(&id)
+                .bind(&letter.event.kind)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("DELETE FROM event_dead_letters WHERE event_id = $1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            handled += 1;
+        }
+        Ok((handled, failing))
+    }
+}
+
+async fn advance(tx: &mut AnyConnection, producer: &str, position: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO event_cursors (producer, position) VALUES ($1, $2) \
+         ON CONFLICT (producer) DO UPDATE SET position = excluded.position",
+    )
+    .bind(producer)
+    .bind(position)
+    .execute(tx)
+    .await?;
+    Ok(())
+}

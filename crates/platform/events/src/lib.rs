@@ -1,0 +1,85 @@
+//! Events that are never lost or handled twice.
+//!
+//! - **Envelope** ([`Envelope`]): UUIDv7 id, type, version, when, the aggregate's id, the trace
+//!   (request id) it came from, the payload; and, once published, its position in the
+//!   producer's stream.
+//! - **Outbox** ([`outbox`]): a producer writes the event with [`outbox::append`] in the same
+//!   database transaction as the state change it reports, so there is never one without the
+//!   other. A positioner task numbers committed rows in the order they became visible
+//!   (`position`, unique): a reader that has seen position *n* has seen every event before it.
+//! - **Embedded transport**: a producer serves its stream at `GET /internal/outbox?after=n`;
+//!   a consumer ([`consumer`]) pulls it through the mesh from the cursor it keeps in its own
+//!   database. Durable and at-least-once across restarts of either side, with no broker.
+//! - **Inbox**: the consumer records the event id in the same transaction as the handler's
+//!   effect and its cursor; a redelivered event is skipped. Effects outside the database (a mail
+//!   file) are keyed by the event id, so repeating one leaves one.
+//! - **Dead letters**: an event whose handler keeps failing is set aside after
+//!   `max_attempts`, so the events behind it keep flowing; it can be redriven.
+//!
+//! Tables (portable SQL, created if missing at start by [`outbox::install`] and
+//! [`consumer::install`], beside the service's own migrations): [`OUTBOX_SQL`],
+//! [`CONSUMER_SQL`].
+
+pub mod consumer;
+pub mod outbox;
+
+use serde::{Deserialize, Serialize};
+use shopmesh_db::Db;
+use uuid::Uuid;
+
+/// The producer's table.
+pub const OUTBOX_SQL: &str = include_str!("outbox.sql");
+/// The consumer's tables.
+pub const CONSUMER_SQL: &str = include_str!("consumer.sql");
+
+/// An event to append: what happened, to what.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// `order.placed`, `user.registered`, ...
+    pub kind: &'static str,
+    /// The payload's schema version.
+    pub version: u32,
+    /// The id of the entity it is about.
+    pub aggregate_id: String,
+    /// The payload.
+    pub payload: serde_json::Value,
+}
+
+/// An event as stored and sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique, time-ordered.
+    pub id: Uuid,
+    /// Its place in the producer's stream (1, 2, ...).
+    pub position: i64,
+    /// `order.placed`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The payload's schema version.
+    pub version: u32,
+    /// When it happened (RFC 3339, UTC).
+    pub occurred_at: String,
+    /// The entity it is about.
+    pub aggregate_id: String,
+    /// The request it came from (`x-request-id`), when known.
+    pub trace_id: Option<String>,
+    /// The payload.
+    pub payload: serde_json::Value,
+}
+
+/// Runs each statement of a schema (`CREATE … IF NOT EXISTS`), so that starting twice is
+/// harmless.
+pub(crate) async fn install_schema(db: &Db, schema: &'static str) -> Result<(), sqlx::Error> {
+    // Comments are whole lines in these files; drop them before splitting on `;`.
+    let sql: String = schema
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(db.pool())
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The producer's side: append in the caller's transaction, number what is committed, serve
+//! the stream.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::json;
+use shopmesh_db::Db;
+use sqlx::AnyConnection;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::{Envelope, Event};
+
+/// How often committed rows are looked for.
+const POSITION_EVERY: Duration = Duration::from_millis(50);
+/// Most rows numbered per transaction.
+const BATCH: i64 = 500;
+/// Most events served per request.
+const MAX_PAGE: i64 = 500;
+
+fn micros(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000) as i64
+}
+
+/// Creates the outbox table if it is missing.
+pub async fn install(db: &Db) -> Result<(), sqlx::Error> {
+    crate::install_schema(db, crate::OUTBOX_SQL).await
+}
+
+/// Writes `event` into the outbox, inside the caller's transaction (pass `&mut *tx`), so it is
+/// committed with the change it reports or not at all. Returns its id.
+pub async fn append(
+    conn: &mut AnyConnection,
+    event: &Event,
+    trace_id: Option<&str>,
+) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO outbox (id, type, version, occurred_at, aggregate_id, trace_id, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id.hyphenated().to_string())
+    .bind(event.kind)
+    .bind(i64::from(event.version))
+    .bind(micros(OffsetDateTime::now_utc()))
+    .bind(&event.aggregate_id)
+    .bind(trace_id.map(str::to_owned))
+    .bind(event.payload.to_string())
+    .execute(conn)
+    .await?;
+    Ok(id)
+}
+
+/// Numbers the committed rows that have no position yet, after the highest one, in id order.
+/// Rows still uncommitted are invisible here and get their number later, so positions appear
+/// in order: whoever reads position *n* can already read every position below it. Two
+/// numberers racing (replicas) collide on the unique position and one retries.
+pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
+    let pending: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM outbox WHERE position IS NULL LIMIT 1")
+            .fetch_optional(db.pool())
+            .await?;
+    if pending.is_none() {
+        return Ok(0);
+    }
+    let mut tx = db.begin_write().await?;
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(position) FROM outbox")
+        .fetch_one(&mut *tx)
+        .await?;
+    let ids: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT $1")
+            .bind(BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut next = max.unwrap_or(0);
+    for (id,) in &ids {
+        next += 1;
+        sqlx::query("UPDATE outbox SET position = $1 WHERE id = $2 AND position IS NULL")
+            .bind(next)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(ids.len() as u64)
+}
+
+/// Numbers committed rows every 50 ms, for as long as the process runs.
+pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            match assign_positions(&db).await {
+                Ok(_) => failing = false,
+                Err(e) => {
+                    // A race with another replica's numberer is expected and retried.
+                    if !failing {
+                        tracing::debug!(service, error = %e, "numbering outbox rows failed; retrying");
+                    }
+                    failing = true;
+                }
+            }
+            if let Ok((backlog, oldest)) = backlog(&db).await {
+                metrics::gauge!("outbox_unpublished", "service" => service).set(backlog as f64);
+                metrics::gauge!("outbox_oldest_unpublished_seconds", "service" => service)
+                    .set(oldest);
+            }
+            tokio::time::sleep(POSITION_EVERY).await;
+        }
+    })
+}
+
+/// Rows not yet numbered, and the age in seconds of the oldest.
+async fn backlog(db: &Db) -> Result<(i64, f64), sqlx::Error> {
+    let (count, oldest): (i64, Option<i64>) =
+        sqlx::query_as("SELECT COUNT(*), MIN(occurred_at) FROM outbox WHERE position IS NULL")
+            .fetch_one(db.pool())
+            .await?;
+    let age = oldest.map_or(0.0, |t| {
+        (micros(OffsetDateTime::now_utc()) - t).max(0) as f64 / 1e6
+    });
+    Ok((count, age))
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: String,
+    position: i64,
+    #[sqlx(rename = "type")]
+    kind: String,
+    version: i64,
+    occurred_at: i64,
+    aggregate_id: String,
+    trace_id: Option<String>,
+    payload: String,
+}
+
+impl Row {
+    fn into_envelope(self) -> Option<Envelope> {
+        let occurred =
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.occurred_at) * 1_000)
+                .ok()?
+                .format(&Rfc3339)
+                .ok()?;
+        Some(Envelope {
+            id: Uuid::parse_str(&self.id).ok()?,
+            position: self.position,
+            kind: self.kind,
+            version: u32::try_from(self.version).ok()?,
+            occurred_at: occurred,
+            aggregate_id: self.aggregate_id,
+            trace_id: self.trace_id,
+            payload: serde_json::from_str(&self.payload).ok()?,
+        })
+    }
+}
+
+/// Up to `limit` events after position `after`, in order.
+pub async fn read_after(db: &Db, after: i64, limit: i64) -> Result<Vec<Envelope>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, position, type, version, occurred_at, aggregate_id, trace_id, payload \
+         FROM outbox WHERE position > $1 ORDER BY position LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit.clamp(1, MAX_PAGE))
+    .fetch_all(db.pool())
+    .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id = row.id.clone();
+        match row.into_envelope() {
+            Some(envelope) => events.push(envelope),
+            None => {
+                tracing::error!(%id, "an outbox row cannot be read; stopping the page before it");
+                break;
+            }
+        }
+    }
+    Ok(events)
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+/// `GET /internal/outbox?after=<position>&limit=<n>`: the stream, for consumers of the
+/// embedded transport (internal port only; the gateway does not route it).
+pub fn routes(db: Db) -> Router {
+    Router::new()
+        .route("/internal/outbox", get(serve_page))
+        .with_state(db)
+}
+
+async fn serve_page(State(db): State<Db>, Query(page): Query<Page>) -> Response {
+    match read_after(&db, page.after, page.limit).await {
+        Ok(events) => axum::Json(json!({ "events": events })).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the outbox failed");
+            (http::StatusCode::SERVICE_UNAVAILABLE, "outbox unavailable").into_response()
+        }
+    }
+}

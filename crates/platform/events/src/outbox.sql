@@ -1,0 +1,14 @@
+-- The transactional outbox (shopmesh-events). Portable: SQLite and PostgreSQL.
+-- A row is written in the transaction of the change it reports; `position` is set once the row
+-- is committed, in the order rows became visible, and is what consumers read by.
+CREATE TABLE IF NOT EXISTS outbox (
+    id           TEXT PRIMARY KEY,
+    position     BIGINT UNIQUE,
+    type         TEXT NOT NULL,
+    version      BIGINT NOT NULL,
+    occurred_at  BIGINT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    trace_id     TEXT,
+    payload      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_unpositioned ON outbox (id) WHERE position IS NULL;

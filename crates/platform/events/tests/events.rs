@@ -1,0 +1,216 @@
+//! The outbox and the embedded transport, on SQLite and PostgreSQL: nothing committed is lost,
+//! nothing rolled back is sent, positions follow commits, redeliveries have no second effect,
+//! a poison event is set aside while the rest flows.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use shopmesh_db::testing::TestDb;
+use shopmesh_db::{DatabaseSettings, Db};
+use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture, Subscription};
+use shopmesh_events::{Envelope, Event, outbox};
+use shopmesh_mesh::{Mesh, MeshSettings, Protocol};
+use sqlx::AnyConnection;
+
+shopmesh_db::test_on_both_backends!(
+    only_committed_events_get_positions_in_order,
+    concurrent_producers_get_gapless_positions,
+    redelivered_events_have_no_second_effect_and_poison_is_set_aside,
+);
+
+async fn connect(db: &TestDb) -> Db {
+    Db::connect(db.url(), &DatabaseSettings::default())
+        .await
+        .expect("connect")
+}
+
+fn event(n: u32) -> Event {
+    Event {
+        kind: if n % 10 == 7 {
+            "test.poison"
+        } else {
+            "test.happened"
+        },
+        version: 1,
+        aggregate_id: format!("thing-{n}"),
+        payload: json!({"n": n}),
+    }
+}
+
+async fn all(db: &Db) -> Vec<Envelope> {
+    outbox::read_after(db, 0, 500).await.expect("read")
+}
+
+async fn only_committed_events_get_positions_in_order(test: TestDb) {
+    let db = connect(&test).await;
+    outbox::install(&db).await.expect("install");
+    outbox::install(&db)
+        .await
+        .expect("installing twice is harmless");
+
+    let mut tx = db.begin_write().await.expect("tx");
+    outbox::append(&mut tx, &event(1), Some("req-1"))
+        .await
+        .expect("append");
+    drop(tx); // rolled back
+    for n in 2..=4 {
+        let mut tx = db.begin_write().await.expect("tx");
+        outbox::append(&mut tx, &event(n), None)
+            .await
+            .expect("append");
+        tx.commit().await.expect("commit");
+    }
+    assert!(
+        all(&db).await.is_empty(),
+        "nothing is served before it is numbered"
+    );
+    assert_eq!(outbox::assign_positions(&db).await.expect("number"), 3);
+    let events = all(&db).await;
+    let ns: Vec<_> = events.iter().map(|e| e.payload["n"].clone()).collect();
+    assert_eq!(ns, vec![json!(2), json!(3), json!(4)]);
+    let positions: Vec<_> = events.iter().map(|e| e.position).collect();
+    assert_eq!(positions, vec![1, 2, 3]);
+    assert_eq!(events[0].kind, "test.happened");
+    assert_eq!(outbox::read_after(&db, 2, 10).await.expect("read").len(), 1);
+}
+
+async fn concurrent_producers_get_gapless_positions(test: TestDb) {
+    let db = connect(&test).await;
+    outbox::install(&db).await.expect("install");
+    let positioner = outbox::spawn_positioner(db.clone(), "test");
+    let mut writers = Vec::new();
+    for w in 0..8u32 {
+        let db = db.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..25u32 {
+                let mut tx = db.begin_write().await.expect("tx");
+                outbox::append(&mut tx, &event(w * 100 + i), None)
+                    .await
+                    .expect("append");
+                tx.commit().await.expect("commit");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    // A reader following the stream meanwhile never sees a gap.
+    let mut seen = 0;
+    let mut ids = BTreeSet::new();
+    for _ in 0..200 {
+        for e in outbox::read_after(&db, seen, 50).await.expect("read") {
+            assert_eq!(e.position, seen + 1, "positions are gapless and in order");
+            seen = e.position;
+            ids.insert(e.id);
+        }
+        if seen == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    positioner.abort();
+    assert_eq!(seen, 200);
+    assert_eq!(ids.len(), 200);
+}
+
+/// Records each handled event in `effects`; fails `test.poison` while `poison` is set.
+struct Recorder {
+    poison: AtomicBool,
+}
+
+impl Handler for Recorder {
+    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            if event.kind == "test.poison" && self.poison.load(Ordering::SeqCst) {
+                return Err("poisoned".to_owned());
+            }
+            sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
+                .bind(event.id.hyphenated().to_string())
+                .execute(tx)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
+
+async fn redelivered_events_have_no_second_effect_and_poison_is_set_aside(test: TestDb) {
+    // One database plays both sides here: the producer's outbox and the consumer's tables.
+    let db = connect(&test).await;
+    outbox::install(&db).await.expect("install");
+    shopmesh_events::consumer::install(&db)
+        .await
+        .expect("install");
+    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
+        .execute(db.pool())
+        .await
+        .expect("effects");
+    for n in 0..20 {
+        let mut tx = db.begin_write().await.expect("tx");
+        outbox::append(&mut tx, &event(n), None)
+            .await
+            .expect("append");
+        tx.commit().await.expect("commit");
+    }
+    outbox::assign_positions(&db).await.expect("number");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = outbox::routes(db.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mesh = Mesh::new(MeshSettings::default());
+    let subscription = Subscription {
+        producer: "test".to_owned(),
+        upstream: mesh
+            .upstream("test", &format!("http://{addr}"), Protocol::Http)
+            .expect("upstream"),
+    };
+    let recorder = Arc::new(Recorder {
+        poison: AtomicBool::new(true),
+    });
+    let consumer = Consumer::new(db.clone(), recorder.clone(), 3, Duration::from_millis(10));
+    let effects = || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
+            .fetch_one(db.pool())
+            .await
+            .expect("count");
+        n
+    };
+
+    // Events 7 and 17 are poison: each stops the stream until its third failure sets it aside.
+    let mut pumps = 0;
+    while consumer.cursor("test").await.expect("cursor") < 20 {
+        let _ = consumer.pump(&subscription).await;
+        pumps += 1;
+        assert!(pumps < 50, "the stream is stuck");
+    }
+    assert_eq!(effects().await, 18);
+    let dead = consumer.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter()
+            .all(|d| d.event.kind == "test.poison" && d.error == "poisoned")
+    );
+
+    // Everything delivered again (a consumer restored from an old cursor): no second effect.
+    sqlx::query("UPDATE event_cursors SET position = 0")
+        .execute(db.pool())
+        .await
+        .expect("rewind");
+    while consumer.cursor("test").await.expect("cursor") < 20 {
+        consumer.pump(&subscription).await.expect("pump");
+    }
+    assert_eq!(effects().await, 18);
+
+    // Fixed, the dead letters are redriven once.
+    recorder.poison.store(false, Ordering::SeqCst);
+    assert_eq!(consumer.redrive().await.expect("redrive"), (2, 0));
+    assert_eq!(effects().await, 20);
+    assert!(consumer.dead_letters().await.expect("dead").is_empty());
+    assert_eq!(consumer.redrive().await.expect("redrive"), (0, 0));
+}
