@@ -25,6 +25,8 @@ pub enum Service {
     Orders,
     /// One cart per customer.
     Cart,
+    /// One e-mail per user and order event.
+    Notifications,
 }
 
 impl Service {
@@ -38,6 +40,7 @@ impl Service {
             Service::Payments => "payments",
             Service::Orders => "orders",
             Service::Cart => "cart",
+            Service::Notifications => "notifications",
         }
     }
 }
@@ -106,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Payments => shopmesh_payments::run(sources, shutdown).await,
         Service::Orders => shopmesh_orders::run(sources, shutdown).await,
         Service::Cart => shopmesh_cart::run(sources, shutdown).await,
+        Service::Notifications => shopmesh_notifications::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     };
     if let Some(registration) = registration {

@@ -50,6 +50,7 @@ const BACKENDS: &[Service] = &[
     Service::Payments,
     Service::Cart,
     Service::Orders,
+    Service::Notifications,
 ];
 /// Every process `up` runs.
 const SERVICES: &[Service] = &[
@@ -59,6 +60,7 @@ const SERVICES: &[Service] = &[
     Service::Payments,
     Service::Cart,
     Service::Orders,
+    Service::Notifications,
     Service::Gateway,
 ];
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -426,6 +428,14 @@ fn plan(
                     "registry:catalog".to_owned(),
                 ));
             }
+            Service::Notifications => {
+                for (target, key) in [("users", "USERS_URL"), ("orders", "ORDERS_URL")] {
+                    env.push((
+                        format!("SHOPMESH_NOTIFICATIONS__{key}"),
+                        format!("registry:{target}"),
+                    ));
+                }
+            }
             Service::Users | Service::Payments | Service::Gateway => {}
         }
         let count = replicas.get(service.name()).copied().unwrap_or(1);
@@ -680,7 +690,7 @@ fn print_table(table: &Mutex<Table>, gateway: &str) {
         }
     }
     println!(
-        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory, cart, orders)"
+        "the shop's API is at {gateway}/api/v1 (register, login, me, users, products, inventory, cart, orders, admin/notifications, admin/cluster)"
     );
 }
 

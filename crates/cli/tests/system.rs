@@ -321,6 +321,7 @@ mod postgres {
             "payments",
             "cart",
             "orders",
+            "notifications",
         ];
         let Some((template, _dbs)) = shopmesh_db::testing::TestDb::postgres_family(&services).await
         else {

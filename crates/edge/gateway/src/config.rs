@@ -98,6 +98,10 @@ fn default_upstreams() -> BTreeMap<String, String> {
         ("inventory".to_owned(), "http://127.0.0.1:8083".to_owned()),
         ("orders".to_owned(), "http://127.0.0.1:8085".to_owned()),
         ("cart".to_owned(), "http://127.0.0.1:8086".to_owned()),
+        (
+            "notifications".to_owned(),
+            "http://127.0.0.1:8087".to_owned(),
+        ),
     ])
 }
 
@@ -132,6 +136,11 @@ fn default_routes() -> Vec<RouteConfig> {
         route("/api/v1/inventory", "inventory", AuthPolicy::Public),
         route("/api/v1/orders", "orders", AuthPolicy::Required),
         route("/api/v1/cart", "cart", AuthPolicy::Required),
+        route(
+            "/api/v1/admin/notifications",
+            "notifications",
+            AuthPolicy::Required,
+        ),
     ]
 }
 

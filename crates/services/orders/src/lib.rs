@@ -63,6 +63,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = shopmesh_db::Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+        shopmesh_events::outbox::install(&db).await?;
         let store = store::Store::new(db.clone());
         let mesh = shopmesh_mesh::Mesh::new(config.mesh.clone());
         let clients = clients::Clients::new(&config.orders, &mesh)?;
@@ -81,6 +82,7 @@ impl Application {
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("orders")
             .http(public)
+            .http(shopmesh_events::outbox::routes(db.clone()))
             .mesh(mesh)
             .openapi(openapi)
             .grpc(api::grpc::OrdersGrpc::server(store.clone()))
@@ -114,9 +116,13 @@ impl Application {
             self.stale_after,
             stopped,
         ));
+        // Numbers the committed order events for the consumers.
+        let positioner =
+            shopmesh_events::outbox::spawn_positioner(self.store.db().clone(), "orders");
         let result = self.server.run_until(shutdown).await;
         let _ = stop.send(true);
         let _ = worker.await;
+        positioner.abort();
         self.store.db().close().await;
         Ok(result?)
     }

@@ -400,7 +400,9 @@ impl Store {
     }
 
     /// Moves an order from `(status, step)` to `(status, step)`, only if it is still in the
-    /// first; `false` if someone else moved it. Records the payment when given.
+    /// first; `false` if someone else moved it. Records the payment when given. A change of
+    /// status the customer cares about writes its event (`order.placed`, `order.paid`,
+    /// `order.cancelled`, `order.expired`) in the same transaction: the guard makes it once.
     pub async fn transition(
         &self,
         order_id: Uuid,
@@ -408,6 +410,7 @@ impl Store {
         to: (Status, Step),
         payment: Option<(&str, &str)>,
     ) -> Result<bool, Error> {
+        let mut tx = self.db.begin_write().await?;
         let done = sqlx::query(
             "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
              payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4) \
@@ -421,9 +424,60 @@ impl Store {
         .bind(id(order_id))
         .bind(from.0.as_str())
         .bind(from.1.as_str())
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let kind = match to.0 {
+            _ if to.0 == from.0 => None,
+            Status::AwaitingPayment => Some("order.placed"),
+            Status::Paid => Some("order.paid"),
+            Status::Cancelled => Some("order.cancelled"),
+            Status::Expired => Some("order.expired"),
+            Status::Pending | Status::Rejected => None,
+        };
+        if let Some(kind) = kind {
+            let row: OrderRow = sqlx::query_as(concat!(
+                "SELECT ",
+                order_columns!(),
+                " FROM orders WHERE id = $1"
+            ))
+            .bind(id(order_id))
+            .fetch_one(&mut *tx)
+            .await?;
+            let lines: Vec<LineRow> = sqlx::query_as(
+                "SELECT product_id, sku, name, unit_price, quantity FROM order_lines \
+                 WHERE order_id = $1 ORDER BY position",
+            )
+            .bind(id(order_id))
+            .fetch_all(&mut *tx)
+            .await?;
+            let order = row.into_order(lines)?;
+            let event = shopmesh_events::Event {
+                kind,
+                version: 1,
+                aggregate_id: id(order_id),
+                payload: serde_json::json!({
+                    "order_id": order.id,
+                    "user_id": order.user_id,
+                    "status": order.status.as_str(),
+                    "total": order.total,
+                    "currency": order.currency,
+                    "card_last4": order.card_last4,
+                    "lines": order.lines.iter().map(|l| serde_json::json!({
+                        "product_id": l.product_id,
+                        "sku": l.sku,
+                        "name": l.name,
+                        "unit_price": l.unit_price,
+                        "quantity": l.quantity,
+                    })).collect::<Vec<_>>(),
+                }),
+            };
+            shopmesh_events::outbox::append(&mut tx, &event, None).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Orders with a step in flight last touched before `before` (all of them at start-up).

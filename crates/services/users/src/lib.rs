@@ -64,6 +64,7 @@ pub struct Application {
 /// Connects to the users database and applies the migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
     let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+    shopmesh_events::outbox::install(&db).await?;
     Ok(store::Store::new(db))
 }
 
@@ -91,6 +92,7 @@ impl Application {
         let router = App::new("users")
             .http(public)
             .http(api::http::internal_routes(state))
+            .http(shopmesh_events::outbox::routes(db.clone()))
             .openapi(openapi)
             .grpc(api::grpc::UsersGrpc::server(store))
             .readiness(ReadinessCheck::new("database", db.probe()))
@@ -109,9 +111,12 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.server.run_until(shutdown).await?;
+        // Numbers the committed `user.registered` events for the consumers.
+        let positioner = shopmesh_events::outbox::spawn_positioner(self.db.clone(), "users");
+        let result = self.server.run_until(shutdown).await;
+        positioner.abort();
         self.db.close().await;
-        Ok(())
+        Ok(result?)
     }
 }
 

@@ -94,6 +94,8 @@ impl Store {
     ) -> Result<User, Error> {
         let now = OffsetDateTime::now_utc();
         let id = Uuid::now_v7();
+        // The account and its `user.registered` event commit together or not at all.
+        let mut tx = self.db.begin_write().await?;
         let result = sqlx::query(
             "INSERT INTO users (id, email, name, password_hash, role, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6)",
@@ -104,10 +106,30 @@ impl Store {
         .bind(password_hash)
         .bind(role.as_str())
         .bind(micros(now))
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await;
+        let result = match result {
+            Ok(_) => {
+                let event = shopmesh_events::Event {
+                    kind: "user.registered",
+                    version: 1,
+                    aggregate_id: id.hyphenated().to_string(),
+                    payload: serde_json::json!({
+                        "user_id": id,
+                        "email": email.as_str(),
+                        "name": name.as_str(),
+                        "role": role.as_str(),
+                    }),
+                };
+                match shopmesh_events::outbox::append(&mut tx, &event, None).await {
+                    Ok(_) => tx.commit().await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(_) => Ok(User {
+            Ok(()) => Ok(User {
                 id,
                 email: email.clone(),
                 name: name.clone(),

@@ -1,0 +1,192 @@
+//! Events end to end with the real `shopmesh up` and its embedded transport: one message per
+//! event, even when the consumer is killed between sending and recording.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BIN, Shop, signal, token};
+use serde_json::{Value, json};
+
+async fn admin_token(shop: &Shop, client: &reqwest::Client, env: &[(&str, &str)]) -> String {
+    let admin = std::process::Command::new(BIN)
+        .args([
+            "admin",
+            "create-admin",
+            "--email",
+            "ops@example.com",
+            "--password",
+            "an admin passphrase",
+        ])
+        .envs(env.iter().copied())
+        .current_dir(shop.dir.path())
+        .output()
+        .expect("create-admin");
+    assert!(admin.status.success());
+    token(client, shop, "ops@example.com", "an admin passphrase").await
+}
+
+async fn register(shop: &Shop, client: &reqwest::Client, email: &str, name: &str) -> String {
+    let registered = client
+        .post(shop.url("/api/v1/register"))
+        .json(&json!({"email": email, "name": name, "password": "correct horse battery"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), 201);
+    token(client, shop, email, "correct horse battery").await
+}
+
+/// The messages the admin list shows, as (type, to); none while the service restarts.
+async fn sent(shop: &Shop, client: &reqwest::Client, admin: &str) -> Vec<(String, String)> {
+    let response = client
+        .get(shop.url("/api/v1/admin/notifications?limit=500"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .expect("list");
+    if response.status() != 200 {
+        return Vec::new();
+    }
+    let list: Value = response.json().await.expect("json");
+    list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|n| {
+            (
+                n["type"].as_str().unwrap_or_default().to_owned(),
+                n["to"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `count` messages are listed, then a little longer to catch any duplicate.
+async fn settle(
+    shop: &Shop,
+    client: &reqwest::Client,
+    admin: &str,
+    count: usize,
+) -> Vec<(String, String)> {
+    let started = Instant::now();
+    while sent(shop, client, admin).await.len() < count {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "only {:?}",
+            sent(shop, client, admin).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    sent(shop, client, admin).await
+}
+
+fn mail_files(shop: &Shop) -> Vec<String> {
+    std::fs::read_dir(shop.dir.path().join("data/mail"))
+        .expect("mail dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".eml"))
+        .collect()
+}
+
+fn count(messages: &[(String, String)], kind: &str, to: &str) -> usize {
+    messages
+        .iter()
+        .filter(|(k, t)| k == kind && t.contains(to))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purchase_sends_one_confirmation_and_each_new_user_one_welcome() {
+    let shop = Shop::start();
+    let client = reqwest::Client::new();
+    let admin = admin_token(&shop, &client, &[]).await;
+    let cat = register(&shop, &client, "cat@example.com", "Cat").await;
+    let _dog = register(&shop, &client, "dog@example.com", "Dog").await;
+
+    let products: Value = client
+        .get(shop.url("/api/v1/products?limit=1"))
+        .send()
+        .await
+        .expect("products")
+        .json()
+        .await
+        .expect("json");
+    let product = products["items"][0]["id"].as_str().expect("id").to_owned();
+    let order: Value = client
+        .post(shop.url("/api/v1/orders"))
+        .bearer_auth(&cat)
+        .header("idempotency-key", "mail-1")
+        .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+        .send()
+        .await
+        .expect("order")
+        .json()
+        .await
+        .expect("json");
+    let id = order["id"].as_str().expect("id").to_owned();
+    let paid = client
+        .post(shop.url(&format!("/api/v1/orders/{id}/pay")))
+        .bearer_auth(&cat)
+        .json(&json!({"card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2035, "cvc": "123"}}))
+        .send()
+        .await
+        .expect("pay");
+    assert_eq!(paid.status(), 200);
+
+    // ops, cat, dog welcomed; cat's order placed and paid.
+    let messages = settle(&shop, &client, &admin, 5).await;
+    assert_eq!(messages.len(), 5, "{messages:?}");
+    for who in ["ops@example.com", "cat@example.com", "dog@example.com"] {
+        assert_eq!(count(&messages, "user.registered", who), 1, "{messages:?}");
+    }
+    assert_eq!(count(&messages, "order.placed", "cat@example.com"), 1);
+    assert_eq!(count(&messages, "order.paid", "cat@example.com"), 1);
+    assert_eq!(mail_files(&shop).len(), 5);
+
+    // The list is for admins.
+    let denied = client
+        .get(shop.url("/api/v1/admin/notifications"))
+        .bearer_auth(&cat)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(denied.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_killed_between_sending_and_recording_sends_the_message_once() {
+    let env = [("SHOPMESH_NOTIFICATIONS__FAILPOINT", "pause_after_mail")];
+    let shop = Shop::start_with(&env);
+    let client = reqwest::Client::new();
+    let admin = admin_token(&shop, &client, &env).await;
+
+    // The first event (ops' registration): its message is written, then the consumer freezes
+    // before recording it.
+    let marker = shop
+        .dir
+        .path()
+        .join("data/notifications-failpoint-pause_after_mail.fired");
+    let started = Instant::now();
+    while !marker.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the failpoint never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mail_files(&shop).len(), 1, "written, not yet recorded");
+    let frozen = shop.pid_of("notifications");
+    signal(frozen, "KILL");
+
+    // Restarted, it gets the event again: the same message, once.
+    let _cat = register(&shop, &client, "cat@example.com", "Cat").await;
+    let messages = settle(&shop, &client, &admin, 2).await;
+    assert_ne!(shop.pid_of("notifications"), frozen);
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(count(&messages, "user.registered", "ops@example.com"), 1);
+    assert_eq!(count(&messages, "user.registered", "cat@example.com"), 1);
+    assert_eq!(mail_files(&shop).len(), 2);
+}

@@ -1,0 +1,92 @@
+//! The notifications service's configuration: the common sections plus `[notifications]`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use shopmesh_auth::AuthSettings;
+use shopmesh_config::{ConfigError, DataDir, Sources};
+use shopmesh_db::DatabaseSettings;
+use shopmesh_runtime::{LogSettings, ServerSettings};
+
+/// Everything the notifications process reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where SQLite files and the mail directory live.
+    pub data_dir: DataDir,
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// `[database]`.
+    pub database: DatabaseSettings,
+    /// `[auth]`; `jwks_url` is required (the admin list needs a token).
+    pub auth: AuthSettings,
+    /// `[mesh]`: how the producers' instances are found.
+    pub mesh: shopmesh_mesh::MeshSettings,
+    /// `[notifications]`.
+    pub notifications: NotificationsSettings,
+}
+
+/// `[notifications]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsSettings {
+    /// The users service (an upstream spec): `user.registered`.
+    pub users_url: String,
+    /// The orders service (an upstream spec): `order.*`.
+    pub orders_url: String,
+    /// Where messages are written, one `.eml` file each [default: `<data_dir>/mail`].
+    pub mail_dir: Option<PathBuf>,
+    /// The sender.
+    pub from: String,
+    /// Failures of one event before it is set aside as a dead letter.
+    pub max_attempts: u32,
+    /// How often an idle stream is asked for new events, in milliseconds.
+    pub poll_ms: u64,
+    /// Test only: freeze after writing a message, before recording it (`pause_after_mail`),
+    /// once.
+    pub failpoint: Option<String>,
+}
+
+impl Default for NotificationsSettings {
+    fn default() -> Self {
+        NotificationsSettings {
+            users_url: "http://127.0.0.1:8081".to_owned(),
+            orders_url: "http://127.0.0.1:8085".to_owned(),
+            mail_dir: None,
+            from: "shopmesh <shop@shopmesh.local>".to_owned(),
+            max_attempts: 5,
+            poll_ms: 200,
+            failpoint: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the notifications configuration from these sources.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        sources.load(Some("notifications"))
+    }
+
+    /// The database URL (the configured one, or `<data_dir>/notifications.db`).
+    pub fn database_url(&self) -> SecretString {
+        self.database
+            .url_or_default(&self.data_dir, "notifications")
+    }
+
+    /// The mail directory.
+    pub fn mail_dir(&self) -> PathBuf {
+        self.notifications
+            .mail_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("mail"))
+    }
+
+    /// The idle poll interval.
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.notifications.poll_ms.max(10))
+    }
+}

@@ -1,0 +1,277 @@
+//! The notifications service: one e-mail per user and order event, exactly once.
+//!
+//! # Layout
+//! - [`mail`]: the message for each event, written as `<mail_dir>/<event id>.eml` (the event id
+//!   names the file, so a redelivered event rewrites the same one), and the consumer's handler.
+//! - [`config`]: `[notifications]`: where the producers are, the mail directory, attempts.
+//! - this file: the consumer (pulling `user.registered` from users and `order.*` from orders
+//!   over the embedded transport), `GET /api/v1/admin/notifications`, and the dead letters at
+//!   `/internal/dlq` (`shopmesh events dlq list|redrive`).
+//!
+//! Exactly one message per event: the consumer records the event in its inbox, the message in
+//! `notifications` and its cursor in one transaction; a crash before that commit redelivers the
+//! event, whose message file is simply written again under the same name.
+
+pub mod config;
+pub mod mail;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use shopmesh_auth::Verifier;
+use shopmesh_auth::extract::AdminUser;
+use shopmesh_config::Sources;
+use shopmesh_db::Db;
+use shopmesh_events::consumer::{Consumer, Subscription};
+use shopmesh_mesh::{Mesh, Protocol};
+use shopmesh_problem::extract::Query;
+use shopmesh_problem::{Problem, ProblemBody};
+use shopmesh_runtime::{App, ReadinessCheck, Server};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use config::Config;
+
+/// The migrations of the notifications database.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    db: Db,
+    verifier: Verifier,
+}
+
+impl axum::extract::FromRef<AppState> for Verifier {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+/// One message sent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationView {
+    /// The event it answers.
+    event_id: String,
+    /// The event's type (`user.registered`, `order.paid`, ...).
+    #[serde(rename = "type")]
+    kind: String,
+    /// `Name <address>`.
+    to: String,
+    /// The subject.
+    subject: String,
+    /// The `.eml` file.
+    file: String,
+    /// When it was written (RFC 3339).
+    created_at: String,
+}
+
+/// The newest messages first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationList {
+    items: Vec<NotificationView>,
+}
+
+/// `?limit=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+/// Lists the messages sent, newest first (admins).
+#[utoipa::path(get, path = "/api/v1/admin/notifications", tag = "notifications", security(("bearer" = [])),
+    params(("limit" = Option<i64>, Query, description = "How many, 1 to 500 (default 50)")),
+    responses(
+        (status = 200, description = "The messages sent, newest first", body = NotificationList),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+async fn list(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<NotificationList>, Problem> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(shopmesh_problem::Invalid::new(
+            "limit",
+            "invalid_limit",
+            "must be from 1 to 500",
+        )
+        .into());
+    }
+    let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
+        "SELECT event_id, type, recipient, subject, file, created_at FROM notifications \
+         ORDER BY created_at DESC, event_id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(state.db.pool())
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "listing notifications failed");
+        Problem::internal()
+    })?;
+    let items = rows
+        .into_iter()
+        .map(|(event_id, kind, to, subject, file, at)| NotificationView {
+            event_id,
+            kind,
+            to,
+            subject,
+            file,
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000)
+                .ok()
+                .and_then(|t| t.format(&Rfc3339).ok())
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok(Json(NotificationList { items }))
+}
+
+fn routes(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::new().routes(routes!(list)).with_state(state)
+}
+
+/// `GET /internal/dlq`, `POST /internal/dlq/redrive` (internal port only).
+fn dlq_routes(consumer: Arc<Consumer>) -> Router {
+    Router::new()
+        .route("/internal/dlq", get(dead_letters))
+        .route("/internal/dlq/redrive", post(redrive))
+        .with_state(consumer)
+}
+
+async fn dead_letters(State(consumer): State<Arc<Consumer>>) -> Response {
+    match consumer.dead_letters().await {
+        Ok(letters) => Json(serde_json::json!({ "dead_letters": letters })).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading dead letters failed");
+            Problem::internal().into_response()
+        }
+    }
+}
+
+async fn redrive(State(consumer): State<Arc<Consumer>>) -> Response {
+    match consumer.redrive().await {
+        Ok((handled, failing)) => {
+            Json(serde_json::json!({ "handled": handled, "still_failing": failing }))
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "redrive failed");
+            Problem::internal().into_response()
+        }
+    }
+}
+
+/// A notifications service, built and bound, not yet serving.
+pub struct Application {
+    server: Server,
+    db: Db,
+    consumer: Arc<Consumer>,
+    subscriptions: Vec<Subscription>,
+}
+
+impl Application {
+    /// Connects, migrates, prepares the consumer and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let jwks_url = config.auth.require_jwks_url()?;
+        let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+        shopmesh_events::consumer::install(&db).await?;
+        let mesh = Mesh::new(config.mesh.clone());
+        let subscriptions = vec![
+            Subscription {
+                producer: "users".to_owned(),
+                upstream: mesh.upstream(
+                    "users",
+                    &config.notifications.users_url,
+                    Protocol::Http,
+                )?,
+            },
+            Subscription {
+                producer: "orders".to_owned(),
+                upstream: mesh.upstream(
+                    "orders",
+                    &config.notifications.orders_url,
+                    Protocol::Http,
+                )?,
+            },
+        ];
+        let mailer = mail::Mailer {
+            dir: config.mail_dir(),
+            from: config.notifications.from.clone(),
+            failpoint: config.notifications.failpoint.as_ref().map(|name| {
+                config
+                    .data_dir
+                    .join(format!("notifications-failpoint-{name}.fired"))
+            }),
+        };
+        let consumer = Arc::new(Consumer::new(
+            db.clone(),
+            Arc::new(mailer),
+            config.notifications.max_attempts,
+            config.poll(),
+        ));
+        let state = AppState {
+            db: db.clone(),
+            verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
+        };
+        let (public, openapi) = routes(state).split_for_parts();
+        let router = App::new("notifications")
+            .http(public)
+            .http(dlq_routes(consumer.clone()))
+            .openapi(openapi)
+            .mesh(mesh)
+            .readiness(ReadinessCheck::new("database", db.probe()))
+            .into_router();
+        let server = Server::bind("notifications", &config.server, router).await?;
+        Ok(Application {
+            server,
+            db,
+            consumer,
+            subscriptions,
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Serves and consumes until `shutdown` completes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let pumps: Vec<_> = self
+            .subscriptions
+            .into_iter()
+            .map(|s| self.consumer.spawn(s))
+            .collect();
+        let result = self.server.run_until(shutdown).await;
+        for pump in pumps {
+            pump.abort();
+        }
+        self.db.close().await;
+        Ok(result?)
+    }
+}
+
+/// Runs the notifications service configured from `sources` until `shutdown` completes.
+pub async fn run(
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Config::load(&sources)?;
+    shopmesh_runtime::telemetry::init_logging(&config.log)?;
+    Application::build(config).await?.run_until(shutdown).await
+}

@@ -1,0 +1,249 @@
+//! From an event to a message: who gets it, what it says, and the `.eml` file it becomes.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use shopmesh_events::Envelope;
+use shopmesh_events::consumer::{Handler, HandlerFuture};
+use sqlx::AnyConnection;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// `Name <address>`.
+    pub to: String,
+    /// The subject line.
+    pub subject: String,
+    /// Plain text.
+    pub body: String,
+}
+
+/// Header values come from customers (names): no line breaks or other controls may pass.
+fn header_safe(value: &str) -> String {
+    value.chars().filter(|c| !c.is_control()).collect()
+}
+
+fn money(minor: i64, currency: &str) -> String {
+    format!("{}.{:02} {currency}", minor / 100, (minor % 100).abs())
+}
+
+fn order_lines(payload: &Value) -> String {
+    payload["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            format!(
+                "  {} × {} ({})\n",
+                l["quantity"].as_i64().unwrap_or_default(),
+                l["name"].as_str().unwrap_or_default(),
+                l["sku"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// The message for an order event, to `to` named `name`.
+pub fn order_message(kind: &str, payload: &Value, to: &str, name: &str) -> Option<Message> {
+    let order = payload["order_id"].as_str()?;
+    let short = order.get(..8).unwrap_or(order);
+    let total = money(
+        payload["total"].as_i64().unwrap_or_default(),
+        payload["currency"].as_str().unwrap_or_default(),
+    );
+    let lines = order_lines(payload);
+    let (subject, text) = match kind {
+        "order.placed" => (
+            format!("We received your order {short}"),
+            format!(
+                "Your order {order} is placed and its items are set aside for you.\n\n{lines}\nTotal: {total}\n\nPay for it to complete your purchase."
+            ),
+        ),
+        "order.paid" => (
+            format!("Order {short} confirmed"),
+            format!(
+                "Thank you: your payment for order {order} was received and the order is confirmed.\n\n{lines}\nTotal paid: {total}\n"
+            ),
+        ),
+        "order.cancelled" => (
+            format!("Order {short} cancelled"),
+            format!("Your order {order} is cancelled. Anything you paid ({total}) is refunded.\n"),
+        ),
+        "order.expired" => (
+            format!("Order {short} expired"),
+            format!(
+                "Your order {order} was not paid in time and has expired; its items are back on the shelf.\n"
+            ),
+        ),
+        _ => return None,
+    };
+    Some(Message {
+        to: format!("{} <{}>", header_safe(name), header_safe(to)),
+        subject,
+        body: format!("Hello {},\n\n{text}\n-- shopmesh\n", header_safe(name)),
+    })
+}
+
+/// The welcome message for a new account.
+pub fn welcome(email: &str, name: &str) -> Message {
+    Message {
+        to: format!("{} <{}>", header_safe(name), header_safe(email)),
+        subject: "Welcome to shopmesh".to_owned(),
+        body: format!(
+            "Hello {},\n\nyour account {} is ready. Happy shopping!\n\n-- shopmesh\n",
+            header_safe(name),
+            header_safe(email)
+        ),
+    }
+}
+
+/// Writes `message` as `<dir>/<event id>.eml` (whole or not at all). Keyed by the event, so
+/// writing it again for a redelivered event leaves one file.
+pub fn write_eml(
+    dir: &Path,
+    from: &str,
+    event: &Envelope,
+    message: &Message,
+) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let id = event.id.hyphenated().to_string();
+    let date = OffsetDateTime::now_utc()
+        .format(&Rfc2822)
+        .unwrap_or_default();
+    let text = format!(
+        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nDate: {date}\r\nMessage-ID: <{id}@shopmesh.local>\r\nX-Shopmesh-Event: {kind}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{body}",
+        from = header_safe(from),
+        to = message.to,
+        subject = header_safe(&message.subject),
+        kind = event.kind,
+        body = message.body.replace('\n', "\r\n"),
+    );
+    let path = dir.join(format!("{id}.eml"));
+    let tmp = dir.join(format!(".{id}.eml.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// The consumer's handler: keeps the customer directory, writes one message per event, records
+/// it.
+pub struct Mailer {
+    /// Where `.eml` files go.
+    pub dir: PathBuf,
+    /// The sender.
+    pub from: String,
+    /// Test only: a marker file; freeze once after writing a message, before recording it.
+    pub failpoint: Option<PathBuf>,
+}
+
+fn now_micros() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
+}
+
+impl Mailer {
+    async fn message_for(
+        &self,
+        tx: &mut AnyConnection,
+        event: &Envelope,
+    ) -> Result<Option<Message>, String> {
+        let p = &event.payload;
+        if event.kind == "user.registered" {
+            let (Some(user), Some(email), Some(name)) = (
+                p["user_id"].as_str(),
+                p["email"].as_str(),
+                p["name"].as_str(),
+            ) else {
+                return Err("user.registered without user_id, email or name".to_owned());
+            };
+            sqlx::query(
+                "INSERT INTO customers (user_id, email, name) VALUES ($1, $2, $3) \
+                 ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name",
+            )
+            .bind(user)
+            .bind(email)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+            return Ok(Some(welcome(email, name)));
+        }
+        if !event.kind.starts_with("order.") {
+            return Ok(None);
+        }
+        let user = p["user_id"]
+            .as_str()
+            .ok_or_else(|| format!("{} without user_id", event.kind))?;
+        let customer: Option<(String, String)> =
+            sqlx::query_as("SELECT email, name FROM customers WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| e.to_string())?;
+        // The user's registration comes on another stream and may not be here yet: try later.
+        let (email, name) = customer.ok_or_else(|| format!("customer {user} is not known yet"))?;
+        Ok(order_message(&event.kind, p, &email, &name))
+    }
+}
+
+impl Handler for Mailer {
+    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let Some(message) = self.message_for(tx, event).await? else {
+                return Ok(());
+            };
+            let path = write_eml(&self.dir, &self.from, event, &message)
+                .map_err(|e| format!("writing the message: {e}"))?;
+            if let Some(marker) = &self.failpoint
+                && !marker.exists()
+            {
+                let _ = std::fs::write(marker, b"fired");
+                tracing::warn!(path = %path.display(), "failpoint pause_after_mail: frozen before recording the message");
+                std::future::pending::<()>().await;
+            }
+            sqlx::query(
+                "INSERT INTO notifications (event_id, type, recipient, subject, file, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(event.id.hyphenated().to_string())
+            .bind(&event.kind)
+            .bind(&message.to)
+            .bind(&message.subject)
+            .bind(path.display().to_string())
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+            metrics::counter!("notifications_sent_total", "type" => event.kind.clone())
+                .increment(1);
+            tracing::info!(event = %event.id, kind = %event.kind, to = %message.to, "message written");
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn header_values_cannot_smuggle_headers() {
+        let m = welcome("a@example.com", "Eve\r\nBcc: all@example.com");
+        assert_eq!(m.to, "EveBcc: all@example.com <a@example.com>");
+        assert!(!m.to.contains('\n'));
+    }
+
+    #[test]
+    fn order_messages_say_what_happened_with_lines_and_total() {
+        let payload = json!({"order_id": "0194a1b2-0000-7000-8000-000000000000", "user_id": "u",
+            "total": 6980, "currency": "EUR",
+            "lines": [{"name": "Mug", "sku": "MUG-1", "quantity": 2, "unit_price": 3490}]});
+        let m = order_message("order.paid", &payload, "cat@example.com", "Cat").expect("a message");
+        assert_eq!(m.subject, "Order 0194a1b2 confirmed");
+        assert!(m.body.contains("2 × Mug (MUG-1)"), "{}", m.body);
+        assert!(m.body.contains("69.80 EUR"), "{}", m.body);
+        assert!(order_message("order.shipped", &payload, "a", "b").is_none());
+    }
+}
