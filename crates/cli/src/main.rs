@@ -7,10 +7,12 @@
 //! - `serve` ([`serve`]): one service, configured from the environment; what a container runs.
 //! - `verify` ([`verify`]): reconciles stock, orders and payments across services.
 //! - `admin` ([`admin`]): operator tasks against a service's database (create an admin).
+//! - `events` ([`events`]): dead letters of the event consumers (list, redrive).
 //!
 //! Everything a command needs comes from the service crates; this crate only wires them up.
 
 mod admin;
+mod events;
 mod serve;
 mod up;
 mod verify;
@@ -45,6 +47,11 @@ enum Command {
         #[command(subcommand)]
         command: admin::AdminCommand,
     },
+    /// Event operations: `events dlq list`, `events dlq redrive`.
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +72,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Verify(args) => verify::run(args).await,
             Command::Admin { command } => admin::run(command).await,
+            Command::Events { command } => events::run(command).await,
         }
     });
     // A blocked stdin reader (the parent watch of `serve`) must not hold the exit.

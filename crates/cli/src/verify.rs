@@ -218,27 +218,10 @@ fn addresses(args: &VerifyArgs) -> anyhow::Result<(String, String, String)> {
     {
         return Ok((i.clone(), o.clone(), p.clone()));
     }
-    let data_dir = match &args.data_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            #[derive(serde::Deserialize, Default)]
-            #[serde(default)]
-            struct Dir {
-                data_dir: DataDir,
-            }
-            let dir: Dir = Sources::from_process().load(Some("launcher"))?;
-            dir.data_dir.0
-        }
-    };
-    let path = data_dir.join("up.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {} (is `shopmesh up` running here?); or pass --inventory-url, \
-             --orders-url and --payments-url",
-            path.display()
-        )
-    })?;
-    let state: serde_json::Value = serde_json::from_str(&text).context("up.json is malformed")?;
+    let state = up_state(
+        args.data_dir.as_ref(),
+        "--inventory-url, --orders-url and --payments-url",
+    )?;
     let addr = |service: &str| -> anyhow::Result<String> {
         state["processes"][service]["addr"]
             .as_str()
@@ -254,6 +237,31 @@ fn addresses(args: &VerifyArgs) -> anyhow::Result<(String, String, String)> {
             .clone()
             .map_or_else(|| addr("payments"), Ok)?,
     ))
+}
+
+/// The state file of the `shopmesh up` running on `data_dir` (default: ./data, or
+/// SHOPMESH_DATA_DIR); `instead` names the options that make it unnecessary.
+pub fn up_state(data_dir: Option<&PathBuf>, instead: &str) -> anyhow::Result<serde_json::Value> {
+    let data_dir = match data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            #[derive(serde::Deserialize, Default)]
+            #[serde(default)]
+            struct Dir {
+                data_dir: DataDir,
+            }
+            let dir: Dir = Sources::from_process().load(Some("launcher"))?;
+            dir.data_dir.0
+        }
+    };
+    let path = data_dir.join("up.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (is `shopmesh up` running here?); or pass {instead}",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).context("up.json is malformed")
 }
 
 async fn snapshot(args: &VerifyArgs) -> anyhow::Result<Snapshot> {

@@ -13,6 +13,7 @@ use shopmesh_db::Db;
 use shopmesh_mesh::{CallOptions, Upstream};
 use sqlx::AnyConnection;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::Envelope;
 
@@ -77,6 +78,9 @@ fn now_micros() -> i64 {
 
 #[derive(Deserialize)]
 struct Page {
+    /// The producer's highest position.
+    #[serde(default)]
+    head: i64,
     events: Vec<Envelope>,
 }
 
@@ -141,19 +145,19 @@ impl Consumer {
     pub async fn pump(&self, subscription: &Subscription) -> Result<usize, ConsumeError> {
         let producer = &subscription.producer;
         let after = self.cursor(producer).await?;
-        let events = self.fetch(subscription, after).await?;
-        let n = events.len();
-        for event in &events {
+        let page = self.fetch(subscription, after).await?;
+        let n = page.events.len();
+        let lag = |done: i64| (page.head - done).max(0) as f64;
+        metrics::gauge!("consumer_lag_events", "producer" => producer.clone()).set(lag(after));
+        for event in &page.events {
             self.process(producer, event).await?;
+            metrics::gauge!("consumer_lag_events", "producer" => producer.clone())
+                .set(lag(event.position));
         }
         Ok(n)
     }
 
-    async fn fetch(
-        &self,
-        subscription: &Subscription,
-        after: i64,
-    ) -> Result<Vec<Envelope>, ConsumeError> {
+    async fn fetch(&self, subscription: &Subscription, after: i64) -> Result<Page, ConsumeError> {
         let failed = |why: String| ConsumeError::Fetch(subscription.producer.clone(), why);
         let request = http::Request::get(format!("/internal/outbox?after={after}&limit={PAGE}"))
             .body(Full::new(Bytes::new()))
@@ -177,8 +181,7 @@ impl Consumer {
             .await
             .map_err(|e| failed(e.to_string()))?
             .to_bytes();
-        let page: Page = serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))?;
-        Ok(page.events)
+        serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))
     }
 
     /// Handles one event unless its id is in the inbox; records it and moves the cursor in the
@@ -211,6 +214,12 @@ impl Consumer {
                 .execute(&mut *tx)
                 .await?;
             metrics::counter!("events_consumed_total", "producer" => producer.to_owned(), "type" => event.kind.clone()).increment(1);
+            // From the producer's commit to this one: the transport's latency.
+            if let Ok(at) = OffsetDateTime::parse(&event.occurred_at, &Rfc3339) {
+                let seconds = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
+                metrics::histogram!("event_delivery_seconds", "producer" => producer.to_owned())
+                    .record(seconds);
+            }
         } else {
             metrics::counter!("events_duplicates_total", "producer" => producer.to_owned())
                 .increment(1);
@@ -266,9 +275,19 @@ impl Consumer {
         advance(&mut tx, producer, event.position).await?;
         tx.commit().await?;
         tracing::error!(event = %id, kind = %event.kind, producer, error = why, "event dead-lettered");
+        self.report_dead_letters().await;
         metrics::counter!("events_dead_lettered_total", "producer" => producer.to_owned())
             .increment(1);
         Ok(())
+    }
+
+    async fn report_dead_letters(&self) {
+        if let Ok((n,)) = sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM event_dead_letters")
+            .fetch_one(self.db.pool())
+            .await
+        {
+            metrics::gauge!("event_dead_letters").set(n as f64);
+        }
     }
 
     /// The events set aside.
@@ -330,6 +349,7 @@ impl Consumer {
             tx.commit().await?;
             handled += 1;
         }
+        self.report_dead_letters().await;
         Ok((handled, failing))
     }
 }

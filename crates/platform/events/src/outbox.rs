@@ -205,9 +205,23 @@ pub fn routes(db: Db) -> Router {
         .with_state(db)
 }
 
+/// The highest position numbered so far (0 when none).
+pub async fn head(db: &Db) -> Result<i64, sqlx::Error> {
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(position) FROM outbox")
+        .fetch_one(db.pool())
+        .await?;
+    Ok(max.unwrap_or(0))
+}
+
 async fn serve_page(State(db): State<Db>, Query(page): Query<Page>) -> Response {
-    match read_after(&db, page.after, page.limit).await {
-        Ok(events) => axum::Json(json!({ "events": events })).into_response(),
+    let result = async {
+        let head = head(&db).await?;
+        let events = read_after(&db, page.after, page.limit).await?;
+        Ok::<_, sqlx::Error>((head, events))
+    }
+    .await;
+    match result {
+        Ok((head, events)) => axum::Json(json!({ "head": head, "events": events })).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "reading the outbox failed");
             (http::StatusCode::SERVICE_UNAVAILABLE, "outbox unavailable").into_response()
