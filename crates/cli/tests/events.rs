@@ -190,3 +190,78 @@ async fn a_consumer_killed_between_sending_and_recording_sends_the_message_once(
     assert_eq!(count(&messages, "user.registered", "cat@example.com"), 1);
     assert_eq!(mail_files(&shop).len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_committed_order_event_arrives_though_the_producer_is_killed_mid_stream() {
+    let shop = Shop::start_args(
+        &["--no-demo"],
+        &[
+            ("SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND", "0"),
+            ("SHOPMESH_GATEWAY__RATE_LIMIT__PER_USER_PER_SECOND", "0"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let admin = admin_token(&shop, &client, &[]).await;
+    let cat = register(&shop, &client, "cat@example.com", "Cat").await;
+    let product: Value = client
+        .post(shop.url("/api/v1/products"))
+        .bearer_auth(&admin)
+        .json(&json!({"sku": "EV-1", "name": "Event Mug", "price": 900, "currency": "EUR", "category": "test"}))
+        .send()
+        .await
+        .expect("product")
+        .json()
+        .await
+        .expect("json");
+    let product = product["id"].as_str().expect("id").to_owned();
+    let stocked = client
+        .post(shop.url(&format!("/api/v1/inventory/{product}")))
+        .bearer_auth(&admin)
+        .json(&json!({"quantity": 1000}))
+        .send()
+        .await
+        .expect("stock");
+    assert_eq!(stocked.status(), 200);
+
+    // Orders placed one after another; the orders process is SIGKILLed in the middle (its
+    // positioner and the stream it serves die with it). Failed requests are retried with their
+    // key, as a client would.
+    let mut placed = std::collections::BTreeSet::new();
+    for n in 0..60 {
+        if n == 30 {
+            signal(shop.pid_of("orders"), "KILL");
+        }
+        let started = Instant::now();
+        loop {
+            let response = client
+                .post(shop.url("/api/v1/orders"))
+                .bearer_auth(&cat)
+                .header("idempotency-key", format!("ev-{n}"))
+                .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+                .send()
+                .await
+                .expect("order");
+            if response.status() == 201 || response.status() == 200 {
+                let order: Value = response.json().await.expect("json");
+                placed.insert(order["id"].as_str().expect("id").to_owned());
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "order {n} never placed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(placed.len(), 60);
+
+    // ops and cat welcomed, and one `order.placed` message per order: none lost, none twice.
+    let messages = settle(&shop, &client, &admin, 62).await;
+    assert_eq!(
+        count(&messages, "order.placed", "cat@example.com"),
+        60,
+        "{messages:?}"
+    );
+    assert_eq!(messages.len(), 62);
+    assert_eq!(mail_files(&shop).len(), 62);
+}

@@ -40,9 +40,11 @@ impl Application {
     /// Connects, migrates and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+        shopmesh_events::outbox::install(&db).await?;
         let store = store::Store::new(db.clone());
         let router = App::new("payments")
             .grpc(api::PaymentsGrpc::server(store))
+            .http(shopmesh_events::outbox::routes(db.clone()))
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("payments", &config.server, router).await?;
@@ -59,7 +61,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.server.run_until(shutdown).await?;
+        // Numbers the committed payment events for the consumers.
+        let positioner = shopmesh_events::outbox::spawn_positioner(self.db.clone(), "payments");
+        let result = self.server.run_until(shutdown).await;
+        positioner.abort();
+        result?;
         self.db.close().await;
         Ok(())
     }

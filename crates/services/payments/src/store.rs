@@ -75,25 +75,43 @@ impl Store {
         .await?)
     }
 
-    /// Records a capture; if the order was captured meanwhile, returns that one instead.
+    /// Records a capture; if the order was captured meanwhile, returns that one instead. A new
+    /// capture writes `payment.captured` in the same transaction.
     pub async fn capture(&self, capture: &NewCapture<'_>) -> Result<Payment, Error> {
+        let payment_id = Uuid::now_v7();
+        let mut tx = self.db.begin_write().await?;
         let result = sqlx::query(
             "INSERT INTO payments (order_id, payment_id, amount, currency, status, card_last4, \
              card_brand, created_at) VALUES ($1, $2, $3, $4, 'captured', $5, $6, $7)",
         )
         .bind(capture.order_id.hyphenated().to_string())
-        .bind(Uuid::now_v7().hyphenated().to_string())
+        .bind(payment_id.hyphenated().to_string())
         .bind(capture.amount)
         .bind(capture.currency)
         .bind(capture.card_last4)
         .bind(capture.card_brand)
         .bind(micros(OffsetDateTime::now_utc()))
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await;
         match result {
-            Ok(_) => {}
+            Ok(_) => {
+                let event = shopmesh_events::Event {
+                    kind: "payment.captured",
+                    version: 1,
+                    aggregate_id: capture.order_id.hyphenated().to_string(),
+                    payload: serde_json::json!({
+                        "order_id": capture.order_id,
+                        "payment_id": payment_id,
+                        "amount": capture.amount,
+                        "currency": capture.currency,
+                        "card_last4": capture.card_last4,
+                    }),
+                };
+                shopmesh_events::outbox::append(&mut tx, &event, None).await?;
+                tx.commit().await?;
+            }
             // A concurrent charge for the same order captured first: its capture is the answer.
-            Err(e) if is_unique_violation(&e) => {}
+            Err(e) if is_unique_violation(&e) => drop(tx),
             Err(e) => return Err(e.into()),
         }
         self.payment(capture.order_id)
@@ -126,16 +144,37 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the order's capture refunded (once); `None` when nothing was captured.
+    /// Marks the order's capture refunded (once, writing `payment.refunded` with it); `None`
+    /// when nothing was captured.
     pub async fn refund(&self, order_id: Uuid) -> Result<Option<Payment>, Error> {
-        sqlx::query(
+        let mut tx = self.db.begin_write().await?;
+        let done = sqlx::query(
             "UPDATE payments SET status = 'refunded', refunded_at = $1 \
              WHERE order_id = $2 AND status = 'captured'",
         )
         .bind(micros(OffsetDateTime::now_utc()))
         .bind(order_id.hyphenated().to_string())
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
+        if done.rows_affected() > 0 {
+            let (amount, currency): (i64, String) =
+                sqlx::query_as("SELECT amount, currency FROM payments WHERE order_id = $1")
+                    .bind(order_id.hyphenated().to_string())
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let event = shopmesh_events::Event {
+                kind: "payment.refunded",
+                version: 1,
+                aggregate_id: order_id.hyphenated().to_string(),
+                payload: serde_json::json!({
+                    "order_id": order_id,
+                    "amount": amount,
+                    "currency": currency,
+                }),
+            };
+            shopmesh_events::outbox::append(&mut tx, &event, None).await?;
+        }
+        tx.commit().await?;
         self.payment(order_id).await
     }
 }

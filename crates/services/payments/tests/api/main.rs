@@ -22,6 +22,7 @@ shopmesh_db::test_on_both_backends!(
 
 struct TestApp {
     grpc: PaymentsClient<Channel>,
+    addr: std::net::SocketAddr,
     db: TestDb,
     _stop: oneshot::Sender<()>,
 }
@@ -43,6 +44,7 @@ async fn start(db: TestDb) -> TestApp {
         .expect("grpc");
     TestApp {
         grpc,
+        addr,
         db,
         _stop: stop,
     }
@@ -75,6 +77,31 @@ fn meta<'a>(status: &'a tonic::Status, key: &str) -> &'a str {
 }
 
 const GOOD: &str = "4242 4242 4242 4242";
+
+/// The events of `kind` about `order` in the payments stream, once `expected` are there (or
+/// after 3 s, whatever is there).
+async fn events(app: &TestApp, kind: &str, order: Uuid, expected: usize) -> Vec<serde_json::Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let page: serde_json::Value = reqwest::get(format!("http://{}/internal/outbox", app.addr))
+            .await
+            .expect("outbox")
+            .json()
+            .await
+            .expect("json");
+        let found: Vec<_> = page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["type"] == kind && e["aggregate_id"] == order.to_string())
+            .cloned()
+            .collect();
+        if found.len() >= expected || started.elapsed() > std::time::Duration::from_secs(3) {
+            return found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
 
 async fn a_good_card_is_captured_once_however_often_and_concurrently_it_is_charged(db: TestDb) {
     let app = start(db).await;
@@ -122,6 +149,11 @@ async fn a_good_card_is_captured_once_however_often_and_concurrently_it_is_charg
         .expect("get")
         .into_inner();
     assert_eq!(stored, again);
+    // One capture, one `payment.captured`, whatever the number of charges.
+    let captured = events(&app, "payment.captured", order, 1).await;
+    assert_eq!(captured.len(), 1);
+    assert_eq!(captured[0]["payload"]["amount"], 4990);
+    assert_eq!(captured[0]["payload"]["payment_id"], stored.payment_id);
 }
 
 async fn a_declined_card_is_a_402_and_the_order_stays_payable_with_another_card(db: TestDb) {
@@ -249,6 +281,8 @@ async fn a_refund_happens_once_and_needs_a_capture(db: TestDb) {
         .expect("charge")
         .into_inner();
     assert_eq!(after.status, "refunded");
+    assert_eq!(events(&app, "payment.refunded", order, 1).await.len(), 1);
+    assert_eq!(events(&app, "payment.captured", order, 1).await.len(), 1);
 }
 
 async fn the_card_number_is_never_stored(db: TestDb) {
