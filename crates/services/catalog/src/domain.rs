@@ -232,6 +232,9 @@ pub struct Product {
     pub updated_at: OffsetDateTime,
     /// Deleted (kept for past orders, hidden elsewhere).
     pub deleted: bool,
+    /// Units that can be ordered, as of the inventory's last `stock.changed` event (`None`
+    /// until one arrives).
+    pub available: Option<i64>,
 }
 
 impl Product {

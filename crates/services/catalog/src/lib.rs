@@ -21,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod seed;
+pub mod stock;
 pub mod store;
 
 use std::future::Future;
@@ -57,6 +58,8 @@ impl FromRef<AppState> for Verifier {
 pub struct Application {
     server: Server,
     db: Db,
+    consumer: std::sync::Arc<shopmesh_events::consumer::Consumer>,
+    stock_events: shopmesh_events::consumer::Subscription,
 }
 
 impl Application {
@@ -64,6 +67,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+        shopmesh_events::consumer::install(&db).await?;
         let store = store::Store::new(db.clone());
         if config.catalog.seed_demo {
             let added = seed::seed(&store)
@@ -79,6 +83,22 @@ impl Application {
             &config.catalog.inventory_url,
             std::time::Duration::from_millis(config.catalog.availability_timeout_ms),
         )?);
+        // Availability for lists, from the inventory's `stock.changed` stream (the same
+        // instances, spoken to over HTTP).
+        let stock_events = shopmesh_events::consumer::Subscription {
+            producer: "inventory".to_owned(),
+            upstream: mesh.upstream(
+                "inventory-events",
+                &config.catalog.inventory_url,
+                shopmesh_mesh::Protocol::Http,
+            )?,
+        };
+        let consumer = std::sync::Arc::new(shopmesh_events::consumer::Consumer::new(
+            db.clone(),
+            std::sync::Arc::new(stock::Availability),
+            5,
+            std::time::Duration::from_millis(200),
+        ));
         let state = AppState {
             store: store.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
@@ -93,7 +113,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("catalog", &config.server, router).await?;
-        Ok(Application { server, db })
+        Ok(Application {
+            server,
+            db,
+            consumer,
+            stock_events,
+        })
     }
 
     /// Where it listens.
@@ -106,9 +131,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        self.server.run_until(shutdown).await?;
+        let pump = self.consumer.spawn(self.stock_events);
+        let result = self.server.run_until(shutdown).await;
+        pump.abort();
         self.db.close().await;
-        Ok(())
+        Ok(result?)
     }
 }
 

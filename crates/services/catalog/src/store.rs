@@ -30,12 +30,15 @@ struct ProductRow {
     created_at: i64,
     updated_at: i64,
     deleted_at: Option<i64>,
+    available: Option<i64>,
 }
 
 macro_rules! product_columns {
     () => {
         "id, sku, name, description, price, currency, category, image_url, active, created_at, \
-         updated_at, deleted_at"
+         updated_at, deleted_at, \
+         (SELECT available FROM availability WHERE availability.product_id = products.id) \
+         AS available"
     };
 }
 
@@ -139,6 +142,7 @@ impl ProductRow {
             created_at: from_micros(self.created_at)?,
             updated_at: from_micros(self.updated_at)?,
             deleted: self.deleted_at.is_some(),
+            available: self.available,
         })
     }
 }
@@ -185,6 +189,7 @@ impl Store {
                 created_at: from_micros(now)?,
                 updated_at: from_micros(now)?,
                 deleted: false,
+                available: None,
             }),
             Err(e) if is_unique_violation(&e) => Err(Error::SkuTaken),
             Err(e) => Err(e.into()),

@@ -59,6 +59,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+        shopmesh_events::outbox::install(&db).await?;
         let store = store::Store::new(db.clone());
         if config.inventory.seed_demo {
             let added = seed::seed(&store)
@@ -75,6 +76,7 @@ impl Application {
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("inventory")
             .http(public)
+            .http(shopmesh_events::outbox::routes(db.clone()))
             .openapi(openapi)
             .grpc(api::grpc::InventoryGrpc::server(store.clone()))
             .readiness(ReadinessCheck::new("database", db.probe()))
@@ -103,9 +105,13 @@ impl Application {
             self.sweep_interval,
             stopped,
         ));
+        // Numbers the committed `stock.changed` events for the consumers.
+        let positioner =
+            shopmesh_events::outbox::spawn_positioner(self.store.db().clone(), "inventory");
         let result = self.server.run_until(shutdown).await;
         let _ = stop.send(true);
         let _ = sweeper.await;
+        positioner.abort();
         self.store.db().close().await;
         Ok(result?)
     }

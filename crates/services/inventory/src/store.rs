@@ -113,12 +113,14 @@ impl Store {
         let mut tx = self.db.begin_write().await?;
         add_in(&mut tx, product_id, quantity.get()).await?;
         let level = stock_in(&mut tx, product_id).await?;
+        stock_changed(&mut tx, &level).await?;
         tx.commit().await?;
         Ok(level)
     }
 
     /// Sets a product's initial stock unless it has some record already (demo seeding).
     pub async fn seed(&self, product_id: Uuid, quantity: Quantity) -> Result<bool, Error> {
+        let mut tx = self.db.begin_write().await?;
         let done = sqlx::query(
             "INSERT INTO stock (product_id, on_hand, reserved, added, removed, sold, updated_at) \
              VALUES ($1, $2, 0, $2, 0, 0, $3) ON CONFLICT (product_id) DO NOTHING",
@@ -126,8 +128,13 @@ impl Store {
         .bind(id(product_id))
         .bind(quantity.get())
         .bind(micros(OffsetDateTime::now_utc()))
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
+        if done.rows_affected() > 0 {
+            let level = stock_in(&mut tx, product_id).await?;
+            stock_changed(&mut tx, &level).await?;
+        }
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -151,6 +158,7 @@ impl Store {
                 available: level.available(),
             });
         }
+        stock_changed(&mut tx, &level).await?;
         tx.commit().await?;
         Ok(level)
     }
@@ -237,6 +245,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        for line in lines.iter() {
+            let level = stock_in(&mut tx, line.product_id).await?;
+            stock_changed(&mut tx, &level).await?;
+        }
         tx.commit().await?;
         Ok(from_micros(micros(expires_at)))
     }
@@ -261,17 +273,19 @@ impl Store {
                 }
                 State::Held => {
                     if transition(&mut tx, order_id, State::Held, State::Committed, now).await? {
-                        for (product_id, quantity) in lines_in(&mut tx, order_id).await? {
+                        let lines = lines_in(&mut tx, order_id).await?;
+                        for (product_id, quantity) in &lines {
                             sqlx::query(
                                 "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
                                  sold = sold + $1, updated_at = $2 WHERE product_id = $3",
                             )
-                            .bind(quantity)
+                            .bind(*quantity)
                             .bind(now)
                             .bind(product_id)
                             .execute(&mut *tx)
                             .await?;
                         }
+                        stock_changed_for(&mut tx, &lines).await?;
                         tx.commit().await?;
                         return Ok(());
                     }
@@ -486,13 +500,48 @@ async fn finish_in(
     if !transition(tx, order_id, from, State::Released, now).await? {
         return Ok(false);
     }
-    for (product_id, quantity) in lines_in(tx, order_id).await? {
+    let lines = lines_in(tx, order_id).await?;
+    for (product_id, quantity) in &lines {
         sqlx::query(sql)
-            .bind(quantity)
+            .bind(*quantity)
             .bind(now)
             .bind(product_id)
             .execute(&mut **tx)
             .await?;
     }
+    stock_changed_for(tx, &lines).await?;
     Ok(true)
+}
+
+/// Writes `stock.changed` with the product's levels after the change, in the change's
+/// transaction. Consumers keep the latest by position (the catalog shows availability in lists).
+async fn stock_changed(conn: &mut sqlx::AnyConnection, level: &StockLevel) -> Result<(), Error> {
+    let event = shopmesh_events::Event {
+        kind: "stock.changed",
+        version: 1,
+        aggregate_id: id(level.product_id),
+        payload: serde_json::json!({
+            "product_id": level.product_id,
+            "available": level.available(),
+            "reserved": level.reserved,
+            "on_hand": level.on_hand,
+            "sold": level.sold,
+        }),
+    };
+    shopmesh_events::outbox::append(conn, &event, None).await?;
+    Ok(())
+}
+
+/// `stock.changed` for each product of a reservation's lines.
+async fn stock_changed_for(
+    tx: &mut Transaction<'static, Any>,
+    lines: &[(String, i64)],
+) -> Result<(), Error> {
+    for (product_id, _) in lines {
+        let product_id = Uuid::parse_str(product_id)
+            .map_err(|_| Error::Internal(anyhow::anyhow!("a stored product id is malformed")))?;
+        let level = stock_in(tx, product_id).await?;
+        stock_changed(tx, &level).await?;
+    }
+    Ok(())
 }

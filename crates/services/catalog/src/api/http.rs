@@ -49,7 +49,9 @@ pub struct ProductView {
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     updated_at: OffsetDateTime,
-    /// Units that can be ordered now (product pages only; absent if the inventory is down).
+    /// Units that can be ordered: on a product page, asked from the inventory now; in lists
+    /// (and on a page when the inventory does not answer), as of its last `stock.changed`
+    /// event. Absent when unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     available: Option<i64>,
 }
@@ -68,7 +70,7 @@ impl From<Product> for ProductView {
             active: p.draft.active,
             created_at: p.created_at,
             updated_at: p.updated_at,
-            available: None,
+            available: p.available,
         }
     }
 }

@@ -1,0 +1,36 @@
+//! The catalog's consumer of `stock.changed`: the latest availability per product, for lists.
+
+use shopmesh_events::Envelope;
+use shopmesh_events::consumer::{Handler, HandlerFuture};
+use sqlx::AnyConnection;
+
+/// Keeps `availability` current.
+pub struct Availability;
+
+impl Handler for Availability {
+    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            if event.kind != "stock.changed" {
+                return Ok(());
+            }
+            let product = event.payload["product_id"]
+                .as_str()
+                .ok_or("stock.changed without product_id")?;
+            let available = event.payload["available"]
+                .as_i64()
+                .ok_or("stock.changed without available")?;
+            sqlx::query(
+                "INSERT INTO availability (product_id, available, position) VALUES ($1, $2, $3) \
+                 ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
+                 position = excluded.position WHERE availability.position < excluded.position",
+            )
+            .bind(product)
+            .bind(available)
+            .bind(event.position)
+            .execute(tx)
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
