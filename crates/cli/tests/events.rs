@@ -100,9 +100,60 @@ fn count(messages: &[(String, String)], kind: &str, to: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purchase_sends_one_confirmation_and_each_new_user_one_welcome() {
-    let shop = Shop::start();
+    purchase(&[]).await;
+}
+
+/// The same through RabbitMQ (`TEST_RABBITMQ_URL`, or the local broker; skipped with a notice
+/// when there is none and none is required), on an exchange and queues of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purchase_through_rabbitmq_sends_one_confirmation_and_each_new_user_one_welcome() {
+    let configured = std::env::var("TEST_RABBITMQ_URL").ok();
+    let url = configured
+        .clone()
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    if let Err(e) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+        assert!(
+            configured.is_none(),
+            "TEST_RABBITMQ_URL={url} is unreachable: {e}"
+        );
+        eprintln!("skipped: no RabbitMQ at {url}");
+        return;
+    }
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let exchange = format!("shopmesh-test.{unique}");
+    let prefix = format!("shopmesh-test.{unique}.");
+    purchase(&[
+        ("SHOPMESH_EVENTS__RABBITMQ_URL", url.as_str()),
+        ("SHOPMESH_EVENTS__EXCHANGE", exchange.as_str()),
+        ("SHOPMESH_EVENTS__QUEUE_PREFIX", prefix.as_str()),
+    ])
+    .await;
+    // Leave the broker as it was.
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for service in ["notifications", "catalog"] {
+        for queue in [
+            format!("{prefix}{service}"),
+            format!("{prefix}{service}.dead"),
+        ] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    for name in [exchange.clone(), format!("{exchange}.dead")] {
+        let _ = channel
+            .exchange_delete(name.as_str().into(), Default::default())
+            .await;
+    }
+}
+
+async fn purchase(env: &[(&str, &str)]) {
+    let shop = Shop::start_with(env);
     let client = reqwest::Client::new();
-    let admin = admin_token(&shop, &client, &[]).await;
+    let admin = admin_token(&shop, &client, env).await;
     let cat = register(&shop, &client, "cat@example.com", "Cat").await;
     let _dog = register(&shop, &client, "dog@example.com", "Dog").await;
 

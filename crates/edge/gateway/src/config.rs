@@ -27,6 +27,9 @@ pub struct Config {
     pub gateway: GatewaySettings,
     /// `[mesh]`: discovery, balancing, health, breakers, retries for every upstream.
     pub mesh: MeshSettings,
+    /// `[events]`: unused here (the gateway neither publishes nor consumes events); accepted so
+    /// one environment serves every process (the services that use it check it).
+    pub events: serde::de::IgnoredAny,
 }
 
 impl Config {

@@ -233,6 +233,36 @@ impl Consumer {
         Ok(())
     }
 
+    /// Handles one event delivered by a broker: unless already handled (inbox), runs the
+    /// handler and records the id in one transaction. The broker counts the attempts.
+    pub async fn handle_once(&self, source: &str, event: &Envelope) -> Result<(), ConsumeError> {
+        let id = event.id.hyphenated().to_string();
+        let mut tx = self.db.begin_write().await?;
+        let seen: Option<(String,)> =
+            sqlx::query_as("SELECT event_id FROM event_inbox WHERE event_id = $1")
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if seen.is_some() {
+            metrics::counter!("events_duplicates_total", "producer" => source.to_owned())
+                .increment(1);
+            return Ok(());
+        }
+        self.handler
+            .handle(&mut tx, event)
+            .await
+            .map_err(|why| ConsumeError::Handler(format!("{} {id}", event.kind), why))?;
+        sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
+            .bind(&id)
+            .bind(&event.kind)
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        metrics::counter!("events_consumed_total", "producer" => source.to_owned(), "type" => event.kind.clone()).increment(1);
+        Ok(())
+    }
+
     async fn record_failure(&self, id: &str, why: &str) -> Result<i64, sqlx::Error> {
         let mut tx = self.db.begin_write().await?;
         sqlx::query(

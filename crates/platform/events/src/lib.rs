@@ -22,6 +22,9 @@
 
 pub mod consumer;
 pub mod outbox;
+pub mod rabbit;
+
+pub use rabbit::EventsSettings;
 
 use serde::{Deserialize, Serialize};
 use shopmesh_db::Db;

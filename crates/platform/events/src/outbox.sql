@@ -12,3 +12,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_unpositioned ON outbox (id) WHERE position IS NULL;
+-- How far the RabbitMQ relay has published (only advanced after the broker confirmed).
+CREATE TABLE IF NOT EXISTS outbox_relay (
+    name     TEXT PRIMARY KEY,
+    position BIGINT NOT NULL
+);

@@ -60,6 +60,7 @@ pub struct Application {
     db: Db,
     consumer: std::sync::Arc<shopmesh_events::consumer::Consumer>,
     stock_events: shopmesh_events::consumer::Subscription,
+    events: shopmesh_events::EventsSettings,
 }
 
 impl Application {
@@ -118,6 +119,7 @@ impl Application {
             db,
             consumer,
             stock_events,
+            events: config.events.clone(),
         })
     }
 
@@ -131,7 +133,16 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let pump = self.consumer.spawn(self.stock_events);
+        let pump = if self.events.rabbitmq_url.is_some() {
+            shopmesh_events::rabbit::spawn_consumer(
+                self.consumer.clone(),
+                self.events.clone(),
+                "catalog",
+                vec!["stock.changed"],
+            )
+        } else {
+            self.consumer.spawn(self.stock_events)
+        };
         let result = self.server.run_until(shutdown).await;
         pump.abort();
         self.db.close().await;

@@ -52,6 +52,8 @@ pub struct Application {
     server: Server,
     store: store::Store,
     sweep_interval: Duration,
+    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
+    relay: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -86,6 +88,7 @@ impl Application {
             server,
             store,
             sweep_interval: config.inventory.sweep_interval(),
+            relay: shopmesh_events::rabbit::spawn_relay(db, config.events.clone(), "inventory"),
         })
     }
 
@@ -112,6 +115,7 @@ impl Application {
         let _ = stop.send(true);
         let _ = sweeper.await;
         positioner.abort();
+        self.relay.abort();
         self.store.db().close().await;
         Ok(result?)
     }

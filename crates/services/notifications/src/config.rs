@@ -26,6 +26,9 @@ pub struct Config {
     pub auth: AuthSettings,
     /// `[mesh]`: how the producers' instances are found.
     pub mesh: shopmesh_mesh::MeshSettings,
+    /// `[events]`: the event transport (RabbitMQ when `events.rabbitmq_url` is set, else the
+    /// embedded one).
+    pub events: shopmesh_events::EventsSettings,
     /// `[notifications]`.
     pub notifications: NotificationsSettings,
 }

@@ -179,6 +179,7 @@ pub struct Application {
     db: Db,
     consumer: Arc<Consumer>,
     subscriptions: Vec<Subscription>,
+    events: shopmesh_events::EventsSettings,
 }
 
 impl Application {
@@ -239,6 +240,7 @@ impl Application {
             db,
             consumer,
             subscriptions,
+            events: config.events.clone(),
         })
     }
 
@@ -252,11 +254,21 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let pumps: Vec<_> = self
-            .subscriptions
-            .into_iter()
-            .map(|s| self.consumer.spawn(s))
-            .collect();
+        // RabbitMQ when configured (one quorum queue for the user and order events), else the
+        // embedded transport (pull each producer's stream).
+        let pumps: Vec<_> = if self.events.rabbitmq_url.is_some() {
+            vec![shopmesh_events::rabbit::spawn_consumer(
+                self.consumer.clone(),
+                self.events.clone(),
+                "notifications",
+                vec!["user.*", "order.*"],
+            )]
+        } else {
+            self.subscriptions
+                .into_iter()
+                .map(|s| self.consumer.spawn(s))
+                .collect()
+        };
         let result = self.server.run_until(shutdown).await;
         for pump in pumps {
             pump.abort();

@@ -56,6 +56,8 @@ pub struct Application {
     saga: saga::Saga,
     interval: Duration,
     stale_after: Duration,
+    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
+    relay: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -95,6 +97,7 @@ impl Application {
             saga,
             interval: Duration::from_millis(config.orders.worker_interval_ms.max(10)),
             stale_after: Duration::from_secs(config.orders.stale_after_secs),
+            relay: shopmesh_events::rabbit::spawn_relay(db, config.events.clone(), "orders"),
         })
     }
 
@@ -123,6 +126,7 @@ impl Application {
         let _ = stop.send(true);
         let _ = worker.await;
         positioner.abort();
+        self.relay.abort();
         self.store.db().close().await;
         Ok(result?)
     }

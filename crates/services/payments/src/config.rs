@@ -25,6 +25,9 @@ pub struct Config {
     /// `[mesh]`: how calls to other services find and treat their instances, and the
     /// registration of this one in etcd (`mesh.etcd_url`).
     pub mesh: shopmesh_mesh::MeshSettings,
+    /// `[events]`: the event transport (RabbitMQ when `events.rabbitmq_url` is set, else the
+    /// embedded one).
+    pub events: shopmesh_events::EventsSettings,
 }
 
 impl Config {

@@ -34,6 +34,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Application {
     server: Server,
     db: Db,
+    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
+    relay: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -48,7 +50,9 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("payments", &config.server, router).await?;
-        Ok(Application { server, db })
+        let relay =
+            shopmesh_events::rabbit::spawn_relay(db.clone(), config.events.clone(), "payments");
+        Ok(Application { server, db, relay })
     }
 
     /// Where it listens.
@@ -65,6 +69,7 @@ impl Application {
         let positioner = shopmesh_events::outbox::spawn_positioner(self.db.clone(), "payments");
         let result = self.server.run_until(shutdown).await;
         positioner.abort();
+        self.relay.abort();
         result?;
         self.db.close().await;
         Ok(())

@@ -59,6 +59,8 @@ impl FromRef<AppState> for Verifier {
 pub struct Application {
     server: Server,
     db: Db,
+    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
+    relay: tokio::task::JoinHandle<()>,
 }
 
 /// Connects to the users database and applies the migrations.
@@ -98,7 +100,9 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("users", &config.server, router).await?;
-        Ok(Application { server, db })
+        let relay =
+            shopmesh_events::rabbit::spawn_relay(db.clone(), config.events.clone(), "users");
+        Ok(Application { server, db, relay })
     }
 
     /// Where it listens.
@@ -115,6 +119,7 @@ impl Application {
         let positioner = shopmesh_events::outbox::spawn_positioner(self.db.clone(), "users");
         let result = self.server.run_until(shutdown).await;
         positioner.abort();
+        self.relay.abort();
         self.db.close().await;
         Ok(result?)
     }

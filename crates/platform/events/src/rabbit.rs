@@ -1,0 +1,353 @@
+//! The RabbitMQ transport (`events.rabbitmq_url`), with `lapin`.
+//!
+//! - **Relay** (producer): reads the outbox after its own cursor (`outbox_relay`), publishes
+//!   each event persistent to a durable topic exchange (routing key = the event's type) on a
+//!   channel with publisher confirms, and moves its cursor only after the broker confirmed
+//!   every message of the batch. A crash in between publishes the batch again: duplicates,
+//!   never losses, and consumers deduplicate by id. While the broker is down the outbox simply
+//!   grows; the relay reconnects with back-off and drains it in order.
+//! - **Consumer**: a durable quorum queue per consuming service, bound to the types it wants;
+//!   each delivery is handled in one database transaction with the inbox entry, then acked. A
+//!   failure is nacked back after a delay; the queue's `x-delivery-limit` sends an event that
+//!   keeps failing to a dead-letter exchange and its queue (`<queue>.dead`), so the rest flows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use serde::Deserialize;
+use shopmesh_db::Db;
+
+use crate::Envelope;
+use crate::consumer::Consumer;
+use crate::outbox;
+
+/// `[events]`: which transport, and the RabbitMQ names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSettings {
+    /// `amqp://user:password@host:5672/%2f`: publish and consume through RabbitMQ. Unset: the
+    /// embedded transport (consumers pull producers' outboxes).
+    pub rabbitmq_url: Option<String>,
+    /// The topic exchange events are published to.
+    pub exchange: String,
+    /// Prepended to queue names (several shops on one broker, tests).
+    pub queue_prefix: String,
+    /// Deliveries of one event before the broker dead-letters it.
+    pub delivery_limit: u32,
+    /// Wait before handing a failed event back, in milliseconds.
+    pub retry_delay_ms: u64,
+    /// Unacknowledged deliveries a consumer holds at once.
+    pub prefetch: u16,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        EventsSettings {
+            rabbitmq_url: None,
+            exchange: "shopmesh.events".to_owned(),
+            queue_prefix: String::new(),
+            delivery_limit: 5,
+            retry_delay_ms: 200,
+            prefetch: 20,
+        }
+    }
+}
+
+impl EventsSettings {
+    /// The dead-letter exchange.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead", self.exchange)
+    }
+
+    /// The queue of the consuming service `name`.
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}{name}", self.queue_prefix)
+    }
+
+    /// Its dead-letter queue.
+    pub fn dead_letter_queue(&self, name: &str) -> String {
+        format!("{}.dead", self.queue(name))
+    }
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const RELAY_BATCH: i64 = 200;
+const IDLE: Duration = Duration::from_millis(50);
+
+async fn connect(url: &str) -> Result<Connection, Error> {
+    Ok(Connection::connect(url, ConnectionProperties::default()).await?)
+}
+
+/// The relay's cursor.
+async fn relayed(db: &Db) -> Result<i64, sqlx::Error> {
+    let row: Option<(i64,)> =
+        sqlx::query_as("SELECT position FROM outbox_relay WHERE name = 'rabbitmq'")
+            .fetch_optional(db.pool())
+            .await?;
+    Ok(row.map_or(0, |r| r.0))
+}
+
+async fn set_relayed(db: &Db, position: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox_relay (name, position) VALUES ('rabbitmq', $1) \
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+    )
+    .bind(position)
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// Publishes the producer's outbox to RabbitMQ for as long as the process runs.
+pub fn spawn_relay(
+    db: Db,
+    settings: EventsSettings,
+    service: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(url) = settings.rabbitmq_url.clone() else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match relay(&db, &url, &settings, service).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(service, error = %e, "relay to RabbitMQ interrupted; retrying");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+async fn relay(
+    db: &Db,
+    url: &str,
+    settings: &EventsSettings,
+    service: &'static str,
+) -> Result<(), Error> {
+    let connection = connect(url).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(service, exchange = %settings.exchange, "relaying events to RabbitMQ");
+    loop {
+        let after = relayed(db).await?;
+        let events = outbox::read_after(db, after, RELAY_BATCH).await?;
+        let Some(last) = events.last().map(|e| e.position) else {
+            tokio::time::sleep(IDLE).await;
+            continue;
+        };
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in &events {
+            let body = serde_json::to_vec(event)?;
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(event.id.hyphenated().to_string().as_str().into())
+                .with_type(event.kind.as_str().into());
+            confirms.push(
+                channel
+                    .basic_publish(
+                        settings.exchange.as_str().into(),
+                        event.kind.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            if !confirm.await?.is_ack() {
+                return Err("the broker refused a message (nack)".into());
+            }
+        }
+        // Only now, with every message of the batch confirmed, does the cursor move.
+        set_relayed(db, last).await?;
+        let head = outbox::head(db).await.unwrap_or(last);
+        metrics::gauge!("outbox_unrelayed", "service" => service).set((head - last) as f64);
+    }
+}
+
+/// Consumes the queue of service `name`, bound to `bindings` (e.g. `order.*`), for as long as
+/// the process runs.
+pub fn spawn_consumer(
+    consumer: Arc<Consumer>,
+    settings: EventsSettings,
+    name: &'static str,
+    bindings: Vec<&'static str>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(url) = settings.rabbitmq_url.clone() else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if let Err(e) = consume(&consumer, &url, &settings, name, &bindings).await {
+                tracing::warn!(queue = name, error = %e, "consuming from RabbitMQ interrupted; retrying");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+/// Declares the exchanges and the service's queues (idempotent).
+pub async fn declare(
+    channel: &lapin::Channel,
+    settings: &EventsSettings,
+    name: &str,
+    bindings: &[&str],
+) -> Result<(), Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let dlx = settings.dead_letter_exchange();
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let quorum = || {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args
+    };
+    let dead = settings.dead_letter_queue(name);
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions::durable(),
+            quorum(),
+        )
+        .await?;
+    let queue = settings.queue(name);
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = quorum();
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(settings.delivery_limit.min(i32::MAX as u32) as i32),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(dlx.as_str())),
+    );
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await?;
+    for binding in bindings {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                settings.exchange.as_str().into(),
+                (*binding).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn consume(
+    consumer: &Consumer,
+    url: &str,
+    settings: &EventsSettings,
+    name: &str,
+    bindings: &[&str],
+) -> Result<(), Error> {
+    let connection = connect(url).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
+    declare(&channel, settings, name, bindings).await?;
+    let queue = settings.queue(name);
+    let mut deliveries = channel
+        .basic_consume(
+            queue.as_str().into(),
+            format!("shopmesh-{name}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(%queue, "consuming events from RabbitMQ");
+    while let Some(delivery) = deliveries.next().await {
+        let delivery = delivery?;
+        let event: Envelope = match serde_json::from_slice(&delivery.data) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::error!(error = %e, "an unreadable message; dead-lettering it");
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
+                continue;
+            }
+        };
+        match consumer.handle_once(name, &event).await {
+            Ok(()) => {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            Err(e) => {
+                tracing::warn!(event = %event.id, kind = %event.kind, error = %e, "handling failed; handing it back");
+                tokio::time::sleep(Duration::from_millis(settings.retry_delay_ms)).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+    }
+    Err("the broker closed the consumer".into())
+}
