@@ -351,3 +351,103 @@ async fn consume(
     }
     Err("the broker closed the consumer".into())
 }
+
+/// Takes up to the current depth of `name`'s dead-letter queue, unacknowledged, on `channel`.
+async fn take_dead(
+    channel: &lapin::Channel,
+    settings: &EventsSettings,
+    name: &str,
+) -> Result<Vec<lapin::message::Delivery>, Error> {
+    let dead = settings.dead_letter_queue(name);
+    let depth = channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
+    let mut taken = Vec::new();
+    for _ in 0..depth {
+        match channel
+            .basic_get(
+                dead.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await?
+        {
+            Some(message) => taken.push(message.delivery),
+            None => break,
+        }
+    }
+    Ok(taken)
+}
+
+/// The events in `name`'s dead-letter queue (left there).
+pub async fn dead_letters(settings: &EventsSettings, name: &str) -> Result<Vec<Envelope>, Error> {
+    let url = settings
+        .rabbitmq_url
+        .as_deref()
+        .ok_or("no RabbitMQ configured")?;
+    let connection = connect(url).await?;
+    let channel = connection.create_channel().await?;
+    let taken = take_dead(&channel, settings, name).await?;
+    let events = taken
+        .iter()
+        .filter_map(|d| serde_json::from_slice(&d.data).ok())
+        .collect();
+    for delivery in taken {
+        delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(events)
+}
+
+/// Publishes every event of `name`'s dead-letter queue to the exchange again (with a fresh
+/// delivery count), removing each once the broker confirmed its copy. Returns how many.
+pub async fn redrive(settings: &EventsSettings, name: &str) -> Result<usize, Error> {
+    let url = settings
+        .rabbitmq_url
+        .as_deref()
+        .ok_or("no RabbitMQ configured")?;
+    let connection = connect(url).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let taken = take_dead(&channel, settings, name).await?;
+    let mut moved = 0;
+    for delivery in taken {
+        let confirm = channel
+            .basic_publish(
+                settings.exchange.as_str().into(),
+                delivery.routing_key.clone(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await?
+            .await?;
+        if confirm.is_ack() {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            moved += 1;
+        } else {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+        }
+    }
+    Ok(moved)
+}

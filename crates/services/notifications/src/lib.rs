@@ -142,16 +142,49 @@ fn routes(state: AppState) -> OpenApiRouter {
     OpenApiRouter::new().routes(routes!(list)).with_state(state)
 }
 
+/// Where dead letters are: the consumer's table (embedded transport) or the broker's
+/// dead-letter queue (RabbitMQ).
+#[derive(Clone)]
+struct DeadLetters {
+    consumer: Arc<Consumer>,
+    events: shopmesh_events::EventsSettings,
+}
+
 /// `GET /internal/dlq`, `POST /internal/dlq/redrive` (internal port only).
-fn dlq_routes(consumer: Arc<Consumer>) -> Router {
+fn dlq_routes(consumer: Arc<Consumer>, events: shopmesh_events::EventsSettings) -> Router {
     Router::new()
         .route("/internal/dlq", get(dead_letters))
         .route("/internal/dlq/redrive", post(redrive))
-        .with_state(consumer)
+        .with_state(DeadLetters { consumer, events })
 }
 
-async fn dead_letters(State(consumer): State<Arc<Consumer>>) -> Response {
-    match consumer.dead_letters().await {
+async fn dead_letters(State(dlq): State<DeadLetters>) -> Response {
+    let listed = if dlq.events.rabbitmq_url.is_some() {
+        shopmesh_events::rabbit::dead_letters(&dlq.events, "notifications")
+            .await
+            .map(|events| {
+                events
+                    .into_iter()
+                    .map(|event| {
+                        serde_json::json!({"producer": "rabbitmq", "event": event,
+                            "error": "delivery limit reached"})
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| e.to_string())
+    } else {
+        dlq.consumer
+            .dead_letters()
+            .await
+            .map(|letters| {
+                letters
+                    .into_iter()
+                    .filter_map(|l| serde_json::to_value(l).ok())
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    };
+    match listed {
         Ok(letters) => Json(serde_json::json!({ "dead_letters": letters })).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "reading dead letters failed");
@@ -160,8 +193,17 @@ async fn dead_letters(State(consumer): State<Arc<Consumer>>) -> Response {
     }
 }
 
-async fn redrive(State(consumer): State<Arc<Consumer>>) -> Response {
-    match consumer.redrive().await {
+async fn redrive(State(dlq): State<DeadLetters>) -> Response {
+    // Through RabbitMQ, redriven events go back to the queue and are handled from there.
+    let result = if dlq.events.rabbitmq_url.is_some() {
+        shopmesh_events::rabbit::redrive(&dlq.events, "notifications")
+            .await
+            .map(|moved| (moved, 0))
+            .map_err(|e| e.to_string())
+    } else {
+        dlq.consumer.redrive().await.map_err(|e| e.to_string())
+    };
+    match result {
         Ok((handled, failing)) => {
             Json(serde_json::json!({ "handled": handled, "still_failing": failing }))
                 .into_response()
@@ -229,7 +271,7 @@ impl Application {
         let (public, openapi) = routes(state).split_for_parts();
         let router = App::new("notifications")
             .http(public)
-            .http(dlq_routes(consumer.clone()))
+            .http(dlq_routes(consumer.clone(), config.events.clone()))
             .openapi(openapi)
             .mesh(mesh)
             .readiness(ReadinessCheck::new("database", db.probe()))
