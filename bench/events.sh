@@ -5,8 +5,9 @@
 # to the consumer's commit of the handled event, the e-mail written). Starts its own
 # `shopmesh up` (release build) in a temp directory. Run by hand; never in CI.
 #
-#   bench/events.sh                    # 20 orders/s for 15 s
+#   bench/events.sh                    # 20 orders/s for 15 s, embedded transport
 #   RATE=50 SECONDS_TOTAL=20 bench/events.sh
+#   RABBITMQ=amqp://guest:guest@127.0.0.1:5672/%2f bench/events.sh   # through RabbitMQ
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +18,26 @@ target_dir=${CARGO_TARGET_DIR:-target}
 
 cargo build --release --quiet -p shopmesh
 work=$(mktemp -d)
+transport=embedded
+if [ -n "${RABBITMQ:-}" ]; then
+    transport="RabbitMQ"
+    run="bench-$(date +%s)"
+    export SHOPMESH_EVENTS__RABBITMQ_URL="$RABBITMQ" SHOPMESH_EVENTS__EXCHANGE="shopmesh.$run" \
+        SHOPMESH_EVENTS__QUEUE_PREFIX="$run."
+fi
 SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND=0 SHOPMESH_GATEWAY__RATE_LIMIT__PER_USER_PER_SECOND=0 \
 SHOPMESH_LOG__LEVEL=warn "$target_dir/release/shopmesh" up --port "$port" --data-dir "$work/data" \
     > "$work/up.log" 2>&1 &
 launcher=$!
-trap 'kill -TERM $launcher 2>/dev/null; wait $launcher 2>/dev/null; rm -rf "$work"' EXIT
+cleanup() {
+    kill -TERM $launcher 2>/dev/null; wait $launcher 2>/dev/null; rm -rf "$work"
+    if [ "$transport" = RabbitMQ ]; then
+        for q in notifications notifications.dead catalog catalog.dead; do
+            rabbitmqctl delete_queue "$run.$q" > /dev/null 2>&1 || true
+        done
+    fi
+}
+trap cleanup EXIT
 for _ in $(seq 1 120); do
     grep -q '^ready: ' "$work/up.log" && break
     sleep 0.5
@@ -44,7 +60,7 @@ curl -sf -X POST "$gateway/api/v1/inventory/$product" -H "authorization: Bearer 
     -H 'content-type: application/json' -d '{"quantity":100000}' > /dev/null
 
 total=$((rate * seconds))
-echo "machine: $(nproc) cores; $total orders at $rate/s through the gateway"
+echo "machine: $(nproc) cores; $total orders at $rate/s through the gateway; transport: $transport"
 interval=$(python3 -c "print(1/$rate)")
 orders=()
 for i in $(seq 1 "$total"); do

@@ -214,12 +214,7 @@ impl Consumer {
                 .execute(&mut *tx)
                 .await?;
             metrics::counter!("events_consumed_total", "producer" => producer.to_owned(), "type" => event.kind.clone()).increment(1);
-            // From the producer's commit to this one: the transport's latency.
-            if let Ok(at) = OffsetDateTime::parse(&event.occurred_at, &Rfc3339) {
-                let seconds = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
-                metrics::histogram!("event_delivery_seconds", "producer" => producer.to_owned())
-                    .record(seconds);
-            }
+            record_delivery(producer, event);
         } else {
             metrics::counter!("events_duplicates_total", "producer" => producer.to_owned())
                 .increment(1);
@@ -260,6 +255,7 @@ impl Consumer {
             .await?;
         tx.commit().await?;
         metrics::counter!("events_consumed_total", "producer" => source.to_owned(), "type" => event.kind.clone()).increment(1);
+        record_delivery(source, event);
         Ok(())
     }
 
@@ -381,6 +377,15 @@ impl Consumer {
         }
         self.report_dead_letters().await;
         Ok((handled, failing))
+    }
+}
+
+/// From the producer's commit to the consumer's: the transport's latency.
+fn record_delivery(source: &str, event: &Envelope) {
+    if let Ok(at) = OffsetDateTime::parse(&event.occurred_at, &Rfc3339) {
+        let seconds = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
+        metrics::histogram!("event_delivery_seconds", "producer" => source.to_owned())
+            .record(seconds);
     }
 }
 
