@@ -74,22 +74,24 @@ wait "${orders[@]}"   # not the launcher
 sleep 2
 
 notifications=$(python3 -c "import json; print(json.load(open('$work/data/up.json'))['processes']['notifications']['addr'])")
+# Every source: "orders" (and "users") pulled by the embedded transport, "rabbitmq" through the
+# broker; the handful of registrations barely moves the figures.
 curl -sf "http://$notifications/metrics" | python3 -c '
-import sys, re
-buckets, count = [], 0
+import sys, re, collections
+per_le, count = collections.Counter(), 0
 for line in sys.stdin:
-    m = re.match(r"event_delivery_seconds_bucket\{.*producer=\"orders\".*le=\"([^\"]+)\"\} (\d+)", line)
+    m = re.match(r"event_delivery_seconds_bucket\{.*le=\"([^\"]+)\"\} (\d+)", line)
     if m:
-        buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), int(m.group(2))))
-    m = re.match(r"event_delivery_seconds_count\{.*producer=\"orders\".*\} (\d+)", line)
+        per_le[float("inf") if m.group(1) == "+Inf" else float(m.group(1))] += int(m.group(2))
+    m = re.match(r"event_delivery_seconds_count\{.*\} (\d+)", line)
     if m:
-        count = int(m.group(1))
-buckets.sort()
+        count += int(m.group(1))
+buckets = sorted(per_le.items())
 def quantile(q):
     for le, c in buckets:
         if c >= q * count:
             return le
-print(f"order events delivered: {count}")
+print(f"events delivered: {count}")
 for q in (0.5, 0.9, 0.99, 1.0):
     print(f"  p{int(q*100)} <= {quantile(q)} s (histogram bucket bound)")
 '

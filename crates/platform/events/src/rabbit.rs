@@ -332,7 +332,7 @@ async fn consume(
                 continue;
             }
         };
-        match consumer.handle_once(name, &event).await {
+        match consumer.handle_once("rabbitmq", &event).await {
             Ok(()) => {
                 delivery.acker.ack(BasicAckOptions::default()).await?;
             }

@@ -41,8 +41,12 @@ pub struct NotificationsSettings {
     pub users_url: String,
     /// The orders service (an upstream spec): `order.*`.
     pub orders_url: String,
-    /// Where messages are written, one `.eml` file each [default: `<data_dir>/mail`].
+    /// Where messages are written, one `.eml` file each [default: `<data_dir>/mail`], when no
+    /// SMTP server is configured.
     pub mail_dir: Option<PathBuf>,
+    /// Send through this SMTP server instead, e.g. `smtp://mail.internal:25` or
+    /// `smtp://user:password@relay:587` (plain SMTP to a relay; no TLS).
+    pub smtp_url: Option<String>,
     /// The sender.
     pub from: String,
     /// Failures of one event before it is set aside as a dead letter.
@@ -60,6 +64,7 @@ impl Default for NotificationsSettings {
             users_url: "http://127.0.0.1:8081".to_owned(),
             orders_url: "http://127.0.0.1:8085".to_owned(),
             mail_dir: None,
+            smtp_url: None,
             from: "shopmesh <shop@shopmesh.local>".to_owned(),
             max_attempts: 5,
             poll_ms: 200,

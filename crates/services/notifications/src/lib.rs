@@ -249,8 +249,16 @@ impl Application {
                 )?,
             },
         ];
+        let smtp = config
+            .notifications
+            .smtp_url
+            .as_deref()
+            .map(mail::smtp)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let mailer = mail::Mailer {
             dir: config.mail_dir(),
+            smtp,
             from: config.notifications.from.clone(),
             failpoint: config.notifications.failpoint.as_ref().map(|name| {
                 config

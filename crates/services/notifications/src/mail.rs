@@ -127,11 +127,77 @@ pub fn write_eml(
     Ok(path)
 }
 
-/// The consumer's handler: keeps the customer directory, writes one message per event, records
-/// it.
+/// An SMTP client.
+pub type Smtp = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+
+/// A client for `url` (`smtp://[user:password@]host[:port]`, port 25 by default): plain SMTP
+/// to a relay on the internal network (lettre's URL parser needs a TLS stack we do not build).
+pub fn smtp(url: &str) -> Result<Smtp, String> {
+    let bad = |why: &str| format!("notifications.smtp_url {url:?}: {why}");
+    let rest = url
+        .strip_prefix("smtp://")
+        .ok_or_else(|| bad("expected smtp://[user:password@]host[:port]"))?
+        .trim_end_matches('/');
+    let (credentials, server) = match rest.rsplit_once('@') {
+        Some((userinfo, server)) => {
+            let (user, password) = userinfo
+                .split_once(':')
+                .ok_or_else(|| bad("credentials must be user:password"))?;
+            (Some((user.to_owned(), password.to_owned())), server)
+        }
+        None => (None, rest),
+    };
+    let (host, port) = match server.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad("bad port"))?),
+        None => (server, 25),
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let mut builder = Smtp::builder_dangerous(host).port(port);
+    if let Some((user, password)) = credentials {
+        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            user, password,
+        ));
+    }
+    Ok(builder.build())
+}
+
+/// Sends `message` through SMTP. Its `Message-ID` is the event's, so a message sent again for a
+/// redelivered event (a crash between sending and recording) is recognisably the same one.
+pub async fn send_smtp(
+    smtp: &Smtp,
+    from: &str,
+    event: &Envelope,
+    message: &Message,
+) -> Result<String, String> {
+    use lettre::AsyncTransport;
+    let id = format!("<{}@shopmesh.local>", event.id.hyphenated());
+    let email = lettre::Message::builder()
+        .from(
+            header_safe(from)
+                .parse()
+                .map_err(|e| format!("sender: {e}"))?,
+        )
+        .to(message.to.parse().map_err(|e| format!("recipient: {e}"))?)
+        .subject(header_safe(&message.subject))
+        .message_id(Some(id.clone()))
+        .header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(message.body.clone())
+        .map_err(|e| format!("building the message: {e}"))?;
+    smtp.send(email)
+        .await
+        .map_err(|e| format!("sending through SMTP: {e}"))?;
+    Ok(id)
+}
+
+/// The consumer's handler: keeps the customer directory, sends one message per event (SMTP,
+/// or a file), records it.
 pub struct Mailer {
-    /// Where `.eml` files go.
+    /// Where `.eml` files go (without SMTP).
     pub dir: PathBuf,
+    /// The SMTP server, when configured.
+    pub smtp: Option<Smtp>,
     /// The sender.
     pub from: String,
     /// Test only: a marker file; freeze once after writing a message, before recording it.
@@ -193,8 +259,14 @@ impl Handler for Mailer {
             let Some(message) = self.message_for(tx, event).await? else {
                 return Ok(());
             };
-            let path = write_eml(&self.dir, &self.from, event, &message)
-                .map_err(|e| format!("writing the message: {e}"))?;
+            let path = match &self.smtp {
+                Some(smtp) => PathBuf::from(format!(
+                    "smtp:{}",
+                    send_smtp(smtp, &self.from, event, &message).await?
+                )),
+                None => write_eml(&self.dir, &self.from, event, &message)
+                    .map_err(|e| format!("writing the message: {e}"))?,
+            };
             if let Some(marker) = &self.failpoint
                 && !marker.exists()
             {
@@ -227,6 +299,99 @@ impl Handler for Mailer {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An SMTP server that accepts everything and hands over each message's DATA.
+    async fn fake_smtp() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 fake ESMTP\r\n").await;
+                    let mut data: Option<String> = None;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some(body) = &mut data {
+                            if line == "." {
+                                let _ = tx.send(std::mem::take(body));
+                                data = None;
+                                let _ = write.write_all(b"250 queued\r\n").await;
+                            } else {
+                                body.push_str(&line);
+                                body.push('\n');
+                            }
+                            continue;
+                        }
+                        let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" | "HELO" => b"250 fake\r\n",
+                            "DATA" => {
+                                data = Some(String::new());
+                                b"354 go ahead\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        let _ = write.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        (format!("smtp://127.0.0.1:{port}"), rx)
+    }
+
+    #[tokio::test]
+    async fn a_message_goes_out_through_smtp_with_the_event_as_its_message_id() {
+        let (url, mut received) = fake_smtp().await;
+        let smtp = smtp(&url).expect("client");
+        let event = Envelope {
+            id: uuid::Uuid::now_v7(),
+            position: 1,
+            kind: "user.registered".to_owned(),
+            version: 1,
+            occurred_at: "2026-11-22T00:00:00Z".to_owned(),
+            aggregate_id: "u".to_owned(),
+            trace_id: None,
+            payload: json!({}),
+        };
+        let message = welcome("cat@example.com", "Cat");
+        let id = send_smtp(&smtp, "shopmesh <shop@shopmesh.local>", &event, &message)
+            .await
+            .expect("sent");
+        let data = received.recv().await.expect("a message");
+        assert!(data.contains("To: Cat <cat@example.com>"), "{data}");
+        assert!(data.contains("Subject: Welcome to shopmesh"), "{data}");
+        assert!(data.contains(&format!("Message-ID: {id}")), "{data}");
+        assert!(id.contains(&event.id.hyphenated().to_string()));
+        assert!(
+            data.contains("your account cat@example.com is ready"),
+            "{data}"
+        );
+    }
+
+    #[test]
+    fn smtp_urls_are_checked() {
+        assert!(smtp("smtp://mail.internal").is_ok());
+        assert!(smtp("smtp://user:secret@relay:587").is_ok());
+        for bad in [
+            "mail.internal:25",
+            "smtps://relay:465",
+            "smtp://:25",
+            "smtp://relay:x",
+            "smtp://user@relay",
+        ] {
+            assert!(smtp(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn header_values_cannot_smuggle_headers() {
