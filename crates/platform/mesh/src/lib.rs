@@ -100,7 +100,10 @@ impl Mesh {
     }
 
     /// The upstream `name`, found through `spec` (see [`discovery`]); created, with its
-    /// discovery and health-check tasks, on first use. Needs a Tokio runtime.
+    /// discovery and health-check tasks, on first use; later calls with the same name get that
+    /// upstream whatever their spec and protocol (so one service spoken to over gRPC and HTTP
+    /// needs two names, as the catalog's `inventory` and `inventory-events`). Needs a Tokio
+    /// runtime.
     pub fn upstream(
         &self,
         name: &str,
