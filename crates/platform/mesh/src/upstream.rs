@@ -196,6 +196,16 @@ enum Retry {
     Always,
 }
 
+/// The retry budget: a one-second window, so "20% of calls plus 10 per second" holds second
+/// by second.
+fn budget(retry: &crate::settings::RetrySettings) -> TpsBudget {
+    TpsBudget::new(
+        Duration::from_secs(1),
+        retry.budget_per_sec,
+        retry.budget_percent as f32 / 100.0,
+    )
+}
+
 impl Upstream {
     pub(crate) fn new(
         name: &str,
@@ -210,12 +220,7 @@ impl Upstream {
             spec: spec.to_owned(),
             policy: settings.policy(name),
             protocol,
-            // A one-second window: "20% of calls plus 10 per second" holds second by second.
-            budget: TpsBudget::new(
-                Duration::from_secs(1),
-                retry.budget_per_sec,
-                retry.budget_percent as f32 / 100.0,
-            ),
+            budget: budget(retry),
             settings,
             client,
             endpoints: RwLock::new(Arc::new(Vec::new())),
@@ -587,5 +592,44 @@ impl Upstream {
             .iter()
             .map(|e| e.breaker_state(now))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::RetrySettings;
+
+    fn retries_allowed(budget: &TpsBudget) -> usize {
+        (0..10_000).take_while(|_| budget.withdraw()).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_allows_a_fifth_of_calls_plus_ten_a_second() {
+        let budget = budget(&RetrySettings::default());
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        // 100 calls: 20 retries for them plus the 10 of this second, no more.
+        assert_eq!(retries_allowed(&budget), 30);
+        // Within the same second, no further allowance.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(retries_allowed(&budget), 0);
+        // A second later the calls have aged out and the per-second allowance is back.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(retries_allowed(&budget), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_calls_only_the_per_second_allowance_remains() {
+        let budget = budget(&RetrySettings {
+            budget_per_sec: 0,
+            ..RetrySettings::default()
+        });
+        assert_eq!(retries_allowed(&budget), 0);
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        assert_eq!(retries_allowed(&budget), 2);
     }
 }
