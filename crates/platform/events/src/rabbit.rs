@@ -80,6 +80,26 @@ impl EventsSettings {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// Which queue reads which event types: declared by the consumers and also by every relay
+/// before it publishes, so that events published before a consumer ever started are queued
+/// for it, not dropped by an exchange with nobody bound.
+pub type Topology = &'static [(&'static str, &'static [&'static str])];
+
+/// The binding keys of `queue` in the shop's topology.
+pub fn bindings(queue: &str) -> Vec<&'static str> {
+    TOPOLOGY
+        .iter()
+        .find(|(name, _)| *name == queue)
+        .map(|(_, keys)| keys.to_vec())
+        .unwrap_or_default()
+}
+
+/// The shop's queues.
+pub const TOPOLOGY: Topology = &[
+    ("notifications", &["user.*", "order.*"]),
+    ("catalog", &["stock.changed"]),
+];
+
 const RELAY_BATCH: i64 = 200;
 const IDLE: Duration = Duration::from_millis(50);
 
@@ -112,6 +132,7 @@ pub fn spawn_relay(
     db: Db,
     settings: EventsSettings,
     service: &'static str,
+    topology: Topology,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(url) = settings.rabbitmq_url.clone() else {
@@ -119,7 +140,7 @@ pub fn spawn_relay(
         };
         let mut backoff = Duration::from_millis(200);
         loop {
-            match relay(&db, &url, &settings, service).await {
+            match relay(&db, &url, &settings, service, topology).await {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(service, error = %e, "relay to RabbitMQ interrupted; retrying");
@@ -136,22 +157,15 @@ async fn relay(
     url: &str,
     settings: &EventsSettings,
     service: &'static str,
+    topology: Topology,
 ) -> Result<(), Error> {
     let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
+    for (queue, bindings) in topology {
+        declare(&channel, settings, queue, bindings).await?;
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    channel
-        .exchange_declare(
-            settings.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
         .await?;
     tracing::info!(service, exchange = %settings.exchange, "relaying events to RabbitMQ");
     loop {

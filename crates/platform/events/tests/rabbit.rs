@@ -13,7 +13,9 @@ use serde_json::json;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture};
-use shopmesh_events::rabbit::{self, EventsSettings};
+use shopmesh_events::rabbit::{self, EventsSettings, Topology};
+
+const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
 use shopmesh_events::{Envelope, Event, outbox};
 use sqlx::AnyConnection;
 
@@ -201,7 +203,7 @@ async fn every_committed_event_arrives_once_though_the_relay_is_killed_midway() 
     for n in 0..40 {
         append(&producer, "test.happened", n).await;
     }
-    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test");
+    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
     until("half the events", Duration::from_secs(20), async || {
         effects(&db).await >= 20
     })
@@ -210,7 +212,7 @@ async fn every_committed_event_arrives_once_though_the_relay_is_killed_midway() 
     for n in 40..60 {
         append(&producer, "test.happened", n).await;
     }
-    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test");
+    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
     until("every event", Duration::from_secs(20), async || {
         effects(&db).await >= 60
     })
@@ -279,7 +281,7 @@ async fn a_poison_event_is_dead_lettered_after_the_limit_while_the_rest_flows() 
         depth_or_none(&url, &settings.queue("test")).await.is_some()
     })
     .await;
-    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test");
+    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
     until("the good events", Duration::from_secs(20), async || {
         effects(&db).await >= 18
     })
@@ -339,7 +341,7 @@ async fn a_consumer_killed_before_it_acks_gets_the_event_again_with_one_effect()
         depth_or_none(&url, &settings.queue("test")).await.is_some()
     })
     .await;
-    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test");
+    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
     // The first event's handler froze inside its transaction, before the ack: nothing is
     // recorded, and the broker holds the message as unacknowledged.
     until("the freeze", Duration::from_secs(20), async || {
@@ -363,6 +365,44 @@ async fn a_consumer_killed_before_it_acks_gets_the_event_again_with_one_effect()
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(effects(&db).await, 5);
+    relay.abort();
+    consuming.abort();
+    clean_up(&settings, "test").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_published_before_any_consumer_started_wait_in_its_queue() {
+    let Some(url) = broker().await else {
+        return;
+    };
+    let settings = settings(&url);
+    let (_p, producer) = sqlite().await;
+    outbox::install(&producer).await.expect("install");
+    for n in 0..10 {
+        append(&producer, "test.happened", n).await;
+    }
+    outbox::assign_positions(&producer).await.expect("number");
+    // Only the relay runs: it declares the topology, so the events are queued, not dropped.
+    let relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
+    until("the events queued", Duration::from_secs(20), async || {
+        depth_or_none(&url, &settings.queue("test")).await == Some(10)
+    })
+    .await;
+    let (_c, db) = consumer_db().await;
+    let consumer = Arc::new(Consumer::new(
+        db.clone(),
+        Arc::new(Recorder {
+            freeze_once: AtomicBool::new(false),
+            cured: AtomicBool::new(false),
+        }),
+        3,
+        Duration::from_millis(50),
+    ));
+    let consuming = rabbit::spawn_consumer(consumer, settings.clone(), "test", vec!["test.*"]);
+    until("every event", Duration::from_secs(20), async || {
+        effects(&db).await >= 10
+    })
+    .await;
     relay.abort();
     consuming.abort();
     clean_up(&settings, "test").await;

@@ -12,7 +12,9 @@ use serde_json::json;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture};
-use shopmesh_events::rabbit::{self, EventsSettings};
+use shopmesh_events::rabbit::{self, EventsSettings, Topology};
+
+const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
 use shopmesh_events::{Envelope, Event, outbox};
 use sqlx::AnyConnection;
 
@@ -119,7 +121,7 @@ async fn the_outbox_absorbs_a_broker_outage_and_a_killed_relay_loses_nothing() {
         Duration::from_millis(50),
     ));
     let consuming = rabbit::spawn_consumer(consumer, settings.clone(), "test", vec!["test.*"]);
-    let mut relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test");
+    let mut relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
     for n in 0..20 {
         append(&producer, n).await;
     }
@@ -136,7 +138,7 @@ async fn the_outbox_absorbs_a_broker_outage_and_a_killed_relay_loses_nothing() {
         if n == 60 {
             // The relay dies too (as under SIGKILL: no cleanup), and a new one starts.
             relay.abort();
-            relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test");
+            relay = rabbit::spawn_relay(producer.clone(), settings.clone(), "test", TEST_TOPOLOGY);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

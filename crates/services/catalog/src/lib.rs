@@ -138,7 +138,7 @@ impl Application {
                 self.consumer.clone(),
                 self.events.clone(),
                 "catalog",
-                vec!["stock.changed"],
+                shopmesh_events::rabbit::bindings("catalog"),
             )
         } else {
             self.consumer.spawn(self.stock_events)

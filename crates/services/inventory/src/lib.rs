@@ -88,7 +88,12 @@ impl Application {
             server,
             store,
             sweep_interval: config.inventory.sweep_interval(),
-            relay: shopmesh_events::rabbit::spawn_relay(db, config.events.clone(), "inventory"),
+            relay: shopmesh_events::rabbit::spawn_relay(
+                db,
+                config.events.clone(),
+                "inventory",
+                shopmesh_events::rabbit::TOPOLOGY,
+            ),
         })
     }
 

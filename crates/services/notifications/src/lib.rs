@@ -311,7 +311,7 @@ impl Application {
                 self.consumer.clone(),
                 self.events.clone(),
                 "notifications",
-                vec!["user.*", "order.*"],
+                shopmesh_events::rabbit::bindings("notifications"),
             )]
         } else {
             self.subscriptions

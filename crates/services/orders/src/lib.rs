@@ -97,7 +97,12 @@ impl Application {
             saga,
             interval: Duration::from_millis(config.orders.worker_interval_ms.max(10)),
             stale_after: Duration::from_secs(config.orders.stale_after_secs),
-            relay: shopmesh_events::rabbit::spawn_relay(db, config.events.clone(), "orders"),
+            relay: shopmesh_events::rabbit::spawn_relay(
+                db,
+                config.events.clone(),
+                "orders",
+                shopmesh_events::rabbit::TOPOLOGY,
+            ),
         })
     }
 

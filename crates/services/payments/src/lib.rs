@@ -50,8 +50,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("payments", &config.server, router).await?;
-        let relay =
-            shopmesh_events::rabbit::spawn_relay(db.clone(), config.events.clone(), "payments");
+        let relay = shopmesh_events::rabbit::spawn_relay(
+            db.clone(),
+            config.events.clone(),
+            "payments",
+            shopmesh_events::rabbit::TOPOLOGY,
+        );
         Ok(Application { server, db, relay })
     }
 

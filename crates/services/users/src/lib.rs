@@ -100,8 +100,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("users", &config.server, router).await?;
-        let relay =
-            shopmesh_events::rabbit::spawn_relay(db.clone(), config.events.clone(), "users");
+        let relay = shopmesh_events::rabbit::spawn_relay(
+            db.clone(),
+            config.events.clone(),
+            "users",
+            shopmesh_events::rabbit::TOPOLOGY,
+        );
         Ok(Application { server, db, relay })
     }
 
