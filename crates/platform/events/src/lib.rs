@@ -86,3 +86,37 @@ pub(crate) async fn install_schema(db: &Db, schema: &'static str) -> Result<(), 
     }
     Ok(())
 }
+
+/// A producer's background publishing: the positioner that numbers committed outbox rows, and,
+/// when `events.rabbitmq_url` is set, the relay to RabbitMQ. Stopped by [`Publishing::stop`]
+/// or when dropped.
+pub struct Publishing {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Publishing {
+    /// Starts publishing `service`'s outbox in `db`.
+    pub fn start(db: &Db, settings: &EventsSettings, service: &'static str) -> Self {
+        let mut tasks = vec![outbox::spawn_positioner(db.clone(), service)];
+        if settings.rabbitmq_url.is_some() {
+            tasks.push(rabbit::spawn_relay(
+                db.clone(),
+                settings.clone(),
+                service,
+                rabbit::TOPOLOGY,
+            ));
+        }
+        Publishing { tasks }
+    }
+
+    /// Stops both tasks (before the database is closed).
+    pub fn stop(self) {}
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

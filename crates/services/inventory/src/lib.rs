@@ -52,8 +52,8 @@ pub struct Application {
     server: Server,
     store: store::Store,
     sweep_interval: Duration,
-    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
-    relay: tokio::task::JoinHandle<()>,
+    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
+    publishing: shopmesh_events::Publishing,
 }
 
 impl Application {
@@ -88,12 +88,7 @@ impl Application {
             server,
             store,
             sweep_interval: config.inventory.sweep_interval(),
-            relay: shopmesh_events::rabbit::spawn_relay(
-                db,
-                config.events.clone(),
-                "inventory",
-                shopmesh_events::rabbit::TOPOLOGY,
-            ),
+            publishing: shopmesh_events::Publishing::start(&db, &config.events, "inventory"),
         })
     }
 
@@ -113,14 +108,10 @@ impl Application {
             self.sweep_interval,
             stopped,
         ));
-        // Numbers the committed `stock.changed` events for the consumers.
-        let positioner =
-            shopmesh_events::outbox::spawn_positioner(self.store.db().clone(), "inventory");
         let result = self.server.run_until(shutdown).await;
         let _ = stop.send(true);
         let _ = sweeper.await;
-        positioner.abort();
-        self.relay.abort();
+        self.publishing.stop();
         self.store.db().close().await;
         Ok(result?)
     }

@@ -56,8 +56,8 @@ pub struct Application {
     saga: saga::Saga,
     interval: Duration,
     stale_after: Duration,
-    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
-    relay: tokio::task::JoinHandle<()>,
+    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
+    publishing: shopmesh_events::Publishing,
 }
 
 impl Application {
@@ -97,12 +97,7 @@ impl Application {
             saga,
             interval: Duration::from_millis(config.orders.worker_interval_ms.max(10)),
             stale_after: Duration::from_secs(config.orders.stale_after_secs),
-            relay: shopmesh_events::rabbit::spawn_relay(
-                db,
-                config.events.clone(),
-                "orders",
-                shopmesh_events::rabbit::TOPOLOGY,
-            ),
+            publishing: shopmesh_events::Publishing::start(&db, &config.events, "orders"),
         })
     }
 
@@ -124,14 +119,10 @@ impl Application {
             self.stale_after,
             stopped,
         ));
-        // Numbers the committed order events for the consumers.
-        let positioner =
-            shopmesh_events::outbox::spawn_positioner(self.store.db().clone(), "orders");
         let result = self.server.run_until(shutdown).await;
         let _ = stop.send(true);
         let _ = worker.await;
-        positioner.abort();
-        self.relay.abort();
+        self.publishing.stop();
         self.store.db().close().await;
         Ok(result?)
     }

@@ -34,8 +34,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Application {
     server: Server,
     db: Db,
-    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
-    relay: tokio::task::JoinHandle<()>,
+    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
+    publishing: shopmesh_events::Publishing,
 }
 
 impl Application {
@@ -50,13 +50,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("payments", &config.server, router).await?;
-        let relay = shopmesh_events::rabbit::spawn_relay(
-            db.clone(),
-            config.events.clone(),
-            "payments",
-            shopmesh_events::rabbit::TOPOLOGY,
-        );
-        Ok(Application { server, db, relay })
+        let publishing = shopmesh_events::Publishing::start(&db, &config.events, "payments");
+        Ok(Application {
+            server,
+            db,
+            publishing,
+        })
     }
 
     /// Where it listens.
@@ -69,11 +68,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        // Numbers the committed payment events for the consumers.
-        let positioner = shopmesh_events::outbox::spawn_positioner(self.db.clone(), "payments");
         let result = self.server.run_until(shutdown).await;
-        positioner.abort();
-        self.relay.abort();
+        self.publishing.stop();
         result?;
         self.db.close().await;
         Ok(())

@@ -59,8 +59,8 @@ impl FromRef<AppState> for Verifier {
 pub struct Application {
     server: Server,
     db: Db,
-    /// Publishes the outbox to RabbitMQ when `events.rabbitmq_url` is set (ends at once if not).
-    relay: tokio::task::JoinHandle<()>,
+    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
+    publishing: shopmesh_events::Publishing,
 }
 
 /// Connects to the users database and applies the migrations.
@@ -100,13 +100,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("users", &config.server, router).await?;
-        let relay = shopmesh_events::rabbit::spawn_relay(
-            db.clone(),
-            config.events.clone(),
-            "users",
-            shopmesh_events::rabbit::TOPOLOGY,
-        );
-        Ok(Application { server, db, relay })
+        let publishing = shopmesh_events::Publishing::start(&db, &config.events, "users");
+        Ok(Application {
+            server,
+            db,
+            publishing,
+        })
     }
 
     /// Where it listens.
@@ -119,11 +118,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        // Numbers the committed `user.registered` events for the consumers.
-        let positioner = shopmesh_events::outbox::spawn_positioner(self.db.clone(), "users");
         let result = self.server.run_until(shutdown).await;
-        positioner.abort();
-        self.relay.abort();
+        self.publishing.stop();
         self.db.close().await;
         Ok(result?)
     }
