@@ -8,11 +8,13 @@
 //! - `verify` ([`verify`]): reconciles stock, orders and payments across services.
 //! - `admin` ([`admin`]): operator tasks against a service's database (create an admin).
 //! - `events` ([`events`]): dead letters of the event consumers (list, redrive).
+//! - `load` ([`load`]): load generation and measurement against a running shop.
 //!
 //! Everything a command needs comes from the service crates; this crate only wires them up.
 
 mod admin;
 mod events;
+mod load;
 mod serve;
 mod up;
 mod verify;
@@ -47,6 +49,8 @@ enum Command {
         #[command(subcommand)]
         command: admin::AdminCommand,
     },
+    /// Generate load against a running shop: closed or open loop, latency, errors, CPU.
+    Load(load::LoadArgs),
     /// Event operations: `events dlq list`, `events dlq redrive`.
     Events {
         #[command(subcommand)]
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
             Command::Verify(args) => verify::run(args).await,
             Command::Admin { command } => admin::run(command).await,
             Command::Events { command } => events::run(command).await,
+            Command::Load(args) => load::run(args).await,
         }
     });
     // A blocked stdin reader (the parent watch of `serve`) must not hold the exit.
