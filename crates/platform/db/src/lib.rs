@@ -43,7 +43,8 @@ pub enum Backend {
 pub struct DatabaseSettings {
     /// `sqlite://path/file.db` or `postgres://user@host/db`. Unset: `<data_dir>/<service>.db`.
     pub url: Option<SecretString>,
-    /// Upper bound of pooled connections.
+    /// Upper bound of pooled connections (on SQLite: of the read-only ones; writes go through
+    /// one connection).
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before failing.
     pub acquire_timeout_secs: u64,
@@ -102,9 +103,16 @@ pub enum DbError {
 }
 
 /// A pool to one service's database.
+///
+/// On SQLite, [`Db::pool`] is **one** connection: every write of the process goes through it,
+/// so writers queue in the process (cheap) instead of colliding on the database lock and
+/// sleeping in SQLite's busy handler (the tail latency of issue 9); [`Db::reader`] is a pool of
+/// read-only connections for the hot read paths, which WAL lets run beside the writer. On
+/// PostgreSQL both are the same pool.
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: AnyPool,
+    reader: AnyPool,
     backend: Backend,
 }
 
@@ -120,8 +128,9 @@ impl Db {
         } else {
             return Err(DbError::UnsupportedUrl);
         };
-        if backend == Backend::Sqlite {
-            ensure_sqlite_dir(url)?;
+        match backend {
+            Backend::Sqlite => ensure_sqlite_dir(url)?,
+            Backend::Postgres => ensure_postgres_database(url).await,
         }
         let options: AnyConnectOptions = url
             .parse::<AnyConnectOptions>()
@@ -129,25 +138,58 @@ impl Db {
             // Statements are logged by our own spans; sqlx's per-statement INFO lines are noise.
             .log_statements(log::LevelFilter::Debug)
             .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500));
-        let pool = AnyPoolOptions::new()
-            .max_connections(settings.max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-                        )
-                        .await?;
-                    }
-                    Ok(())
+        let connect = |max: u32, read_only: bool| {
+            AnyPoolOptions::new()
+                .max_connections(max.max(1))
+                .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
+                // A ping before every checkout doubles the round trips of a one-statement
+                // query (each is a hop to the connection's worker thread on SQLite); a broken
+                // connection shows up as the statement's own error instead.
+                .test_before_acquire(false)
+                .after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            conn.execute(
+                                // mmap: database pages are read from the page cache
+                                // directly, not copied by one pread(2) each.
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+                                 PRAGMA mmap_size = 268435456;",
+                            )
+                            .await?;
+                            if read_only {
+                                // A write sent to a reader fails loudly instead of contending.
+                                conn.execute("PRAGMA query_only = ON;").await?;
+                            }
+                        }
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(options)
-            .await
-            .map_err(|source| DbError::Connect { backend, source })?;
-        Ok(Db { pool, backend })
+                .connect_with(options.clone())
+        };
+        let (pool, reader) = match backend {
+            Backend::Sqlite => {
+                // The writer first: it creates the file and switches it to WAL.
+                let pool = connect(1, false)
+                    .await
+                    .map_err(|source| DbError::Connect { backend, source })?;
+                let reader = connect(settings.max_connections, true)
+                    .await
+                    .map_err(|source| DbError::Connect { backend, source })?;
+                (pool, reader)
+            }
+            Backend::Postgres => {
+                let pool = connect(settings.max_connections, false)
+                    .await
+                    .map_err(|source| DbError::Connect { backend, source })?;
+                (pool.clone(), pool)
+            }
+        };
+        Ok(Db {
+            pool,
+            reader,
+            backend,
+        })
     }
 
     /// Connects and applies the service's migrations: what every service does at start-up.
@@ -191,9 +233,17 @@ impl Db {
         }
     }
 
-    /// The pool.
+    /// The pool for writes and for reads that must see the process's own latest writes in
+    /// the same order (on SQLite, the one writer connection).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Read-only connections for reads that may run beside a write (on SQLite, WAL readers
+    /// that see every committed transaction; on PostgreSQL, the same pool as [`Db::pool`]).
+    /// A write sent here fails on SQLite (`query_only`).
+    pub fn reader(&self) -> &AnyPool {
+        &self.reader
     }
 
     /// Which backend this is.
@@ -204,14 +254,36 @@ impl Db {
     /// A trivial query, for `/readyz`.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.reader)
             .await
             .map(|_| ())
     }
 
-    /// Closes the pool, waiting for checked-out connections.
+    /// Closes the pools, waiting for checked-out connections.
     pub async fn close(&self) {
+        self.reader.close().await;
         self.pool.close().await;
+    }
+}
+
+/// Creates the PostgreSQL database named in `url` when the server does not have it yet, as
+/// SQLite creates a missing file: `up` on PostgreSQL needs only a server. Concurrent replicas
+/// racing to create it are fine (one wins, the others find it). Without the right to create
+/// databases this logs why and leaves the connect to fail with the server's own message.
+async fn ensure_postgres_database(url: &str) {
+    use sqlx::migrate::MigrateDatabase;
+    match sqlx::Postgres::database_exists(url).await {
+        Ok(true) => {}
+        Ok(false) => match sqlx::Postgres::create_database(url).await {
+            Ok(()) => log::info!("created the PostgreSQL database"),
+            Err(e) => match sqlx::Postgres::database_exists(url).await {
+                Ok(true) => {}
+                _ => log::warn!("cannot create the PostgreSQL database: {e}"),
+            },
+        },
+        // The server is unreachable, or the maintenance database is not ours to read: the
+        // connect that follows says so.
+        Err(_) => {}
     }
 }
 

@@ -138,8 +138,9 @@ async fn consumer_db() -> (TestDb, Db) {
 }
 
 async fn effects(db: &Db) -> i64 {
+    // What is committed (a reader: the frozen handler below holds the writer).
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
-        .fetch_one(db.pool())
+        .fetch_one(db.reader())
         .await
         .expect("count");
     n

@@ -39,7 +39,7 @@ impl Store {
              ORDER BY added_at, product_id",
         )
         .bind(id(user))
-        .fetch_all(self.db.pool())
+        .fetch_all(self.db.reader())
         .await?;
         rows.into_iter()
             .map(|(p, q)| {

@@ -233,7 +233,7 @@ impl Store {
             " FROM products WHERE id = $1 AND deleted_at IS NULL"
         ))
         .bind(id.hyphenated().to_string())
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.db.reader())
         .await?;
         row.map(ProductRow::into_product).transpose()
     }
@@ -274,7 +274,7 @@ impl Store {
         };
         let rows = q
             .bind(i64::from(query.limit))
-            .fetch_all(self.db.pool())
+            .fetch_all(self.db.reader())
             .await?;
         rows.into_iter().map(ProductRow::into_product).collect()
     }
@@ -326,7 +326,7 @@ impl Store {
     /// placeholders under `sqlx::Any`, which PostgreSQL rejects, and callers ask for a handful
     /// of ids (the lines of an order, at most 100).
     pub async fn by_ids(&self, ids: &[Uuid]) -> Result<Vec<Product>, Error> {
-        let mut conn = self.db.pool().acquire().await?;
+        let mut conn = self.db.reader().acquire().await?;
         let mut products = Vec::with_capacity(ids.len());
         for id in ids {
             let row: Option<ProductRow> = sqlx::query_as(concat!(

@@ -83,13 +83,13 @@ impl Store {
 
     /// One product's stock (zero if it was never stocked).
     pub async fn stock(&self, product_id: Uuid) -> Result<StockLevel, Error> {
-        let mut conn = self.db.pool().acquire().await?;
+        let mut conn = self.db.reader().acquire().await?;
         stock_in(&mut conn, product_id).await
     }
 
     /// Several products' stock.
     pub async fn stocks(&self, product_ids: &[Uuid]) -> Result<Vec<StockLevel>, Error> {
-        let mut conn = self.db.pool().acquire().await?;
+        let mut conn = self.db.reader().acquire().await?;
         let mut levels = Vec::with_capacity(product_ids.len());
         for product_id in product_ids {
             levels.push(stock_in(&mut conn, *product_id).await?);

@@ -150,7 +150,7 @@ impl Store {
             ", password_hash FROM users WHERE email = $1"
         ))
         .bind(email.as_str())
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.db.reader())
         .await?;
         row.map(|r| Ok((r.user.into_user()?, r.password_hash)))
             .transpose()
@@ -164,7 +164,7 @@ impl Store {
             " FROM users WHERE id = $1"
         ))
         .bind(id.hyphenated().to_string())
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.db.reader())
         .await?;
         row.map(UserRow::into_user).transpose()
     }
@@ -182,7 +182,7 @@ impl Store {
                 .unwrap_or_default(),
         )
         .bind(i64::from(limit))
-        .fetch_all(self.db.pool())
+        .fetch_all(self.db.reader())
         .await?;
         rows.into_iter().map(UserRow::into_user).collect()
     }
