@@ -289,7 +289,7 @@ impl Handler for Mailer {
             .map_err(|e| e.to_string())?;
             metrics::counter!("notifications_sent_total", "type" => event.kind.clone())
                 .increment(1);
-            tracing::info!(event = %event.id, kind = %event.kind, to = %message.to, "message written");
+            tracing::debug!(event = %event.id, kind = %event.kind, to = %message.to, "message written");
             Ok(())
         })
     }

@@ -198,8 +198,9 @@ impl Saga {
         };
         match self.clients.inventory.clone().reserve(reserve).await {
             Ok(_) => {
-                self.store
-                    .transition(
+                let placed = self
+                    .store
+                    .transition_returning(
                         order_id,
                         (Status::Pending, Step::Reserving),
                         (Status::AwaitingPayment, Step::Idle),
@@ -207,7 +208,10 @@ impl Saga {
                     )
                     .await?;
                 metrics::counter!("orders_placed_total").increment(1);
-                tracing::info!(%order_id, total, "order placed");
+                tracing::debug!(%order_id, total, "order placed");
+                if let Some(order) = placed {
+                    return Ok(order);
+                }
             }
             Err(status) => {
                 return Err(match failure(&status) {
@@ -323,8 +327,9 @@ impl Saga {
         };
         match self.clients.inventory.clone().commit(request).await {
             Ok(_) => {
-                self.store
-                    .transition(
+                let paid = self
+                    .store
+                    .transition_returning(
                         order_id,
                         (Status::AwaitingPayment, Step::Committing),
                         (Status::Paid, Step::Idle),
@@ -332,8 +337,12 @@ impl Saga {
                     )
                     .await?;
                 metrics::counter!("orders_paid_total").increment(1);
-                tracing::info!(%order_id, "order paid");
-                self.load(order_id).await
+                tracing::debug!(%order_id, "order paid");
+                match paid {
+                    Some(order) => Ok(order),
+                    // Someone else (the resumer) finished it first: show it as it is.
+                    None => self.load(order_id).await,
+                }
             }
             Err(status) => match failure(&status) {
                 Failure::Refused(_) => {

@@ -332,7 +332,7 @@ impl Store {
             " FROM orders WHERE id = $1"
         ))
         .bind(id(order_id))
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.db.reader())
         .await?;
         match row {
             Some(row) => {
@@ -349,7 +349,7 @@ impl Store {
              WHERE order_id = $1 ORDER BY position",
         )
         .bind(id(order_id))
-        .fetch_all(self.db.pool())
+        .fetch_all(self.db.reader())
         .await?)
     }
 
@@ -370,7 +370,7 @@ impl Store {
         .bind(user.map(id).unwrap_or_default())
         .bind(before.map(id).unwrap_or_default())
         .bind(i64::from(limit))
-        .fetch_all(self.db.pool())
+        .fetch_all(self.db.reader())
         .await?;
         let mut orders = Vec::with_capacity(rows.len());
         for row in rows {
@@ -410,6 +410,37 @@ impl Store {
         to: (Status, Step),
         payment: Option<(&str, &str)>,
     ) -> Result<bool, Error> {
+        Ok(self
+            .moved(order_id, from, to, payment, false)
+            .await?
+            .is_some())
+    }
+
+    /// [`Store::transition`], answering with the order as it is after the move (read in the
+    /// same transaction, so no second round trip is needed to show it); `None` if someone else
+    /// moved it.
+    pub async fn transition_returning(
+        &self,
+        order_id: Uuid,
+        from: (Status, Step),
+        to: (Status, Step),
+        payment: Option<(&str, &str)>,
+    ) -> Result<Option<Order>, Error> {
+        Ok(self
+            .moved(order_id, from, to, payment, true)
+            .await?
+            .flatten())
+    }
+
+    /// `None`: not moved; `Some(order)`: moved, with the order when it was read.
+    async fn moved(
+        &self,
+        order_id: Uuid,
+        from: (Status, Step),
+        to: (Status, Step),
+        payment: Option<(&str, &str)>,
+        want: bool,
+    ) -> Result<Option<Option<Order>>, Error> {
         let mut tx = self.db.begin_write().await?;
         let done = sqlx::query(
             "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
@@ -427,7 +458,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         let kind = match to.0 {
             _ if to.0 == from.0 => None,
@@ -437,7 +468,8 @@ impl Store {
             Status::Expired => Some("order.expired"),
             Status::Pending | Status::Rejected => None,
         };
-        if let Some(kind) = kind {
+        let mut order = None;
+        if kind.is_some() || want {
             let row: OrderRow = sqlx::query_as(concat!(
                 "SELECT ",
                 order_columns!(),
@@ -453,7 +485,9 @@ impl Store {
             .bind(id(order_id))
             .fetch_all(&mut *tx)
             .await?;
-            let order = row.into_order(lines)?;
+            order = Some(row.into_order(lines)?);
+        }
+        if let (Some(kind), Some(order)) = (kind, &order) {
             let event = shopmesh_events::Event {
                 kind,
                 version: 1,
@@ -477,7 +511,7 @@ impl Store {
             shopmesh_events::outbox::append(&mut tx, &event, None).await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(order))
     }
 
     /// Orders with a step in flight last touched before `before` (all of them at start-up).

@@ -84,7 +84,7 @@ impl PaymentsGrpc {
                 card_brand: card.number.brand(),
             })
             .await?;
-        tracing::info!(order_id = %order, card_last4 = %last4, amount = amount.get(), "charge captured");
+        tracing::debug!(order_id = %order, card_last4 = %last4, amount = amount.get(), "charge captured");
         metrics::counter!("payments_captured_total").increment(1);
         Ok(payment)
     }
