@@ -71,6 +71,8 @@ pub struct Consumer {
 
 /// Events fetched per request.
 const PAGE: usize = 100;
+/// How long an idle consumer's request waits at the producer for new events.
+const LONG_POLL: Duration = Duration::from_secs(2);
 
 fn now_micros() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
@@ -91,7 +93,8 @@ pub async fn install(db: &Db) -> Result<(), sqlx::Error> {
 
 impl Consumer {
     /// A consumer writing to `db`; an event failing `max_attempts` times becomes a dead letter;
-    /// an idle stream is asked again every `poll`.
+    /// after a page that was not full it waits `poll` for events to gather, then waits at the
+    /// producer (long poll) for the next ones.
     pub fn new(db: Db, handler: Arc<dyn Handler>, max_attempts: u32, poll: Duration) -> Self {
         Consumer {
             db,
@@ -107,15 +110,24 @@ impl Consumer {
         tokio::spawn(async move {
             let mut backoff = consumer.poll;
             let mut warned = false;
+            let mut wait = Duration::ZERO;
             loop {
-                match consumer.pump(&subscription).await {
+                match consumer.pump_waiting(&subscription, wait).await {
                     Ok(n) => {
                         backoff = consumer.poll;
                         warned = false;
                         if n == PAGE {
+                            wait = Duration::ZERO;
                             continue;
                         }
-                        tokio::time::sleep(consumer.poll).await;
+                        // A short page: let the next events gather for `poll` (one page, one
+                        // transaction for many), then wait at the producer for them (long
+                        // poll), so an idle stream costs one request per LONG_POLL and the
+                        // first event after a quiet time comes at once.
+                        if n > 0 {
+                            tokio::time::sleep(consumer.poll).await;
+                        }
+                        wait = LONG_POLL;
                     }
                     Err(e) => {
                         if !warned || !matches!(e, ConsumeError::Fetch(..)) {
@@ -135,7 +147,7 @@ impl Consumer {
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT position FROM event_cursors WHERE producer = $1")
                 .bind(producer)
-                .fetch_optional(self.db.pool())
+                .fetch_optional(self.db.reader())
                 .await?;
         Ok(row.map_or(0, |r| r.0))
     }
@@ -143,12 +155,31 @@ impl Consumer {
     /// Fetches one page after the cursor and handles it, in order, stopping at the first
     /// event that fails (it is retried, in order, next time). Returns how many were taken.
     pub async fn pump(&self, subscription: &Subscription) -> Result<usize, ConsumeError> {
+        self.pump_waiting(subscription, Duration::ZERO).await
+    }
+
+    /// [`Consumer::pump`], letting the producer hold the request up to `wait` until there is
+    /// something after the cursor.
+    pub async fn pump_waiting(
+        &self,
+        subscription: &Subscription,
+        wait: Duration,
+    ) -> Result<usize, ConsumeError> {
         let producer = &subscription.producer;
         let after = self.cursor(producer).await?;
-        let page = self.fetch(subscription, after).await?;
+        let page = self.fetch(subscription, after, wait).await?;
         let n = page.events.len();
         let lag = |done: i64| (page.head - done).max(0) as f64;
         metrics::gauge!("consumer_lag_events", "producer" => producer.clone()).set(lag(after));
+        if let Some(last) = page.events.last()
+            && self.process_page(producer, &page.events).await?
+        {
+            metrics::gauge!("consumer_lag_events", "producer" => producer.clone())
+                .set(lag(last.position));
+            return Ok(n);
+        }
+        // Something in the page failed before, or fails now: one event at a time, so the
+        // failure is counted against that event and the ones before it are kept.
         for event in &page.events {
             self.process(producer, event).await?;
             metrics::gauge!("consumer_lag_events", "producer" => producer.clone())
@@ -157,15 +188,24 @@ impl Consumer {
         Ok(n)
     }
 
-    async fn fetch(&self, subscription: &Subscription, after: i64) -> Result<Page, ConsumeError> {
+    async fn fetch(
+        &self,
+        subscription: &Subscription,
+        after: i64,
+        wait: Duration,
+    ) -> Result<Page, ConsumeError> {
         let failed = |why: String| ConsumeError::Fetch(subscription.producer.clone(), why);
-        let request = http::Request::get(format!("/internal/outbox?after={after}&limit={PAGE}"))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| failed(e.to_string()))?;
+        let request = http::Request::get(format!(
+            "/internal/outbox?after={after}&limit={PAGE}&wait_ms={}",
+            wait.as_millis()
+        ))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| failed(e.to_string()))?;
         let options = CallOptions {
-            deadline: tokio::time::Instant::now() + Duration::from_secs(3),
+            deadline: tokio::time::Instant::now() + wait + Duration::from_secs(3),
             retry_safe: true,
-            cut_slow_attempts: true,
+            // A long poll is slow on purpose: not an attempt to abandon.
+            cut_slow_attempts: wait.is_zero(),
         };
         let response = subscription
             .upstream
@@ -182,6 +222,61 @@ impl Consumer {
             .map_err(|e| failed(e.to_string()))?
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))
+    }
+
+    /// The fast path: a whole page in one transaction (inbox entries, effects, one cursor
+    /// move). `false`, with nothing written, if an event of the page has failed before or fails
+    /// now: the caller then goes one event at a time, with the failure bookkeeping.
+    async fn process_page(
+        &self,
+        producer: &str,
+        events: &[Envelope],
+    ) -> Result<bool, ConsumeError> {
+        let Some(last) = events.last() else {
+            return Ok(true);
+        };
+        let mut tx = self.db.begin_write().await?;
+        let mut handled = Vec::with_capacity(events.len());
+        let mut duplicates = 0u64;
+        for event in events {
+            let id = event.id.hyphenated().to_string();
+            let (seen, failed): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM event_inbox WHERE event_id = $1) \
+                 + (SELECT COUNT(*) FROM event_dead_letters WHERE event_id = $1), \
+                 (SELECT COUNT(*) FROM event_failures WHERE event_id = $1)",
+            )
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if failed > 0 {
+                return Ok(false);
+            }
+            if seen > 0 {
+                duplicates += 1;
+                continue;
+            }
+            if self.handler.handle(&mut tx, event).await.is_err() {
+                return Ok(false);
+            }
+            sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(&event.kind)
+                .bind(now_micros())
+                .execute(&mut *tx)
+                .await?;
+            handled.push(event);
+        }
+        advance(&mut tx, producer, last.position).await?;
+        tx.commit().await?;
+        for event in handled {
+            metrics::counter!("events_consumed_total", "producer" => producer.to_owned(), "type" => event.kind.clone()).increment(1);
+            record_delivery(producer, event);
+        }
+        if duplicates > 0 {
+            metrics::counter!("events_duplicates_total", "producer" => producer.to_owned())
+                .increment(duplicates);
+        }
+        Ok(true)
     }
 
     /// Handles one event unless its id is in the inbox; records it and moves the cursor in the

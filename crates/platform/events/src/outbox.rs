@@ -1,6 +1,7 @@
 //! The producer's side: append in the caller's transaction, number what is committed, serve
 //! the stream.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,12 +14,30 @@ use shopmesh_db::Db;
 use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{Envelope, Event};
 
-/// How often committed rows are looked for.
-const POSITION_EVERY: Duration = Duration::from_millis(50);
+/// How often committed rows are looked for when no append in this process said so (rows
+/// written by another process on the same database: a replica).
+const POSITION_IDLE: Duration = Duration::from_secs(1);
+/// After an append, how long the positioner keeps looking for its row to become visible
+/// (the appending transaction commits a moment later).
+const AFTER_APPEND: [Duration; 5] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(30),
+];
+/// Longest wait a consumer may ask of `/internal/outbox` for events to appear.
+const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// Counts appends in this process: the positioner wakes on a change instead of polling.
+static APPENDED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
+/// Counts numberings in this process: a waiting `/internal/outbox` request wakes on a change.
+static NUMBERED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
 /// Most rows numbered per transaction.
 const BATCH: i64 = 500;
 /// Most events served per request.
@@ -54,7 +73,22 @@ pub async fn append(
     .bind(event.payload.to_string())
     .execute(conn)
     .await?;
+    APPENDED.send_modify(|n| *n = n.wrapping_add(1));
     Ok(id)
+}
+
+/// A receiver that changes whenever this process numbers outbox rows (the RabbitMQ relay
+/// waits on it instead of polling).
+pub fn numberings() -> watch::Receiver<u64> {
+    NUMBERED.subscribe()
+}
+
+/// Waits until an event was appended in this process since `seen` was last marked (`true`),
+/// or `idle` passed (`false`).
+async fn appended_or(seen: &mut watch::Receiver<u64>, idle: Duration) -> bool {
+    let woken = matches!(tokio::time::timeout(idle, seen.changed()).await, Ok(Ok(())));
+    seen.mark_unchanged();
+    woken
 }
 
 /// Numbers the committed rows that have no position yet, after the highest one, in id order.
@@ -64,7 +98,7 @@ pub async fn append(
 pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
     let pending: Option<(String,)> =
         sqlx::query_as("SELECT id FROM outbox WHERE position IS NULL LIMIT 1")
-            .fetch_optional(db.pool())
+            .fetch_optional(db.reader())
             .await?;
     if pending.is_none() {
         return Ok(0);
@@ -91,27 +125,52 @@ pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
     Ok(ids.len() as u64)
 }
 
-/// Numbers committed rows every 50 ms, for as long as the process runs.
+/// Numbers committed rows for as long as the process runs: woken by every append in this
+/// process (then looking a few times over the next ~50 ms, while the appending transaction
+/// commits), and once a second otherwise (rows from another process on the same database).
+/// An idle shop costs one query a second per producer, not twenty.
 pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut failing = false;
+        let mut appended = APPENDED.subscribe();
+        let mut tries_left = 0usize;
         loop {
-            match assign_positions(&db).await {
-                Ok(_) => failing = false,
+            let numbered = match assign_positions(&db).await {
+                Ok(n) => {
+                    failing = false;
+                    n
+                }
                 Err(e) => {
                     // A race with another replica's numberer is expected and retried.
                     if !failing {
                         tracing::debug!(service, error = %e, "numbering outbox rows failed; retrying");
                     }
                     failing = true;
+                    0
+                }
+            };
+            if numbered > 0 {
+                NUMBERED.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            if numbered > 0 || appended.has_changed().unwrap_or(false) {
+                // More may be committing: look again shortly.
+                appended.mark_unchanged();
+                tries_left = AFTER_APPEND.len();
+                tokio::time::sleep(AFTER_APPEND[0]).await;
+            } else if tries_left > 0 {
+                let delay = AFTER_APPEND[AFTER_APPEND.len() - tries_left];
+                tries_left -= 1;
+                tokio::time::sleep(delay).await;
+            } else {
+                if let Ok((backlog, oldest)) = backlog(&db).await {
+                    metrics::gauge!("outbox_unpublished", "service" => service).set(backlog as f64);
+                    metrics::gauge!("outbox_oldest_unpublished_seconds", "service" => service)
+                        .set(oldest);
+                }
+                if appended_or(&mut appended, POSITION_IDLE).await {
+                    tries_left = AFTER_APPEND.len();
                 }
             }
-            if let Ok((backlog, oldest)) = backlog(&db).await {
-                metrics::gauge!("outbox_unpublished", "service" => service).set(backlog as f64);
-                metrics::gauge!("outbox_oldest_unpublished_seconds", "service" => service)
-                    .set(oldest);
-            }
-            tokio::time::sleep(POSITION_EVERY).await;
         }
     })
 }
@@ -120,7 +179,7 @@ pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandl
 async fn backlog(db: &Db) -> Result<(i64, f64), sqlx::Error> {
     let (count, oldest): (i64, Option<i64>) =
         sqlx::query_as("SELECT COUNT(*), MIN(occurred_at) FROM outbox WHERE position IS NULL")
-            .fetch_one(db.pool())
+            .fetch_one(db.reader())
             .await?;
     let age = oldest.map_or(0.0, |t| {
         (micros(OffsetDateTime::now_utc()) - t).max(0) as f64 / 1e6
@@ -169,7 +228,7 @@ pub async fn read_after(db: &Db, after: i64, limit: i64) -> Result<Vec<Envelope>
     )
     .bind(after)
     .bind(limit.clamp(1, MAX_PAGE))
-    .fetch_all(db.pool())
+    .fetch_all(db.reader())
     .await?;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
@@ -191,6 +250,10 @@ struct Page {
     after: i64,
     #[serde(default = "default_limit")]
     limit: i64,
+    /// With nothing after `after`, hold the request up to this long for events to appear
+    /// (a long poll: an idle consumer neither spins nor waits out a polling interval).
+    #[serde(default)]
+    wait_ms: u64,
 }
 
 fn default_limit() -> i64 {
@@ -208,16 +271,26 @@ pub fn routes(db: Db) -> Router {
 /// The highest position numbered so far (0 when none).
 pub async fn head(db: &Db) -> Result<i64, sqlx::Error> {
     let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(position) FROM outbox")
-        .fetch_one(db.pool())
+        .fetch_one(db.reader())
         .await?;
     Ok(max.unwrap_or(0))
 }
 
 async fn serve_page(State(db): State<Db>, Query(page): Query<Page>) -> Response {
+    let until = tokio::time::Instant::now() + Duration::from_millis(page.wait_ms).min(MAX_WAIT);
+    let mut numbered = NUMBERED.subscribe();
     let result = async {
-        let head = head(&db).await?;
-        let events = read_after(&db, page.after, page.limit).await?;
-        Ok::<_, sqlx::Error>((head, events))
+        loop {
+            numbered.mark_unchanged();
+            let head = head(&db).await?;
+            if head > page.after || tokio::time::Instant::now() >= until {
+                let events = read_after(&db, page.after, page.limit).await?;
+                return Ok::<_, sqlx::Error>((head, events));
+            }
+            // Woken by a numbering in this process, or once a second for a replica's.
+            let wake = until.min(tokio::time::Instant::now() + POSITION_IDLE);
+            let _ = tokio::time::timeout_at(wake, numbered.changed()).await;
+        }
     }
     .await;
     match result {

@@ -101,7 +101,8 @@ pub const TOPOLOGY: Topology = &[
 ];
 
 const RELAY_BATCH: i64 = 200;
-const IDLE: Duration = Duration::from_millis(50);
+/// Longest wait for new rows when nothing in this process said so (a replica's rows).
+const IDLE: Duration = Duration::from_secs(1);
 
 async fn connect(url: &str) -> Result<Connection, Error> {
     Ok(Connection::connect(url, ConnectionProperties::default()).await?)
@@ -168,11 +169,14 @@ async fn relay(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     tracing::info!(service, exchange = %settings.exchange, "relaying events to RabbitMQ");
+    let mut numbered = outbox::numberings();
     loop {
+        numbered.mark_unchanged();
         let after = relayed(db).await?;
         let events = outbox::read_after(db, after, RELAY_BATCH).await?;
         let Some(last) = events.last().map(|e| e.position) else {
-            tokio::time::sleep(IDLE).await;
+            // Woken by the positioner of this process; a replica's rows within IDLE.
+            let _ = tokio::time::timeout(IDLE, numbered.changed()).await;
             continue;
         };
         let mut confirms = Vec::with_capacity(events.len());

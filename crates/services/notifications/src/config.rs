@@ -51,7 +51,8 @@ pub struct NotificationsSettings {
     pub from: String,
     /// Failures of one event before it is set aside as a dead letter.
     pub max_attempts: u32,
-    /// How often an idle stream is asked for new events, in milliseconds.
+    /// After a page of events, how long to let the next ones gather before asking again, in
+    /// milliseconds (an idle stream is waited on at the producer: a long poll).
     pub poll_ms: u64,
     /// Test only: freeze after writing a message, before recording it (`pause_after_mail`),
     /// once.
