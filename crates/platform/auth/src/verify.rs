@@ -1,7 +1,7 @@
 //! Verifying access tokens.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -75,7 +75,14 @@ struct Inner {
     validation: Validation,
     keys: RwLock<HashMap<String, DecodingKey>>,
     source: Option<JwksSource>,
+    /// Tokens already verified, with their claims: a customer sends the same token with every
+    /// request for 15 minutes, and an Ed25519 check costs far more than a lookup. Bounded;
+    /// emptied when the keys change; an entry is used only until its token expires.
+    verified: Mutex<HashMap<Box<str>, Claims>>,
 }
+
+/// Most verified tokens remembered.
+const VERIFIED_CAP: usize = 10_000;
 
 struct JwksSource {
     url: String,
@@ -129,6 +136,7 @@ impl Verifier {
                 validation,
                 keys: RwLock::new(HashMap::new()),
                 source,
+                verified: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -148,6 +156,8 @@ impl Verifier {
             Ok(mut guard) => *guard = keys,
             Err(poisoned) => *poisoned.into_inner() = keys,
         }
+        // A key that is gone must not keep vouching for its tokens.
+        self.with_verified(HashMap::clear);
         Ok(())
     }
 
@@ -215,8 +225,43 @@ impl Verifier {
         self.key(kid).ok_or(AuthError::UnknownKey)
     }
 
-    /// Verifies a token and returns its claims.
+    fn with_verified<T>(&self, f: impl FnOnce(&mut HashMap<Box<str>, Claims>) -> T) -> T {
+        match self.inner.verified.lock() {
+            Ok(mut guard) => f(&mut guard),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Verifies a token and returns its claims: from memory if this exact token was verified
+    /// before and has not expired since (leeway included, as for a fresh check).
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = self.inner.validation.leeway;
+        let remembered = self.with_verified(|verified| match verified.get(token) {
+            Some(claims) if claims.exp.saturating_add(leeway) > now => Some(Ok(claims.clone())),
+            Some(_) => {
+                verified.remove(token);
+                Some(Err(AuthError::Expired))
+            }
+            None => None,
+        });
+        if let Some(result) = remembered {
+            return result;
+        }
+        let claims = self.verify_signed(token).await?;
+        self.with_verified(|verified| {
+            if verified.len() >= VERIFIED_CAP {
+                verified.retain(|_, c| c.exp.saturating_add(leeway) > now);
+                if verified.len() >= VERIFIED_CAP {
+                    verified.clear();
+                }
+            }
+            verified.insert(token.into(), claims.clone());
+        });
+        Ok(claims)
+    }
+
+    async fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token or unsupported algorithm"))?;
         if header.alg != Algorithm::EdDSA {
@@ -384,6 +429,33 @@ mod tests {
             verifier.verify(&signer.issue_claims(&c).expect("i")).await,
             Err(AuthError::Invalid("wrong audience"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_stops_counting_once_it_expires_or_its_key_is_gone() {
+        let signer = signer();
+        let verifier = verifier_for(&signer);
+        // Expires 30 s ago: valid within the 60 s leeway, remembered after the first check.
+        let token = signer.issue_claims(&claims(-30)).expect("issue");
+        assert!(verifier.verify(&token).await.is_ok());
+        assert!(verifier.verify(&token).await.is_ok());
+        // Past the leeway the remembered entry no longer vouches for it.
+        verifier.with_verified(|v| {
+            if let Some(c) = v.get_mut(token.as_str()) {
+                c.exp = now_secs() - 61;
+            }
+        });
+        assert_eq!(verifier.verify(&token).await, Err(AuthError::Expired));
+
+        let fresh = signer.issue(Uuid::now_v7(), Role::Customer).expect("issue");
+        assert!(verifier.verify(&fresh).await.is_ok());
+        // The keys rotate and the old one is withdrawn: its tokens fail, remembered or not.
+        verifier
+            .set_keys(&JwkSet {
+                keys: vec![self::signer().jwk()],
+            })
+            .expect("keys");
+        assert_eq!(verifier.verify(&fresh).await, Err(AuthError::UnknownKey));
     }
 
     #[tokio::test]
