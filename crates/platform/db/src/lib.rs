@@ -168,6 +168,13 @@ impl Db {
                 .connect_with(options.clone())
         };
         let (pool, reader) = match backend {
+            Backend::Sqlite if url.contains(":memory:") || url.contains("mode=memory") => {
+                // Another connection would be another database: one connection does all.
+                let pool = connect(1, false)
+                    .await
+                    .map_err(|source| DbError::Connect { backend, source })?;
+                (pool.clone(), pool)
+            }
             Backend::Sqlite => {
                 // The writer first: it creates the file and switches it to WAL.
                 let pool = connect(1, false)
@@ -304,4 +311,134 @@ fn ensure_sqlite_dir(url: &str) -> Result<(), DbError> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sqlite(dir: &tempfile::TempDir) -> Db {
+        let url = SecretString::from(sqlite_url(&dir.path().join("t.db")));
+        let db = Db::connect(&url, &DatabaseSettings::default())
+            .await
+            .expect("connect");
+        sqlx::query("CREATE TABLE t (n INTEGER NOT NULL)")
+            .execute(db.pool())
+            .await
+            .expect("create");
+        db
+    }
+
+    #[tokio::test]
+    async fn readers_see_what_the_writer_committed_and_cannot_write() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let mut tx = db.begin_write().await.expect("begin");
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        // Uncommitted: a reader does not see it, and is not blocked by the writer (WAL).
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.reader())
+            .await
+            .expect("read");
+        assert_eq!(n, 0);
+        tx.commit().await.expect("commit");
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.reader())
+            .await
+            .expect("read");
+        assert_eq!(n, 1);
+        let write = sqlx::query("INSERT INTO t (n) VALUES (2)")
+            .execute(db.reader())
+            .await;
+        assert!(write.is_err(), "a reader must refuse writes");
+    }
+
+    #[tokio::test]
+    async fn writes_from_many_tasks_queue_for_the_one_writer_and_all_land() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut tx = db.begin_write().await.expect("begin");
+                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(i64::from(i))
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                    tx.commit().await.expect("commit");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.reader())
+            .await
+            .expect("read");
+        assert_eq!(n, 50);
+    }
+
+    #[tokio::test]
+    async fn a_missing_postgres_database_is_created_on_connect() {
+        use sqlx::migrate::MigrateDatabase;
+        let configured = std::env::var("TEST_POSTGRES_URL").ok();
+        let admin = configured
+            .clone()
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        if configured.is_none()
+            && !sqlx::Postgres::database_exists(&admin)
+                .await
+                .unwrap_or(false)
+        {
+            eprintln!("NOTICE: skipped: no PostgreSQL (set TEST_POSTGRES_URL to run it)");
+            return;
+        }
+        let name = format!("shopmesh_test_{}_created", uuid::Uuid::new_v4().simple());
+        let base = admin.split('?').next().unwrap_or(&admin);
+        let url = format!(
+            "{}/{name}",
+            &base[..base.rfind('/').expect("a database path")]
+        );
+        assert!(
+            !sqlx::Postgres::database_exists(&url)
+                .await
+                .expect("exists?")
+        );
+        let db = Db::connect(
+            &SecretString::from(url.clone()),
+            &DatabaseSettings::default(),
+        )
+        .await
+        .expect("connect creates the database");
+        db.ping().await.expect("ping");
+        db.close().await;
+        sqlx::Postgres::drop_database(&url).await.expect("drop");
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_one_database_for_reads_and_writes() {
+        let url = SecretString::from("sqlite::memory:".to_owned());
+        let db = Db::connect(&url, &DatabaseSettings::default())
+            .await
+            .expect("connect");
+        sqlx::query("CREATE TABLE t (n INTEGER)")
+            .execute(db.pool())
+            .await
+            .expect("create");
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(db.pool())
+            .await
+            .expect("insert");
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.reader())
+            .await
+            .expect("read");
+        assert_eq!(n, 1);
+    }
 }
