@@ -441,8 +441,15 @@ impl Store {
         payment: Option<(&str, &str)>,
         want: bool,
     ) -> Result<Option<Option<Order>>, Error> {
-        let mut tx = self.db.begin_write().await?;
-        let done = sqlx::query(
+        let kind = match to.0 {
+            _ if to.0 == from.0 => None,
+            Status::AwaitingPayment => Some("order.placed"),
+            Status::Paid => Some("order.paid"),
+            Status::Cancelled => Some("order.cancelled"),
+            Status::Expired => Some("order.expired"),
+            Status::Pending | Status::Rejected => None,
+        };
+        let update = sqlx::query(
             "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
              payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4) \
              WHERE id = $6 AND status = $7 AND step = $8",
@@ -454,22 +461,18 @@ impl Store {
         .bind(payment.map(|p| p.1.to_owned()))
         .bind(id(order_id))
         .bind(from.0.as_str())
-        .bind(from.1.as_str())
-        .execute(&mut *tx)
-        .await?;
+        .bind(from.1.as_str());
+        if kind.is_none() && !want {
+            // One guarded statement is atomic by itself: no transaction round trips.
+            let done = update.execute(self.db.pool()).await?;
+            return Ok((done.rows_affected() > 0).then_some(None));
+        }
+        let mut tx = self.db.begin_write().await?;
+        let done = update.execute(&mut *tx).await?;
         if done.rows_affected() == 0 {
             return Ok(None);
         }
-        let kind = match to.0 {
-            _ if to.0 == from.0 => None,
-            Status::AwaitingPayment => Some("order.placed"),
-            Status::Paid => Some("order.paid"),
-            Status::Cancelled => Some("order.cancelled"),
-            Status::Expired => Some("order.expired"),
-            Status::Pending | Status::Rejected => None,
-        };
-        let mut order = None;
-        if kind.is_some() || want {
+        let order = {
             let row: OrderRow = sqlx::query_as(concat!(
                 "SELECT ",
                 order_columns!(),
@@ -485,9 +488,9 @@ impl Store {
             .bind(id(order_id))
             .fetch_all(&mut *tx)
             .await?;
-            order = Some(row.into_order(lines)?);
-        }
-        if let (Some(kind), Some(order)) = (kind, &order) {
+            row.into_order(lines)?
+        };
+        if let Some(kind) = kind {
             let event = shopmesh_events::Event {
                 kind,
                 version: 1,
@@ -511,7 +514,7 @@ impl Store {
             shopmesh_events::outbox::append(&mut tx, &event, None).await?;
         }
         tx.commit().await?;
-        Ok(Some(order))
+        Ok(Some(Some(order)))
     }
 
     /// Orders with a step in flight last touched before `before` (all of them at start-up).

@@ -109,6 +109,16 @@ impl Store {
                 };
                 shopmesh_events::outbox::append(&mut tx, &event, None).await?;
                 tx.commit().await?;
+                // What was just written: no need to read it back.
+                return Ok(Payment {
+                    order_id: capture.order_id.hyphenated().to_string(),
+                    payment_id: payment_id.hyphenated().to_string(),
+                    amount: capture.amount,
+                    currency: capture.currency.to_owned(),
+                    status: "captured".to_owned(),
+                    card_last4: capture.card_last4.to_owned(),
+                    card_brand: capture.card_brand.to_owned(),
+                });
             }
             // A concurrent charge for the same order captured first: its capture is the answer.
             Err(e) if is_unique_violation(&e) => drop(tx),
