@@ -1,7 +1,12 @@
-//! Stale answers where they beat none: the last good answer to an anonymous GET on a route
-//! with `stale_fallback` (the product list and pages), kept a few minutes, served with
-//! `Warning: 110` and `Age` when the service cannot answer (no endpoint, every circuit open,
-//! unreachable, deadline passed, or a 502/503/504).
+//! Kept answers to anonymous GETs on a route with `stale_fallback` (the product list and
+//! pages):
+//! - **fresh**: while the service said the answer stays fresh (`Cache-Control: public,
+//!   max-age=N`), the next identical request is answered from here with `Age` and `x-cache:
+//!   hit`, without a call (the HTTP caching a CDN or nginx's `proxy_cache` would do; browsing
+//!   is most of a shop's traffic and the same pages are asked again and again);
+//! - **stale**: the last good answer, kept a few minutes, served with `Warning: 110` and `Age`
+//!   when the service cannot answer (no endpoint, every circuit open, unreachable, deadline
+//!   passed, or a 502/503/504).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,6 +26,8 @@ const MAX_BODY: u64 = 512 * 1024;
 
 struct Entry {
     stored: Instant,
+    /// How long the service said it stays fresh (zero: only ever a stale fallback).
+    fresh_for: Duration,
     content_type: Option<HeaderValue>,
     body: Bytes,
 }
@@ -42,7 +49,13 @@ impl StaleCache {
         }
     }
 
-    fn store(&self, key: &str, content_type: Option<HeaderValue>, body: Bytes) {
+    fn store(
+        &self,
+        key: &str,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+        fresh_for: Duration,
+    ) {
         let Ok(mut entries) = self.entries.lock() else {
             return;
         };
@@ -62,10 +75,36 @@ impl StaleCache {
             key.to_owned(),
             Entry {
                 stored: Instant::now(),
+                fresh_for: fresh_for.min(self.max_age),
                 content_type,
                 body,
             },
         );
+    }
+
+    /// The kept answer for `key` if the service said it is still fresh.
+    pub fn fresh(&self, key: &str) -> Option<Response> {
+        let entries = self.entries.lock().ok()?;
+        let entry = entries.get(key)?;
+        let age = entry.stored.elapsed();
+        if age >= entry.fresh_for {
+            return None;
+        }
+        metrics::counter!("gateway_cache_hits_total").increment(1);
+        let mut response = Response::new(Body::from(entry.body.clone()));
+        let headers = response.headers_mut();
+        if let Some(ct) = &entry.content_type {
+            headers.insert(header::CONTENT_TYPE, ct.clone());
+        }
+        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        if let Ok(control) = HeaderValue::try_from(format!(
+            "public, max-age={}",
+            entry.fresh_for.saturating_sub(age).as_secs()
+        )) {
+            headers.insert(header::CACHE_CONTROL, control);
+        }
+        headers.insert("x-cache", HeaderValue::from_static("hit"));
+        Some(response)
     }
 
     fn stale(&self, key: &str) -> Option<Response> {
@@ -91,29 +130,37 @@ impl StaleCache {
     }
 
     /// The answer to give for `key`, given what the upstream call returned: a good answer is
-    /// kept (and passed on), a failure is replaced by the kept answer if there is one.
+    /// kept (and passed on), a failure is replaced by the kept answer if there is one. For a
+    /// signed-in reader (`anonymous` false) only a `public` answer is kept, and a failure is
+    /// passed on as it is.
     pub async fn answer(
         &self,
         key: &str,
+        anonymous: bool,
         result: Result<http::Response<Incoming>, CallError>,
         error: impl FnOnce(CallError) -> Response,
     ) -> Response {
+        let stale = |cache: &Self| if anonymous { cache.stale(key) } else { None };
         let response = match result {
             Ok(response) => response,
-            Err(e) => return self.stale(key).unwrap_or_else(|| error(e)),
+            Err(e) => return stale(self).unwrap_or_else(|| error(e)),
         };
         let status = response.status();
         if matches!(
             status,
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-        ) && let Some(stale) = self.stale(key)
+        ) && let Some(stale) = stale(self)
         {
             return stale;
         }
         let (mut parts, body) = response.into_parts();
         crate::proxy::strip_hop_by_hop(&mut parts.headers);
         let length = content_length(&parts.headers);
-        if status != StatusCode::OK || length.is_none_or(|l| l > MAX_BODY) {
+        let fresh_for = fresh_for(&parts.headers);
+        if status != StatusCode::OK
+            || length.is_none_or(|l| l > MAX_BODY)
+            || (!anonymous && fresh_for.is_zero())
+        {
             return Response::from_parts(parts, Body::new(body));
         }
         match body.collect().await {
@@ -123,13 +170,41 @@ impl StaleCache {
                     key,
                     parts.headers.get(header::CONTENT_TYPE).cloned(),
                     bytes.clone(),
+                    fresh_for,
                 );
                 Response::from_parts(parts, Body::from(bytes))
             }
-            Err(_) => self
-                .stale(key)
-                .unwrap_or_else(|| error(CallError::Transport(String::new()))),
+            Err(_) => stale(self).unwrap_or_else(|| error(CallError::Transport(String::new()))),
         }
+    }
+}
+
+/// How long a shared cache may reuse an answer: `max-age` of a `Cache-Control` that is
+/// `public` and neither `private`, `no-store` nor `no-cache`; zero otherwise.
+fn fresh_for(headers: &HeaderMap) -> Duration {
+    let Some(control) = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Duration::ZERO;
+    };
+    let mut public = false;
+    let mut max_age = None;
+    for directive in control.split(',').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        match lower.as_str() {
+            "public" => public = true,
+            "private" | "no-store" | "no-cache" => return Duration::ZERO,
+            other => {
+                if let Some(n) = other.strip_prefix("max-age=") {
+                    max_age = n.parse::<u64>().ok();
+                }
+            }
+        }
+    }
+    match (public, max_age) {
+        (true, Some(seconds)) => Duration::from_secs(seconds),
+        _ => Duration::ZERO,
     }
 }
 
@@ -138,4 +213,66 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_str(value).expect("value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn only_a_public_max_age_makes_an_answer_reusable() {
+        assert_eq!(
+            fresh_for(&control("public, max-age=2")),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            fresh_for(&control("Public, Max-Age=5")),
+            Duration::from_secs(5)
+        );
+        assert_eq!(fresh_for(&control("max-age=2")), Duration::ZERO);
+        assert_eq!(
+            fresh_for(&control("public, max-age=2, no-store")),
+            Duration::ZERO
+        );
+        assert_eq!(fresh_for(&control("private, max-age=2")), Duration::ZERO);
+        assert_eq!(fresh_for(&control("public, max-age=soon")), Duration::ZERO);
+        assert_eq!(fresh_for(&HeaderMap::new()), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_fresh_entry_is_served_until_its_age_passes_its_max_age() {
+        let cache = StaleCache::new(Duration::from_secs(300), 10);
+        cache.store(
+            "/a",
+            None,
+            Bytes::from_static(b"a"),
+            Duration::from_secs(60),
+        );
+        cache.store("/b", None, Bytes::from_static(b"b"), Duration::ZERO);
+        let hit = cache.fresh("/a").expect("fresh");
+        assert_eq!(hit.headers()["x-cache"], "hit");
+        assert!(
+            cache.fresh("/b").is_none(),
+            "no max-age: only a stale fallback"
+        );
+        assert!(cache.stale("/b").is_some());
+        if let Ok(mut entries) = cache.entries.lock()
+            && let Some(entry) = entries.get_mut("/a")
+        {
+            entry.stored = entry
+                .stored
+                .checked_sub(Duration::from_secs(61))
+                .expect("uptime");
+        }
+        assert!(cache.fresh("/a").is_none());
+    }
 }

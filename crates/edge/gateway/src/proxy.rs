@@ -197,11 +197,20 @@ async fn try_forward(
             .headers
             .insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    // Only anonymous reads are cached: an answer for a signed-in user may be theirs alone.
-    let cache_key = target.fallback.as_ref().and_then(|_| {
-        (parts.method == Method::GET && !parts.headers.contains_key(header::AUTHORIZATION))
-            .then(|| path_and_query.as_str().to_owned())
-    });
+    // Reads on these routes may be answered from the cache while fresh: an entry is fresh only
+    // if the service marked it `public`, which says it is the same for everyone (RFC 9111
+    // §3.5), so a signed-in reader may get it, and give it, too. Otherwise only anonymous
+    // answers are kept (as stale fallbacks): an answer for a signed-in user may be theirs alone.
+    let read_key = target
+        .fallback
+        .as_ref()
+        .and_then(|_| (parts.method == Method::GET).then(|| path_and_query.as_str().to_owned()));
+    if let (Some(cache), Some(key)) = (&target.fallback, &read_key)
+        && let Some(hit) = cache.fresh(key)
+    {
+        return Ok(hit);
+    }
+    let anonymous = !parts.headers.contains_key(header::AUTHORIZATION);
 
     let options = CallOptions {
         deadline: tokio::time::Instant::now() + target.timeout,
@@ -211,9 +220,9 @@ async fn try_forward(
     let upstream = http::Request::from_parts(parts, Full::new(body));
     let result = target.upstream.call(upstream, options).await;
 
-    if let (Some(cache), Some(key)) = (&target.fallback, &cache_key) {
+    if let (Some(cache), Some(key)) = (&target.fallback, &read_key) {
         return Ok(cache
-            .answer(key, result, |e| upstream_error(target, &e))
+            .answer(key, anonymous, result, |e| upstream_error(target, &e))
             .await);
     }
     let response = result.map_err(|e| upstream_error(target, &e))?;

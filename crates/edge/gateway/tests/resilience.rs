@@ -31,6 +31,8 @@ struct Script {
     gets: AtomicUsize,
     posts_without_key: AtomicUsize,
     posts_with_key: AtomicUsize,
+    /// When set, answers say `Cache-Control: public, max-age=<this>`.
+    max_age: AtomicUsize,
 }
 
 async fn scripted(script: Arc<Script>) -> SocketAddr {
@@ -74,8 +76,17 @@ async fn scripted(script: Arc<Script>) -> SocketAddr {
                     .get("x-deadline-ms")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                axum::Json(json!({"path": req.uri().path(), "deadline_ms": deadline}))
-                    .into_response()
+                let mut response =
+                    axum::Json(json!({"path": req.uri().path(), "deadline_ms": deadline}))
+                        .into_response();
+                let max_age = script.max_age.load(Ordering::SeqCst);
+                if max_age > 0 {
+                    response.headers_mut().insert(
+                        "cache-control",
+                        format!("public, max-age={max_age}").parse().expect("value"),
+                    );
+                }
+                response
             }
         }));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -368,6 +379,73 @@ async fn product_pages_are_served_stale_when_the_catalog_cannot_answer() {
             .status(),
         503
     );
+}
+
+#[tokio::test]
+async fn anonymous_product_reads_are_answered_by_the_gateway_while_the_catalog_says_they_are_fresh()
+{
+    let script = Arc::new(Script::default());
+    script.max_age.store(60, Ordering::SeqCst);
+    let up = scripted(script.clone()).await;
+    let gw = gateway(&format!("http://{up}"), &[]).await;
+    let client = reqwest::Client::new();
+    let list = format!("http://{gw}/api/v1/products?limit=5");
+    let calls = || script.gets.load(Ordering::SeqCst);
+
+    let first = client.get(&list).send().await.expect("send");
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("x-cache").is_none());
+    let first: Value = first.json().await.expect("json");
+    let before = calls();
+    let again = client.get(&list).send().await.expect("send");
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["x-cache"], "hit");
+    assert!(again.headers().contains_key("age"));
+    assert_eq!(again.json::<Value>().await.expect("json"), first);
+    assert_eq!(calls(), before, "a fresh answer is not asked for again");
+
+    // The service said `public`: a signed-in reader gets the same answer from the cache.
+    let signed_in = client
+        .get(&list)
+        .bearer_auth("whatever")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(signed_in.headers()["x-cache"], "hit");
+    assert_eq!(calls(), before);
+    // Another query is asked of the service.
+    let other = client
+        .get(format!("http://{gw}/api/v1/products?limit=6"))
+        .send()
+        .await
+        .expect("send");
+    assert!(other.headers().get("x-cache").is_none());
+    assert_eq!(calls(), before + 1);
+    // A public answer a signed-in reader got is reused for the next reader.
+    let seven = format!("http://{gw}/api/v1/products?limit=7");
+    let first = client
+        .get(&seven)
+        .bearer_auth("whatever")
+        .send()
+        .await
+        .expect("send");
+    assert!(first.headers().get("x-cache").is_none());
+    let next = client.get(&seven).send().await.expect("send");
+    assert_eq!(next.headers()["x-cache"], "hit");
+    assert_eq!(calls(), before + 2);
+
+    // Without a max-age, every read goes through, anonymous or not.
+    script.max_age.store(0, Ordering::SeqCst);
+    let page = format!("http://{gw}/api/v1/products/p1");
+    for token in [None, None, Some("whatever"), Some("whatever")] {
+        let mut request = client.get(&page);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.expect("send");
+        assert!(answer.headers().get("x-cache").is_none());
+    }
+    assert_eq!(calls(), before + 6);
 }
 
 #[tokio::test]

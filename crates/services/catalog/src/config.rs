@@ -42,6 +42,9 @@ pub struct CatalogSettings {
     pub inventory_url: String,
     /// Deadline of the availability call, in milliseconds; past it the page goes without.
     pub availability_timeout_ms: u64,
+    /// How long a shared cache (the gateway) may reuse an anonymous product list or page, in
+    /// seconds (`Cache-Control: public, max-age=N`); 0 for no reuse.
+    pub cache_max_age_secs: u64,
 }
 
 impl Default for CatalogSettings {
@@ -50,6 +53,7 @@ impl Default for CatalogSettings {
             seed_demo: false,
             inventory_url: "http://127.0.0.1:8083".to_owned(),
             availability_timeout_ms: 300,
+            cache_max_age_secs: 1,
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct AppState {
     store: store::Store,
     verifier: Verifier,
     inventory: InventoryClient<GrpcChannel>,
+    /// `Cache-Control` of anonymous reads (`catalog.cache_max_age_secs`).
+    cache_control: Option<axum::http::HeaderValue>,
 }
 
 impl FromRef<AppState> for Verifier {
@@ -104,6 +106,15 @@ impl Application {
             store: store.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
             inventory,
+            cache_control: (config.catalog.cache_max_age_secs > 0)
+                .then(|| {
+                    axum::http::HeaderValue::try_from(format!(
+                        "public, max-age={}",
+                        config.catalog.cache_max_age_secs
+                    ))
+                    .ok()
+                })
+                .flatten(),
         };
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("catalog")

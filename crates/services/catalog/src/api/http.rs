@@ -143,7 +143,7 @@ fn decode_cursor(raw: &str, sort: Sort) -> Result<After, Error> {
 async fn list(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
-) -> Result<Json<Page<ProductView>>, Error> {
+) -> Result<Response, Error> {
     let limit = paging::limit(params.limit)?;
     let sort = params
         .sort
@@ -180,9 +180,22 @@ async fn list(
             limit: limit + 1,
         })
         .await?;
-    Ok(Json(
-        Page::from_rows(rows, limit, |p| encode_cursor(sort, p)).map(ProductView::from),
+    Ok(cacheable(
+        &state,
+        Json(Page::from_rows(rows, limit, |p| encode_cursor(sort, p)).map(ProductView::from)),
     ))
+}
+
+/// An anonymous read's answer, with the `Cache-Control` that lets the gateway reuse it for a
+/// moment (lists already show availability as of the last `stock.changed`).
+fn cacheable(state: &AppState, answer: impl IntoResponse) -> Response {
+    let mut response = answer.into_response();
+    if let Some(control) = &state.cache_control {
+        response
+            .headers_mut()
+            .insert(axum::http::header::CACHE_CONTROL, control.clone());
+    }
+    response
 }
 
 /// What an admin sends to create or replace a product. Everything but the id.
@@ -293,10 +306,7 @@ async fn create(
         (status = 200, description = "The product", body = ProductView),
         (status = 404, description = "No such product", body = ProblemBody, content_type = "application/problem+json"),
     ))]
-async fn read(
-    State(state): State<AppState>,
-    Path(id): Path<Uuid>,
-) -> Result<Json<ProductView>, Error> {
+async fn read(State(state): State<AppState>, Path(id): Path<Uuid>) -> Result<Response, Error> {
     let product = state.store.get(id).await?.ok_or(Error::NotFound)?;
     let mut view = ProductView::from(product);
     let asked = state
@@ -312,7 +322,7 @@ async fn read(
             tracing::debug!(product_id = %id, error = %status, "no availability for the product page");
         }
     }
-    Ok(Json(view))
+    Ok(cacheable(&state, Json(view)))
 }
 
 /// Replaces a product (admins).
