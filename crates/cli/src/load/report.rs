@@ -69,10 +69,10 @@ pub(super) fn html(r: &LoadResult) -> anyhow::Result<String> {
             page.push_str(&format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
                 e.step,
-                if e.status == 0 {
-                    "no answer".to_owned()
-                } else {
-                    e.status.to_string()
+                match e.status {
+                    0 => "no answer".to_owned(),
+                    super::NOT_SENT => "not sent (too many in flight)".to_owned(),
+                    status => status.to_string(),
                 },
                 e.count
             ));
