@@ -43,8 +43,8 @@ pub enum Backend {
 pub struct DatabaseSettings {
     /// `sqlite://path/file.db` or `postgres://user@host/db`. Unset: `<data_dir>/<service>.db`.
     pub url: Option<SecretString>,
-    /// Upper bound of pooled connections (on SQLite: of the read-only ones; writes go through
-    /// one connection).
+    /// Upper bound of pooled connections (on SQLite: of the read-only ones, at most twice the
+    /// cores; writes go through one connection).
     pub max_connections: u32,
     /// How long a request waits for a pooled connection before failing.
     pub acquire_timeout_secs: u64,
@@ -150,11 +150,11 @@ impl Db {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {
                             conn.execute(
-                                // mmap: database pages are read from the page cache
-                                // directly, not copied by one pread(2) each.
+                                // No mmap: each connection's mapping of the file would
+                                // count in the process's resident memory again (measured:
+                                // 195 MiB "resident" for a 19 MiB orders.db, issue 9).
                                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
-                                 PRAGMA mmap_size = 268435456;",
+                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
                             )
                             .await?;
                             if read_only {
@@ -180,7 +180,13 @@ impl Db {
                 let pool = connect(1, false)
                     .await
                     .map_err(|source| DbError::Connect { backend, source })?;
-                let reader = connect(settings.max_connections, true)
+                // Reads are CPU work on SQLite (no network to wait on): more readers than
+                // twice the cores only add threads and page caches.
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                let readers = settings
+                    .max_connections
+                    .min(u32::try_from(cores * 2).unwrap_or(u32::MAX));
+                let reader = connect(readers, true)
                     .await
                     .map_err(|source| DbError::Connect { backend, source })?;
                 (pool, reader)
