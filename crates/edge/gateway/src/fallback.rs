@@ -28,6 +28,11 @@ struct Entry {
     stored: Instant,
     /// How long the service said it stays fresh (zero: only ever a stale fallback).
     fresh_for: Duration,
+    /// After that, how long it may still be served while one request fetches a new one
+    /// (`stale-while-revalidate`), so an expiry sends one request to the service, not a herd.
+    revalidate_for: Duration,
+    /// One request is fetching a new answer.
+    refreshing: bool,
     content_type: Option<HeaderValue>,
     body: Bytes,
 }
@@ -54,7 +59,7 @@ impl StaleCache {
         key: &str,
         content_type: Option<HeaderValue>,
         body: Bytes,
-        fresh_for: Duration,
+        (fresh_for, revalidate_for): (Duration, Duration),
     ) {
         let Ok(mut entries) = self.entries.lock() else {
             return;
@@ -76,19 +81,30 @@ impl StaleCache {
             Entry {
                 stored: Instant::now(),
                 fresh_for: fresh_for.min(self.max_age),
+                revalidate_for: revalidate_for.min(self.max_age),
+                refreshing: false,
                 content_type,
                 body,
             },
         );
     }
 
-    /// The kept answer for `key` if the service said it is still fresh.
+    /// The kept answer for `key` if the service said it is still fresh, or if it may be served
+    /// while another request is fetching a new one; `None` sends this request to the service
+    /// (the first after an expiry, which becomes the one refreshing).
     pub fn fresh(&self, key: &str) -> Option<Response> {
-        let entries = self.entries.lock().ok()?;
-        let entry = entries.get(key)?;
+        let mut entries = self.entries.lock().ok()?;
+        let entry = entries.get_mut(key)?;
         let age = entry.stored.elapsed();
         if age >= entry.fresh_for {
-            return None;
+            if age >= entry.fresh_for + entry.revalidate_for {
+                return None;
+            }
+            if !entry.refreshing {
+                entry.refreshing = true;
+                return None;
+            }
+            // Another request is fetching the new answer: this one gets the kept one.
         }
         metrics::counter!("gateway_cache_hits_total").increment(1);
         let mut response = Response::new(Body::from(entry.body.clone()));
@@ -170,7 +186,7 @@ impl StaleCache {
                     key,
                     parts.headers.get(header::CONTENT_TYPE).cloned(),
                     bytes.clone(),
-                    fresh_for,
+                    (fresh_for, revalidate_for(&parts.headers)),
                 );
                 Response::from_parts(parts, Body::from(bytes))
             }
@@ -206,6 +222,26 @@ fn fresh_for(headers: &HeaderMap) -> Duration {
         (true, Some(seconds)) => Duration::from_secs(seconds),
         _ => Duration::ZERO,
     }
+}
+
+/// `stale-while-revalidate` of a reusable answer (zero if absent, or if the answer is not
+/// reusable at all).
+fn revalidate_for(headers: &HeaderMap) -> Duration {
+    if fresh_for(headers).is_zero() {
+        return Duration::ZERO;
+    }
+    headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .into_iter()
+        .flat_map(|control| control.split(','))
+        .find_map(|directive| {
+            let lower = directive.trim().to_ascii_lowercase();
+            lower
+                .strip_prefix("stale-while-revalidate=")
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .map_or(Duration::ZERO, Duration::from_secs)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -255,9 +291,14 @@ mod tests {
             "/a",
             None,
             Bytes::from_static(b"a"),
-            Duration::from_secs(60),
+            (Duration::from_secs(60), Duration::ZERO),
         );
-        cache.store("/b", None, Bytes::from_static(b"b"), Duration::ZERO);
+        cache.store(
+            "/b",
+            None,
+            Bytes::from_static(b"b"),
+            (Duration::ZERO, Duration::ZERO),
+        );
         let hit = cache.fresh("/a").expect("fresh");
         assert_eq!(hit.headers()["x-cache"], "hit");
         assert!(
@@ -274,5 +315,61 @@ mod tests {
                 .expect("uptime");
         }
         assert!(cache.fresh("/a").is_none());
+    }
+
+    #[test]
+    fn after_expiry_one_request_refreshes_while_the_others_get_the_kept_answer() {
+        let cache = StaleCache::new(Duration::from_secs(300), 10);
+        cache.store(
+            "/p",
+            None,
+            Bytes::from_static(b"p"),
+            (Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        let age = |by: u64| {
+            if let Ok(mut entries) = cache.entries.lock()
+                && let Some(entry) = entries.get_mut("/p")
+            {
+                entry.stored = Instant::now()
+                    .checked_sub(Duration::from_millis(by))
+                    .expect("uptime");
+            }
+        };
+        age(1_500);
+        assert!(
+            cache.fresh("/p").is_none(),
+            "the first after expiry refreshes"
+        );
+        assert!(
+            cache.fresh("/p").is_some(),
+            "the next ones are served meanwhile"
+        );
+        assert!(cache.fresh("/p").is_some());
+        age(2_100);
+        assert!(cache.fresh("/p").is_none(), "past the grace, everyone asks");
+        // The refresh stores a new answer: fresh again, for everyone.
+        cache.store(
+            "/p",
+            None,
+            Bytes::from_static(b"q"),
+            (Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        assert!(cache.fresh("/p").is_some());
+    }
+
+    #[test]
+    fn stale_while_revalidate_counts_only_on_a_reusable_answer() {
+        assert_eq!(
+            revalidate_for(&control("public, max-age=1, stale-while-revalidate=2")),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            revalidate_for(&control("max-age=1, stale-while-revalidate=2")),
+            Duration::ZERO
+        );
+        assert_eq!(
+            revalidate_for(&control("public, max-age=1")),
+            Duration::ZERO
+        );
     }
 }

@@ -42,8 +42,8 @@ pub struct CatalogSettings {
     pub inventory_url: String,
     /// Deadline of the availability call, in milliseconds; past it the page goes without.
     pub availability_timeout_ms: u64,
-    /// How long a shared cache (the gateway) may reuse an anonymous product list or page, in
-    /// seconds (`Cache-Control: public, max-age=N`); 0 for no reuse.
+    /// How long a shared cache (the gateway) may reuse a product list or page, in seconds
+    /// (`Cache-Control: public, max-age=N, stale-while-revalidate=N`); 0 for no reuse.
     pub cache_max_age_secs: u64,
 }
 

@@ -108,8 +108,9 @@ impl Application {
             inventory,
             cache_control: (config.catalog.cache_max_age_secs > 0)
                 .then(|| {
+                    // A reuser may serve it for as long again while one request refreshes.
                     axum::http::HeaderValue::try_from(format!(
-                        "public, max-age={}",
+                        "public, max-age={0}, stale-while-revalidate={0}",
                         config.catalog.cache_max_age_secs
                     ))
                     .ok()
