@@ -25,6 +25,16 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + S
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event.
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a>;
+
+    /// Whether running the handler again for an event whose transaction was rolled back is
+    /// harmless: it has no effect outside `tx`, or only ones that a repeat leaves as they were
+    /// (a file written under the event's id). Then a page of events is handled in one
+    /// transaction, and a failure in it rolls back the page to go one event at a time, which
+    /// runs the handlers before the failing one again. A handler whose repeat shows (an e-mail
+    /// sent over SMTP) answers `false`, the default: one event, one transaction.
+    fn may_repeat(&self) -> bool {
+        false
+    }
 }
 
 /// A producer's stream to follow.
@@ -172,6 +182,7 @@ impl Consumer {
         let lag = |done: i64| (page.head - done).max(0) as f64;
         metrics::gauge!("consumer_lag_events", "producer" => producer.clone()).set(lag(after));
         if let Some(last) = page.events.last()
+            && self.handler.may_repeat()
             && self.process_page(producer, &page.events).await?
         {
             metrics::gauge!("consumer_lag_events", "producer" => producer.clone())
@@ -224,9 +235,10 @@ impl Consumer {
         serde_json::from_slice(&body).map_err(|e| failed(e.to_string()))
     }
 
-    /// The fast path: a whole page in one transaction (inbox entries, effects, one cursor
-    /// move). `false`, with nothing written, if an event of the page has failed before or fails
-    /// now: the caller then goes one event at a time, with the failure bookkeeping.
+    /// The fast path, for handlers that [`Handler::may_repeat`]: a whole page in one
+    /// transaction (inbox entries, effects, one cursor move). `false`, with nothing written, if
+    /// an event of the page has failed before or fails now: the caller then goes one event at a
+    /// time, with the failure bookkeeping.
     async fn process_page(
         &self,
         producer: &str,
@@ -236,7 +248,9 @@ impl Consumer {
             return Ok(true);
         };
         let mut tx = self.db.begin_write().await?;
-        let mut handled = Vec::with_capacity(events.len());
+        // First the bookkeeping of the whole page, before any handler runs: an event that
+        // failed before sends the page one event at a time without running anything here.
+        let mut fresh = Vec::with_capacity(events.len());
         let mut duplicates = 0u64;
         for event in events {
             let id = event.id.hyphenated().to_string();
@@ -253,9 +267,14 @@ impl Consumer {
             }
             if seen > 0 {
                 duplicates += 1;
-                continue;
+            } else {
+                fresh.push((id, event));
             }
+        }
+        let mut handled = Vec::with_capacity(fresh.len());
+        for (id, event) in fresh {
             if self.handler.handle(&mut tx, event).await.is_err() {
+                // Rolled back; the handlers before it run again one by one (`may_repeat`).
                 return Ok(false);
             }
             sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")

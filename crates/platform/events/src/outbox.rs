@@ -23,14 +23,18 @@ use crate::{Envelope, Event};
 /// written by another process on the same database: a replica).
 const POSITION_IDLE: Duration = Duration::from_secs(1);
 /// After an append, when the positioner looks for its row (the appending transaction commits
-/// a moment later): 10 ms after the append, then 10, 20 and 50 ms after that. Under load the
-/// appends keep it at the first step, so it runs at most every 10 ms, numbering a batch.
-const AFTER_APPEND: [Duration; 4] = [
+/// a moment later): 10 ms after the append, then 10, 20, 50 and 200 ms after that (~290 ms in
+/// all; a transaction slower than that waits for the next append or the idle tick). Under load
+/// the appends keep it at the first step, so it runs at most every 10 ms, numbering a batch.
+const AFTER_APPEND: [Duration; 5] = [
     Duration::from_millis(10),
     Duration::from_millis(10),
     Duration::from_millis(20),
     Duration::from_millis(50),
+    Duration::from_millis(200),
 ];
+/// How often the backlog gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait a consumer may ask of `/internal/outbox` for events to appear.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
@@ -86,9 +90,9 @@ pub fn numberings() -> watch::Receiver<u64> {
 /// Waits until an event was appended in this process since `seen` was last marked (`true`),
 /// or `idle` passed (`false`).
 async fn appended_or(seen: &mut watch::Receiver<u64>, idle: Duration) -> bool {
-    let woken = matches!(tokio::time::timeout(idle, seen.changed()).await, Ok(Ok(())));
-    seen.mark_unchanged();
-    woken
+    // `changed` marks what it saw; after a timeout nothing is marked, so an append racing the
+    // timeout is still seen by the caller's next `has_changed`.
+    matches!(tokio::time::timeout(idle, seen.changed()).await, Ok(Ok(())))
 }
 
 /// Numbers the committed rows that have no position yet, after the highest one, in id order.
@@ -126,7 +130,7 @@ pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
 }
 
 /// Numbers committed rows for as long as the process runs: woken by the appends of this
-/// process (then looking a few times over the next ~90 ms, while the appending transaction
+/// process (then looking a few times over the next ~290 ms, while the appending transaction
 /// commits; at most every 10 ms under load), and once a second otherwise (rows from another
 /// process on the same database). An idle producer costs two queries a second, not forty.
 pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandle<()> {
@@ -134,6 +138,7 @@ pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandl
         let mut failing = false;
         let mut appended = APPENDED.subscribe();
         let mut tries_left = 0usize;
+        let mut gauged: Option<tokio::time::Instant> = None;
         loop {
             let numbered = match assign_positions(&db).await {
                 Ok(n) => {
@@ -152,6 +157,18 @@ pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandl
             if numbered > 0 {
                 NUMBERED.send_modify(|n| *n = n.wrapping_add(1));
             }
+            if gauged.is_none_or(|at| at.elapsed() >= GAUGES_EVERY) {
+                gauged = Some(tokio::time::Instant::now());
+                if let Ok((backlog, oldest)) = backlog(&db).await {
+                    metrics::gauge!("outbox_unpublished", "service" => service).set(backlog as f64);
+                    metrics::gauge!("outbox_oldest_unpublished_seconds", "service" => service)
+                        .set(oldest);
+                }
+            }
+            if numbered >= BATCH.unsigned_abs() {
+                // A backlog (a replica's rows, or after a restart): keep going.
+                continue;
+            }
             if appended.has_changed().unwrap_or(false) {
                 appended.mark_unchanged();
                 tries_left = AFTER_APPEND.len();
@@ -162,15 +179,8 @@ pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandl
             if tries_left > 0 {
                 tokio::time::sleep(AFTER_APPEND[AFTER_APPEND.len() - tries_left]).await;
                 tries_left -= 1;
-            } else {
-                if let Ok((backlog, oldest)) = backlog(&db).await {
-                    metrics::gauge!("outbox_unpublished", "service" => service).set(backlog as f64);
-                    metrics::gauge!("outbox_oldest_unpublished_seconds", "service" => service)
-                        .set(oldest);
-                }
-                if appended_or(&mut appended, POSITION_IDLE).await {
-                    tries_left = AFTER_APPEND.len();
-                }
+            } else if appended_or(&mut appended, POSITION_IDLE).await {
+                tries_left = AFTER_APPEND.len();
             }
         }
     })

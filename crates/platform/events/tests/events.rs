@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
@@ -19,6 +19,7 @@ shopmesh_db::test_on_both_backends!(
     only_committed_events_get_positions_in_order,
     concurrent_producers_get_gapless_positions,
     redelivered_events_have_no_second_effect_and_poison_is_set_aside,
+    a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbour_fails,
 );
 
 async fn connect(db: &TestDb) -> Db {
@@ -116,12 +117,30 @@ async fn concurrent_producers_get_gapless_positions(test: TestDb) {
     assert_eq!(ids.len(), 200);
 }
 
-/// Records each handled event in `effects`; fails `test.poison` while `poison` is set.
+/// Records each handled event in `effects`; fails `test.poison` while `poison` is set. Counts
+/// its successful runs in `outside` (an effect outside the database, like an e-mail sent).
 struct Recorder {
     poison: AtomicBool,
+    /// What it answers to `may_repeat`.
+    repeatable: bool,
+    outside: AtomicUsize,
+}
+
+impl Recorder {
+    fn new(repeatable: bool) -> Self {
+        Recorder {
+            poison: AtomicBool::new(true),
+            repeatable,
+            outside: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Handler for Recorder {
+    fn may_repeat(&self) -> bool {
+        self.repeatable
+    }
+
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" && self.poison.load(Ordering::SeqCst) {
@@ -132,12 +151,28 @@ impl Handler for Recorder {
                 .execute(tx)
                 .await
                 .map_err(|e| e.to_string())?;
+            self.outside.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
     }
 }
 
 async fn redelivered_events_have_no_second_effect_and_poison_is_set_aside(test: TestDb) {
+    // Pages in one transaction (the handler may repeat); `a_handler_with_outside_effects_…`
+    // runs the same story one event per transaction.
+    consume_with_poison(test, true).await;
+}
+
+async fn a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbour_fails(
+    test: TestDb,
+) {
+    let recorder = consume_with_poison(test, false).await;
+    // 18 good events, then 2 redriven: each handler ran once, never again because the poison
+    // next to it failed.
+    assert_eq!(recorder.outside.load(Ordering::SeqCst), 20);
+}
+
+async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
     // One database plays both sides here: the producer's outbox and the consumer's tables.
     let db = connect(&test).await;
     outbox::install(&db).await.expect("install");
@@ -170,9 +205,7 @@ async fn redelivered_events_have_no_second_effect_and_poison_is_set_aside(test: 
             .upstream("test", &format!("http://{addr}"), Protocol::Http)
             .expect("upstream"),
     };
-    let recorder = Arc::new(Recorder {
-        poison: AtomicBool::new(true),
-    });
+    let recorder = Arc::new(Recorder::new(repeatable));
     let consumer = Consumer::new(db.clone(), recorder.clone(), 3, Duration::from_millis(10));
     let effects = || async {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
@@ -213,4 +246,5 @@ async fn redelivered_events_have_no_second_effect_and_poison_is_set_aside(test: 
     assert_eq!(effects().await, 20);
     assert!(consumer.dead_letters().await.expect("dead").is_empty());
     assert_eq!(consumer.redrive().await.expect("redrive"), (0, 0));
+    recorder
 }

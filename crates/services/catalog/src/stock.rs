@@ -8,6 +8,11 @@ use sqlx::AnyConnection;
 pub struct Availability;
 
 impl Handler for Availability {
+    /// Its only effect is in the transaction.
+    fn may_repeat(&self) -> bool {
+        true
+    }
+
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind != "stock.changed" {

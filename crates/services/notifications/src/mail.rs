@@ -254,6 +254,12 @@ impl Mailer {
 }
 
 impl Handler for Mailer {
+    /// A message written as a file is rewritten under the same name by a repeat; one sent over
+    /// SMTP would be sent twice.
+    fn may_repeat(&self) -> bool {
+        self.smtp.is_none()
+    }
+
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             let Some(message) = self.message_for(tx, event).await? else {
