@@ -89,6 +89,18 @@ impl StaleCache {
         );
     }
 
+    /// Stops reusing every kept answer as fresh (they stay as stale fallbacks): a write went
+    /// through this route family, so a product page or list may have changed. Replicas of the
+    /// gateway each keep their own answers, for at most max-age + stale-while-revalidate.
+    pub fn expire_fresh(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            for entry in entries.values_mut() {
+                entry.fresh_for = Duration::ZERO;
+                entry.revalidate_for = Duration::ZERO;
+            }
+        }
+    }
+
     /// The kept answer for `key` if the service said it is still fresh, or if it may be served
     /// while another request is fetching a new one; `None` sends this request to the service
     /// (the first after an expiry, which becomes the one refreshing).
@@ -371,5 +383,24 @@ mod tests {
             revalidate_for(&control("public, max-age=1")),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_write_stops_every_kept_answer_from_being_fresh_but_keeps_it_as_a_fallback() {
+        let cache = StaleCache::new(Duration::from_secs(300), 10);
+        cache.store(
+            "/p",
+            None,
+            Bytes::from_static(b"p"),
+            (Duration::from_secs(60), Duration::from_secs(60)),
+        );
+        assert!(cache.fresh("/p").is_some());
+        cache.expire_fresh();
+        assert!(cache.fresh("/p").is_none());
+        assert!(
+            cache.fresh("/p").is_none(),
+            "no stale-while-revalidate either"
+        );
+        assert!(cache.stale("/p").is_some());
     }
 }

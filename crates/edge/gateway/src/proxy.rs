@@ -211,6 +211,7 @@ async fn try_forward(
         return Ok(hit);
     }
     let anonymous = !parts.headers.contains_key(header::AUTHORIZATION);
+    let writes = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
 
     let options = CallOptions {
         deadline: tokio::time::Instant::now() + target.timeout,
@@ -226,6 +227,15 @@ async fn try_forward(
             .await);
     }
     let response = result.map_err(|e| upstream_error(target, &e))?;
+    if let Some(cache) = &target.fallback
+        && writes
+        && !response.status().is_client_error()
+        && !response.status().is_server_error()
+    {
+        // A write (an admin's PUT, PATCH or DELETE of a product) went through: what is kept
+        // may be out of date (RFC 9111 §4.4).
+        cache.expire_fresh();
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))

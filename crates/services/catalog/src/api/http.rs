@@ -317,12 +317,16 @@ async fn read(State(state): State<AppState>, Path(id): Path<Uuid>) -> Result<Res
         })
         .await;
     match asked {
-        Ok(stock) => view.available = stock.into_inner().stock.first().map(|s| s.available),
+        Ok(stock) => {
+            view.available = stock.into_inner().stock.first().map(|s| s.available);
+            Ok(cacheable(&state, Json(view)))
+        }
         Err(status) => {
             tracing::debug!(product_id = %id, error = %status, "no availability for the product page");
+            // A degraded page: not to be reused in place of a good one.
+            Ok(Json(view).into_response())
         }
     }
-    Ok(cacheable(&state, Json(view)))
 }
 
 /// Replaces a product (admins).

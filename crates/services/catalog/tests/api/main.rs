@@ -21,6 +21,7 @@ shopmesh_db::test_on_both_backends!(
     lists_search_filter_sort_and_page_without_gaps_or_repeats,
     bad_list_parameters_are_400s_naming_the_parameter,
     inactive_products_leave_lists_but_stay_readable,
+    lists_may_be_reused_for_a_second_but_not_a_page_without_availability,
     put_replaces_and_patch_amends,
     a_deleted_product_is_gone_from_the_api_but_known_to_grpc_as_not_purchasable,
     grpc_get_products_prices_known_ids_and_skips_unknown_ones,
@@ -406,6 +407,35 @@ async fn inactive_products_leave_lists_but_stay_readable(db: TestDb) {
         .await;
     assert_eq!(read.status(), 200);
     assert_eq!(read.json::<Value>().await.expect("json")["active"], false);
+}
+
+async fn lists_may_be_reused_for_a_second_but_not_a_page_without_availability(db: TestDb) {
+    // Nothing listens on port 9: the inventory cannot answer.
+    let app = start_with(
+        db,
+        &[("SHOPMESH_CATALOG__INVENTORY_URL", "http://127.0.0.1:9")],
+    )
+    .await;
+    let created = app.create(&product("C-1", "Cached", 100, "misc")).await;
+    let list = app
+        .send(reqwest::Method::GET, "/api/v1/products", None, None)
+        .await;
+    assert_eq!(
+        list.headers()["cache-control"],
+        "public, max-age=1, stale-while-revalidate=1"
+    );
+    // No inventory answers in this test: the page goes without availability, and such a
+    // degraded page must not be kept in place of a good one.
+    let page = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/products/{}", created["id"].as_str().expect("id")),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(page.status(), 200);
+    assert!(page.headers().get("cache-control").is_none());
 }
 
 async fn put_replaces_and_patch_amends(db: TestDb) {
