@@ -79,6 +79,9 @@ struct Inner {
     /// request for 15 minutes, and an Ed25519 check costs far more than a lookup. Bounded;
     /// emptied when the keys change; an entry is used only until its token expires.
     verified: Mutex<HashMap<Box<str>, Claims>>,
+    /// Bumped whenever the keys change: a check that started under older keys is not
+    /// remembered.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Most verified tokens remembered.
@@ -137,6 +140,7 @@ impl Verifier {
                 keys: RwLock::new(HashMap::new()),
                 source,
                 verified: Mutex::new(HashMap::new()),
+                generation: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -157,7 +161,12 @@ impl Verifier {
             Err(poisoned) => *poisoned.into_inner() = keys,
         }
         // A key that is gone must not keep vouching for its tokens.
-        self.with_verified(HashMap::clear);
+        self.with_verified(|verified| {
+            self.inner
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            verified.clear();
+        });
         Ok(())
     }
 
@@ -248,8 +257,21 @@ impl Verifier {
         if let Some(result) = remembered {
             return result;
         }
+        let generation = self
+            .inner
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst);
         let claims = self.verify_signed(token).await?;
         self.with_verified(|verified| {
+            if self
+                .inner
+                .generation
+                .load(std::sync::atomic::Ordering::SeqCst)
+                != generation
+            {
+                // The keys changed during the check: answer, but do not remember.
+                return;
+            }
             if verified.len() >= VERIFIED_CAP {
                 verified.retain(|_, c| c.exp.saturating_add(leeway) > now);
                 if verified.len() >= VERIFIED_CAP {
