@@ -138,8 +138,15 @@ impl Db {
             // Statements are logged by our own spans; sqlx's per-statement INFO lines are noise.
             .log_statements(log::LevelFilter::Debug)
             .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500));
+        // An in-memory database lives as long as its one connection: never recycle it.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         let connect = |max: u32, read_only: bool| {
-            AnyPoolOptions::new()
+            let options_for_pool = if in_memory {
+                AnyPoolOptions::new().idle_timeout(None).max_lifetime(None)
+            } else {
+                AnyPoolOptions::new()
+            };
+            options_for_pool
                 .max_connections(max.max(1))
                 .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
                 // A ping before every checkout doubles the round trips of a one-statement
@@ -168,7 +175,7 @@ impl Db {
                 .connect_with(options.clone())
         };
         let (pool, reader) = match backend {
-            Backend::Sqlite if url.contains(":memory:") || url.contains("mode=memory") => {
+            Backend::Sqlite if in_memory => {
                 // Another connection would be another database: one connection does all.
                 let pool = connect(1, false)
                     .await
@@ -366,6 +373,9 @@ mod tests {
     async fn writes_from_many_tasks_queue_for_the_one_writer_and_all_land() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
+        // One writer per process: writers queue here instead of on the file lock.
+        assert_eq!(db.pool().options().get_max_connections(), 1);
+        assert!(db.reader().options().get_max_connections() >= 1);
         let tasks: Vec<_> = (0..50)
             .map(|i| {
                 let db = db.clone();
