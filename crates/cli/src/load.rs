@@ -507,45 +507,52 @@ fn card(number: &str) -> Value {
     json!({ "card": { "number": number, "exp_month": 12, "exp_year": 2099, "cvc": "123" } })
 }
 
-/// Places an order for one unit of `product` and pays it: the purchase.
-async fn purchase(s: &mut Session<'_>, product: &str) -> Result<(), ()> {
+/// Places an order under a fresh `Idempotency-Key` (`body`: lines, or from the cart) as step
+/// `name`; its id.
+async fn place(s: &mut Session<'_>, name: &'static str, body: &Value) -> Result<String, ()> {
     let key = uuid::Uuid::new_v4().to_string();
     let order = s
         .step(
-            "order",
+            name,
             Method::POST,
             "/orders",
-            Some(&json!({ "items": [{ "product_id": product, "quantity": 1 }] })),
+            Some(body),
             Some(&key),
             StatusCode::CREATED,
         )
         .await?;
-    let id = order.json()["id"].as_str().map(str::to_owned).ok_or(())?;
-    s.step(
-        "pay",
-        Method::POST,
-        &format!("/orders/{id}/pay"),
-        Some(&card(GOOD_CARD)),
-        None,
-        StatusCode::OK,
-    )
-    .await?;
-    Ok(())
+    order.json()["id"].as_str().map(str::to_owned).ok_or(())
+}
+
+/// Pays order `id` with `number` as step `name`, expecting `expect`.
+async fn pay(
+    s: &mut Session<'_>,
+    name: &'static str,
+    id: &str,
+    number: &str,
+    expect: StatusCode,
+) -> Result<(), ()> {
+    let path = format!("/orders/{id}/pay");
+    s.step(name, Method::POST, &path, Some(&card(number)), None, expect)
+        .await
+        .map(drop)
+}
+
+fn one_of(product: &str) -> Value {
+    json!({ "items": [{ "product_id": product, "quantity": 1 }] })
+}
+
+/// Places an order for one unit of `product` and pays it: the purchase.
+async fn purchase(s: &mut Session<'_>, product: &str) -> Result<(), ()> {
+    let id = place(s, "order", &one_of(product)).await?;
+    pay(s, "pay", &id, GOOD_CARD, StatusCode::OK).await
 }
 
 async fn journey(s: &mut Session<'_>, catalogue: &Catalogue) {
     let started = s.started;
     let product = pick(&catalogue.products);
     let ok = async {
-        s.step(
-            "list",
-            Method::GET,
-            "/products?limit=20",
-            None,
-            None,
-            StatusCode::OK,
-        )
-        .await?;
+        get(s, "list", "/products?limit=20").await?;
         purchase(s, &product).await
     }
     .await;
@@ -566,168 +573,77 @@ async fn mix(s: &mut Session<'_>, catalogue: &Catalogue) {
     let started = s.started;
     let product = pick(&catalogue.products);
     let roll = rand::thread_rng().gen_range(0..100);
+    let line = json!({ "product_id": product, "quantity": 1 });
     let ok: Result<(), ()> = async {
         match roll {
-            0..30 => {
-                s.step(
-                    "browse",
-                    Method::GET,
-                    "/products?limit=20",
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
-            }
+            0..30 => get(s, "browse", "/products?limit=20").await,
             30..40 => {
                 let word = pick(&catalogue.words);
-                s.step(
-                    "search",
-                    Method::GET,
-                    &format!("/products?q={word}&limit=20"),
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
+                get(s, "search", &format!("/products?q={word}&limit=20")).await
             }
-            40..60 => {
-                s.step(
-                    "product",
-                    Method::GET,
-                    &format!("/products/{product}"),
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
-            }
+            40..60 => get(s, "product", &format!("/products/{product}")).await,
             60..70 => {
-                s.step(
-                    "cart_add",
-                    Method::POST,
-                    "/cart/items",
-                    Some(&json!({ "product_id": product, "quantity": 1 })),
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
-                s.step(
-                    "cart_update",
-                    Method::PUT,
-                    &format!("/cart/items/{product}"),
-                    Some(&json!({ "quantity": 2 })),
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
+                send(s, "cart_add", Method::POST, "/cart/items", &line).await?;
+                let quantity = json!({ "quantity": 2 });
+                let path = format!("/cart/items/{product}");
+                send(s, "cart_update", Method::PUT, &path, &quantity).await
             }
             70..76 => {
-                s.step(
-                    "cart_add",
-                    Method::POST,
-                    "/cart/items",
-                    Some(&json!({ "product_id": product, "quantity": 1 })),
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
-                let key = uuid::Uuid::new_v4().to_string();
-                let order = s
-                    .step(
-                        "checkout",
-                        Method::POST,
-                        "/orders",
-                        Some(&json!({ "from_cart": true })),
-                        Some(&key),
-                        StatusCode::CREATED,
-                    )
-                    .await?;
-                let id = order.json()["id"].as_str().map(str::to_owned).ok_or(())?;
-                s.step(
-                    "pay",
-                    Method::POST,
-                    &format!("/orders/{id}/pay"),
-                    Some(&card(GOOD_CARD)),
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
+                send(s, "cart_add", Method::POST, "/cart/items", &line).await?;
+                let id = place(s, "checkout", &json!({ "from_cart": true })).await?;
+                pay(s, "pay", &id, GOOD_CARD, StatusCode::OK).await
             }
-            76..86 => purchase(s, &product).await?,
+            76..86 => purchase(s, &product).await,
             86..89 => {
-                let key = uuid::Uuid::new_v4().to_string();
-                let order = s
-                    .step(
-                        "order",
-                        Method::POST,
-                        "/orders",
-                        Some(&json!({ "items": [{ "product_id": product, "quantity": 1 }] })),
-                        Some(&key),
-                        StatusCode::CREATED,
-                    )
-                    .await?;
-                let id = order.json()["id"].as_str().map(str::to_owned).ok_or(())?;
-                s.step(
+                let id = place(s, "order", &one_of(&product)).await?;
+                pay(
+                    s,
                     "declined",
-                    Method::POST,
-                    &format!("/orders/{id}/pay"),
-                    Some(&card(DECLINED_CARD)),
-                    None,
+                    &id,
+                    DECLINED_CARD,
                     StatusCode::PAYMENT_REQUIRED,
                 )
                 .await?;
-                s.step(
-                    "cancel",
-                    Method::POST,
-                    &format!("/orders/{id}/cancel"),
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
+                cancel(s, &id).await
             }
             89..92 => {
-                let key = uuid::Uuid::new_v4().to_string();
-                let order = s
-                    .step(
-                        "order",
-                        Method::POST,
-                        "/orders",
-                        Some(&json!({ "items": [{ "product_id": product, "quantity": 1 }] })),
-                        Some(&key),
-                        StatusCode::CREATED,
-                    )
-                    .await?;
-                let id = order.json()["id"].as_str().map(str::to_owned).ok_or(())?;
-                s.step(
-                    "cancel",
-                    Method::POST,
-                    &format!("/orders/{id}/cancel"),
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
+                let id = place(s, "order", &one_of(&product)).await?;
+                cancel(s, &id).await
             }
-            _ => {
-                s.step(
-                    "history",
-                    Method::GET,
-                    "/orders?limit=20",
-                    None,
-                    None,
-                    StatusCode::OK,
-                )
-                .await?;
-            }
+            _ => get(s, "history", "/orders?limit=20").await,
         }
-        Ok(())
     }
     .await;
     if ok.is_ok() {
         s.finish("iteration", started);
     }
+}
+
+/// A read that answers 200.
+async fn get(s: &mut Session<'_>, name: &'static str, path: &str) -> Result<(), ()> {
+    s.step(name, Method::GET, path, None, None, StatusCode::OK)
+        .await
+        .map(drop)
+}
+
+/// A change that answers 200.
+async fn send(
+    s: &mut Session<'_>,
+    name: &'static str,
+    method: Method,
+    path: &str,
+    body: &Value,
+) -> Result<(), ()> {
+    s.step(name, method, path, Some(body), None, StatusCode::OK)
+        .await
+        .map(drop)
+}
+
+async fn cancel(s: &mut Session<'_>, id: &str) -> Result<(), ()> {
+    let path = format!("/orders/{id}/cancel");
+    s.step("cancel", Method::POST, &path, None, None, StatusCode::OK)
+        .await
+        .map(drop)
 }
 
 /// CPU time and memory of one process, from /proc.

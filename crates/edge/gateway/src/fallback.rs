@@ -37,6 +37,19 @@ struct Entry {
     body: Bytes,
 }
 
+impl Entry {
+    /// The kept answer, with its `Age`.
+    fn response(&self, age: Duration) -> Response {
+        let mut response = Response::new(Body::from(self.body.clone()));
+        let headers = response.headers_mut();
+        if let Some(ct) = &self.content_type {
+            headers.insert(header::CONTENT_TYPE, ct.clone());
+        }
+        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+        response
+    }
+}
+
 /// The cache of one route family.
 pub struct StaleCache {
     entries: Mutex<HashMap<String, Entry>>,
@@ -119,12 +132,8 @@ impl StaleCache {
             // Another request is fetching the new answer: this one gets the kept one.
         }
         metrics::counter!("gateway_cache_hits_total").increment(1);
-        let mut response = Response::new(Body::from(entry.body.clone()));
+        let mut response = entry.response(age);
         let headers = response.headers_mut();
-        if let Some(ct) = &entry.content_type {
-            headers.insert(header::CONTENT_TYPE, ct.clone());
-        }
-        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
         if let Ok(control) = HeaderValue::try_from(format!(
             "public, max-age={}",
             entry.fresh_for.saturating_sub(age).as_secs()
@@ -143,12 +152,8 @@ impl StaleCache {
             return None;
         }
         metrics::counter!("gateway_stale_answers_total").increment(1);
-        let mut response = Response::new(Body::from(entry.body.clone()));
+        let mut response = entry.response(age);
         let headers = response.headers_mut();
-        if let Some(ct) = &entry.content_type {
-            headers.insert(header::CONTENT_TYPE, ct.clone());
-        }
-        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
         headers.insert(
             header::WARNING,
             HeaderValue::from_static("110 - \"Response is Stale\""),

@@ -330,6 +330,15 @@ fn ensure_sqlite_dir(url: &str) -> Result<(), DbError> {
 mod tests {
     use super::*;
 
+    /// Rows in `t`, as a reader sees them.
+    async fn rows(db: &Db) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.reader())
+            .await
+            .expect("read");
+        n
+    }
+
     async fn sqlite(dir: &tempfile::TempDir) -> Db {
         let url = SecretString::from(sqlite_url(&dir.path().join("t.db")));
         let db = Db::connect(&url, &DatabaseSettings::default())
@@ -352,17 +361,9 @@ mod tests {
             .await
             .expect("insert");
         // Uncommitted: a reader does not see it, and is not blocked by the writer (WAL).
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
-            .fetch_one(db.reader())
-            .await
-            .expect("read");
-        assert_eq!(n, 0);
+        assert_eq!(rows(&db).await, 0);
         tx.commit().await.expect("commit");
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
-            .fetch_one(db.reader())
-            .await
-            .expect("read");
-        assert_eq!(n, 1);
+        assert_eq!(rows(&db).await, 1);
         let write = sqlx::query("INSERT INTO t (n) VALUES (2)")
             .execute(db.reader())
             .await;
@@ -393,11 +394,7 @@ mod tests {
         for task in tasks {
             task.await.expect("task");
         }
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
-            .fetch_one(db.reader())
-            .await
-            .expect("read");
-        assert_eq!(n, 50);
+        assert_eq!(rows(&db).await, 50);
     }
 
     #[tokio::test]
@@ -451,10 +448,6 @@ mod tests {
             .execute(db.pool())
             .await
             .expect("insert");
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
-            .fetch_one(db.reader())
-            .await
-            .expect("read");
-        assert_eq!(n, 1);
+        assert_eq!(rows(&db).await, 1);
     }
 }

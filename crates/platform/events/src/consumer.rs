@@ -277,18 +277,12 @@ impl Consumer {
                 // Rolled back; the handlers before it run again one by one (`may_repeat`).
                 return Ok(false);
             }
-            sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
-                .bind(&id)
-                .bind(&event.kind)
-                .bind(now_micros())
-                .execute(&mut *tx)
-                .await?;
+            remember(&mut tx, &id, &event.kind).await?;
             handled.push(event);
         }
         advance(&mut tx, producer, last.position).await?;
         tx.commit().await?;
         for event in handled {
-            metrics::counter!("events_consumed_total", "producer" => producer.to_owned(), "type" => event.kind.clone()).increment(1);
             record_delivery(producer, event);
         }
         if duplicates > 0 {
@@ -321,13 +315,7 @@ impl Consumer {
                 }
                 return Err(ConsumeError::Handler(format!("{} {id}", event.kind), why));
             }
-            sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
-                .bind(&id)
-                .bind(&event.kind)
-                .bind(now_micros())
-                .execute(&mut *tx)
-                .await?;
-            metrics::counter!("events_consumed_total", "producer" => producer.to_owned(), "type" => event.kind.clone()).increment(1);
+            remember(&mut tx, &id, &event.kind).await?;
             record_delivery(producer, event);
         } else {
             metrics::counter!("events_duplicates_total", "producer" => producer.to_owned())
@@ -361,14 +349,8 @@ impl Consumer {
             .handle(&mut tx, event)
             .await
             .map_err(|why| ConsumeError::Handler(format!("{} {id}", event.kind), why))?;
-        sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
-            .bind(&id)
-            .bind(&event.kind)
-            .bind(now_micros())
-            .execute(&mut *tx)
-            .await?;
+        remember(&mut tx, &id, &event.kind).await?;
         tx.commit().await?;
-        metrics::counter!("events_consumed_total", "producer" => source.to_owned(), "type" => event.kind.clone()).increment(1);
         record_delivery(source, event);
         Ok(())
     }
@@ -473,14 +455,7 @@ impl Consumer {
                     failing += 1;
                     continue;
                 }
-                sqlx::query(
-                    "INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)",
-                )
-                .bind(&id)
-                .bind(&letter.event.kind)
-                .bind(now_micros())
-                .execute(&mut *tx)
-                .await?;
+                remember(&mut tx, &id, &letter.event.kind).await?;
             }
             sqlx::query("DELETE FROM event_dead_letters WHERE event_id = $1")
                 .bind(&id)
@@ -494,8 +469,21 @@ impl Consumer {
     }
 }
 
-/// From the producer's commit to the consumer's: the transport's latency.
+/// Records in the inbox that `id` was handled (in the handler's transaction).
+async fn remember(tx: &mut AnyConnection, id: &str, kind: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(kind)
+        .bind(now_micros())
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Counts a handled event and, from the producer's commit to the consumer's, the transport's
+/// latency.
 fn record_delivery(source: &str, event: &Envelope) {
+    metrics::counter!("events_consumed_total", "producer" => source.to_owned(), "type" => event.kind.clone()).increment(1);
     if let Ok(at) = OffsetDateTime::parse(&event.occurred_at, &Rfc3339) {
         let seconds = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
         metrics::histogram!("event_delivery_seconds", "producer" => source.to_owned())
