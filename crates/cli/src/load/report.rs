@@ -6,7 +6,8 @@ use plotters::prelude::*;
 
 use super::LoadResult;
 
-const PALETTE: [RGBColor; 8] = [
+/// One colour per step of the mix (12), so no two lines share one.
+const PALETTE: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -15,6 +16,10 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(255, 215, 0),
 ];
 
 fn escape(s: &str) -> String {
@@ -210,7 +215,7 @@ fn percentiles(r: &LoadResult) -> anyhow::Result<String> {
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(55)
-            .build_cartesian_2d(0.0..4.0, (0.01..top).log_scale())?;
+            .build_cartesian_2d(0.0..4.2, (0.01..top).log_scale())?;
         chart
             .configure_mesh()
             .x_labels(5)
