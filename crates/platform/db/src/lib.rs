@@ -242,6 +242,26 @@ impl Db {
         Ok(())
     }
 
+    /// Applies migrations of which some only one backend understands (a full-text index, say):
+    /// `portable` first, then `sqlite` or `postgres`, whichever this database is. Each set may
+    /// find the other's versions applied, so both run with sqlx's `ignore_missing`; give the
+    /// backend-specific files versions of their own (1001, ...) so the sets never collide.
+    pub async fn migrate_split(
+        &self,
+        mut portable: Migrator,
+        mut sqlite: Migrator,
+        mut postgres: Migrator,
+    ) -> Result<(), DbError> {
+        portable.set_ignore_missing(true);
+        self.migrate(&portable).await?;
+        let specific = match self.backend {
+            Backend::Sqlite => &mut sqlite,
+            Backend::Postgres => &mut postgres,
+        };
+        specific.set_ignore_missing(true);
+        self.migrate(specific).await
+    }
+
     /// A transaction that will write. On SQLite it takes the write lock at `BEGIN IMMEDIATE`:
     /// a deferred transaction that reads and then writes fails with `SQLITE_BUSY` when another
     /// writer committed in between, while an immediate one waits its turn (busy timeout). On

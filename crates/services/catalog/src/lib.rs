@@ -37,8 +37,17 @@ use shopmesh_runtime::{App, ReadinessCheck, Server};
 
 pub use config::Config;
 
-/// The migrations of the catalog database.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// Migrates the catalog database: the portable migrations (`migrations/`), then the search
+/// index, which each backend builds its own way (`migrations/sqlite`: FTS5 with trigrams;
+/// `migrations/postgres`: pg_trgm).
+pub async fn migrate(db: &Db) -> Result<(), shopmesh_db::DbError> {
+    db.migrate_split(
+        sqlx::migrate!("./migrations"),
+        sqlx::migrate!("./migrations/sqlite"),
+        sqlx::migrate!("./migrations/postgres"),
+    )
+    .await
+}
 
 /// What handlers share.
 #[derive(Clone)]
@@ -69,7 +78,8 @@ impl Application {
     /// Connects, migrates, seeds the demo catalog if asked, and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let jwks_url = config.auth.require_jwks_url()?;
-        let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
+        let db = Db::connect(&config.database_url(), &config.database).await?;
+        migrate(&db).await?;
         shopmesh_events::consumer::install(&db).await?;
         let store = store::Store::new(db.clone());
         if config.catalog.seed_demo {

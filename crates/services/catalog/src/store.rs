@@ -1,7 +1,10 @@
 //! SQL for the catalog. Portable between SQLite and PostgreSQL (see shopmesh-db); every query
-//! is a static string.
+//! is a static string, but for the product lists, assembled from fixed fragments (`list_sql`),
+//! and search, whose index each backend builds its own way.
 
-use shopmesh_db::Db;
+use shopmesh_db::{Backend, Db};
+// List queries are assembled from fixed fragments (`list_sql`); values are always bound.
+use sqlx::AssertSqlSafe;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -42,46 +45,68 @@ macro_rules! product_columns {
     };
 }
 
-/// One list query per sort: the keyset condition and the order must agree.
-/// The search condition of a list query. Without search text the query has no `LIKE` at all:
-/// SQLite re-prepares a statement whose `LIKE` pattern is a bound parameter every time the
-/// parameter is bound (the plan may depend on it), a full parse per list (10% of the catalog's
-/// CPU in a profile, issue 9).
-macro_rules! search_sql {
-    (search) => {
-        " AND ($2 = '' OR lower(name) LIKE $2 ESCAPE '\\' OR lower(description) LIKE $2 ESCAPE '\\')"
-    };
-    (all) => {
-        " AND $2 = ''"
-    };
+/// How a list query finds its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Search {
+    /// No search text.
+    None,
+    /// The sort order walked, each row tested with `LIKE` (PostgreSQL, whose planner uses the
+    /// trigram indexes when they pay; SQLite below three characters, which no trigram finds).
+    Like,
+    /// SQLite: the matching products found in the trigram index (`products_search`,
+    /// migrations/sqlite) and joined in that order (`CROSS JOIN` keeps SQLite from turning the
+    /// join around into a walk of the sort index), then sorted; the `LIKE` still decides, so
+    /// both plans return the same rows. Its cost grows with the number of matches, not with
+    /// the size of the catalogue (bench/search.sh).
+    Indexed,
 }
 
-macro_rules! list_sql {
-    ($search:ident, $key:literal, $cmp:literal, $dir:literal) => {
-        concat!(
-            "SELECT ",
-            product_columns!(),
-            " FROM products WHERE deleted_at IS NULL AND active = 1",
-            " AND ($1 = '' OR category = $1)",
-            search_sql!($search),
-            " AND ($3 = 0 OR ",
-            $key,
-            " ",
-            $cmp,
-            " $4 OR (",
-            $key,
-            " = $4 AND id ",
-            $cmp,
-            " $5))",
-            " ORDER BY ",
-            $key,
-            " ",
-            $dir,
-            ", id ",
-            $dir,
-            " LIMIT $6"
-        )
+/// The SQL of one list query, built from fixed fragments (nothing from the request is
+/// spliced in; values are bound), with only the conditions it needs: a condition written
+/// for every case (`$1 = '' OR category = $1`, `$3 = 0 OR name > $4 ...`) cannot use an
+/// index, so a category or a deep page walked the catalogue from its start (issue 9). The
+/// keyset is a row value, `(name, id) > ($4, $5)`, which both backends seek in the
+/// `(…, name, id)` and `(…, price, id)` indexes. Placeholders are numbered in the order
+/// [`Store::list`] binds: search phrase, category, pattern, last key, last id, limit.
+fn list_sql(sort: Sort, category: bool, search: Search, after: bool) -> String {
+    let (key, cmp, dir) = match sort {
+        Sort::NameAsc => ("name", ">", "ASC"),
+        Sort::NameDesc => ("name", "<", "DESC"),
+        Sort::PriceAsc => ("price", ">", "ASC"),
+        Sort::PriceDesc => ("price", "<", "DESC"),
     };
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    let mut sql = format!("SELECT {}", product_columns!());
+    if search == Search::Indexed {
+        sql += &format!(
+            " FROM (SELECT rowid AS hit FROM products_search WHERE products_search MATCH {}) \
+             AS hits CROSS JOIN products ON products.rowid = hits.hit",
+            next()
+        );
+    } else {
+        sql += " FROM products";
+    }
+    sql += " WHERE deleted_at IS NULL AND active = 1";
+    if category {
+        sql += &format!(" AND category = {}", next());
+    }
+    if search != Search::None {
+        let pattern = next();
+        sql += &format!(
+            " AND (lower(name) LIKE {pattern} ESCAPE '\\' \
+             OR lower(description) LIKE {pattern} ESCAPE '\\')"
+        );
+    }
+    if after {
+        let (last_key, last_id) = (next(), next());
+        sql += &format!(" AND ({key}, id) {cmp} ({last_key}, {last_id})");
+    }
+    sql += &format!(" ORDER BY {key} {dir}, id {dir} LIMIT {}", next());
+    sql
 }
 
 /// Where the previous page ended.
@@ -115,6 +140,22 @@ fn micros(t: OffsetDateTime) -> i64 {
 fn from_micros(us: i64) -> Result<OffsetDateTime, Error> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
         .map_err(|_| Error::Internal(anyhow::anyhow!("stored timestamp out of range")))
+}
+
+/// The search text as an FTS5 query for the trigram index: each word of three characters or
+/// more as a phrase (double quotes doubled), all of them required. A trigram phrase matches
+/// its text as a substring, case-insensitively, so every product that contains the whole text
+/// matches; the `LIKE` then keeps those that contain it as typed. Words rather than the whole
+/// text because a long phrase makes SQLite check the positions of every trigram in it (twice
+/// the time at a million products, bench/search.sh). `None` when no word is long enough for a
+/// trigram.
+fn trigram_query(q: &str) -> Option<String> {
+    let words: Vec<String> = q
+        .split_whitespace()
+        .filter(|word| word.chars().count() >= 3)
+        .map(|word| format!("\"{}\"", word.replace('"', "\"\"")))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" AND "))
 }
 
 /// `%word%`, with LIKE's wildcards in the user's text escaped.
@@ -253,40 +294,44 @@ impl Store {
 
     /// Products on sale matching the query, one page (fetch `limit + 1` to learn if more exist).
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<Product>, Error> {
-        let category = query
-            .category
-            .as_ref()
-            .map(|c| c.as_str().to_owned())
-            .unwrap_or_default();
         let pattern = query
             .q
             .as_deref()
             .filter(|q| !q.trim().is_empty())
-            .map(like_pattern)
-            .unwrap_or_default();
-        let sql = match (query.sort, pattern.is_empty()) {
-            (Sort::NameAsc, false) => list_sql!(search, "name", ">", "ASC"),
-            (Sort::NameDesc, false) => list_sql!(search, "name", "<", "DESC"),
-            (Sort::PriceAsc, false) => list_sql!(search, "price", ">", "ASC"),
-            (Sort::PriceDesc, false) => list_sql!(search, "price", "<", "DESC"),
-            (Sort::NameAsc, true) => list_sql!(all, "name", ">", "ASC"),
-            (Sort::NameDesc, true) => list_sql!(all, "name", "<", "DESC"),
-            (Sort::PriceAsc, true) => list_sql!(all, "price", ">", "ASC"),
-            (Sort::PriceDesc, true) => list_sql!(all, "price", "<", "DESC"),
+            .map(like_pattern);
+        let phrase = match self.db.backend() {
+            Backend::Sqlite => query.q.as_deref().and_then(trigram_query),
+            Backend::Postgres => None,
         };
-        let q = sqlx::query_as::<_, ProductRow>(sql)
-            .bind(category)
-            .bind(pattern)
-            .bind(i64::from(query.after.is_some()));
-        let q = match (&query.after, query.sort) {
+        let search = match (&pattern, &phrase) {
+            (None, _) => Search::None,
+            (Some(_), Some(_)) => Search::Indexed,
+            (Some(_), None) => Search::Like,
+        };
+        let sql = list_sql(
+            query.sort,
+            query.category.is_some(),
+            search,
+            query.after.is_some(),
+        );
+        let mut q = sqlx::query_as::<_, ProductRow>(AssertSqlSafe(sql));
+        if let (Search::Indexed, Some(phrase)) = (search, phrase) {
+            q = q.bind(phrase);
+        }
+        if let Some(category) = &query.category {
+            q = q.bind(category.as_str().to_owned());
+        }
+        if let Some(pattern) = pattern {
+            q = q.bind(pattern);
+        }
+        q = match (&query.after, query.sort) {
+            (None, _) => q,
             (Some(After::Name(name, id)), Sort::NameAsc | Sort::NameDesc) => {
                 q.bind(name.clone()).bind(id.hyphenated().to_string())
             }
             (Some(After::Price(price, id)), Sort::PriceAsc | Sort::PriceDesc) => {
                 q.bind(*price).bind(id.hyphenated().to_string())
             }
-            (None, Sort::NameAsc | Sort::NameDesc) => q.bind(String::new()).bind(String::new()),
-            (None, Sort::PriceAsc | Sort::PriceDesc) => q.bind(0i64).bind(String::new()),
             (Some(_), _) => return Err(Error::BadCursor),
         };
         let rows = q
@@ -364,11 +409,26 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::like_pattern;
+    use super::{like_pattern, trigram_query};
 
     #[test]
     fn like_wildcards_in_the_search_text_are_escaped() {
         assert_eq!(like_pattern(" Knife "), "%knife%");
         assert_eq!(like_pattern("100%_a\\b"), "%100\\%\\_a\\\\b%");
+    }
+
+    #[test]
+    fn search_text_becomes_required_trigram_phrases_of_its_long_words() {
+        assert_eq!(trigram_query("walnut"), Some(r#""walnut""#.to_owned()));
+        assert_eq!(
+            trigram_query(" a Walnut  lamp "),
+            Some(r#""Walnut" AND "lamp""#.to_owned())
+        );
+        // Quotes cannot end the phrase early; FTS5's operators inside it are plain text.
+        assert_eq!(
+            trigram_query(r#"abc" NEAR xyz"#),
+            Some(r#""abc""" AND "NEAR" AND "xyz""#.to_owned())
+        );
+        assert_eq!(trigram_query("ab c"), None, "no word a trigram can find");
     }
 }

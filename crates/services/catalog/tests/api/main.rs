@@ -329,6 +329,17 @@ async fn lists_search_filter_sort_and_page_without_gaps_or_repeats(db: TestDb) {
     );
     let underscore = app.walk("?q=_&limit=10").await;
     assert!(underscore.is_empty(), "_ is a literal too: {underscore:?}");
+    // Search text of three characters and more is found through the search index, shorter
+    // text by walking the list: both page, filter and sort alike.
+    assert_eq!(
+        app.walk("?q=skillet&sort=-price&limit=1").await,
+        ["K1", "K4"]
+    );
+    assert_eq!(
+        app.walk("?q=sk&category=kitchen&sort=price&limit=1").await,
+        ["K4", "K1"]
+    );
+    assert_eq!(app.walk("?q=bOoK&category=books&limit=1").await, ["B1"]);
 }
 
 async fn bad_list_parameters_are_400s_naming_the_parameter(db: TestDb) {
@@ -455,6 +466,23 @@ async fn put_replaces_and_patch_amends(db: TestDb) {
     assert_eq!(patched["price"], 1200);
     assert_eq!(patched["name"], "Renamed");
     assert_eq!(patched["sku"], "P-1", "untouched fields stay");
+    // Search follows changes (the search index is kept by the database, issue 9).
+    assert_eq!(app.walk("?q=renamed&limit=5").await, ["P-1"]);
+    assert_eq!(
+        app.walk("?q=original&limit=5").await,
+        ["P-1"],
+        "still in the description"
+    );
+    let redescribed = app
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            Some(&app.admin),
+            Some(&json!({"description": "Plain"})),
+        )
+        .await;
+    assert_eq!(redescribed.status(), 200);
+    assert!(app.walk("?q=original&limit=5").await.is_empty());
 
     let bad_patch = app
         .send(
