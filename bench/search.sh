@@ -6,7 +6,9 @@
 # (SQL, seconds instead of a million API calls; the search index fills from its triggers),
 # `up` again, then `shopmesh-bench` against the catalog service's own port (the gateway's
 # cache would answer repeats, and it is the database path that is measured here), four
-# connections per query, the queries taking turns. Run by hand; never in CI.
+# connections per query, the queries taking turns. Needs the sqlite3 shell with FTS5 and
+# SQLite >= 3.34 (Debian's), as its load fires the search index's triggers. Run by hand;
+# never in CI.
 #
 #   bench/search.sh                      # both backends, 1,000,000 products
 #   PRODUCTS=200000 BACKENDS=sqlite bench/search.sh
@@ -32,7 +34,15 @@ stop_shop() {
     launcher=
     return 0
 }
-trap 'stop_shop; rm -rf "$work"' EXIT
+pg_run=
+drop_pg_databases() {
+    [ -n "$pg_run" ] || return 0
+    for db in $(psql "$pg_url/postgres" -Atc "SELECT datname FROM pg_database WHERE starts_with(datname, '${pg_run}_')"); do
+        psql "$pg_url/postgres" -qc "DROP DATABASE \"$db\" WITH (FORCE)"
+    done
+    pg_run=
+}
+trap 'stop_shop; drop_pg_databases; rm -rf "$work"' EXIT
 
 start_shop() {
     env "$@" SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND=0 \
@@ -115,11 +125,11 @@ for backend in $backends; do
     rm -rf "$work/data"
     env_args=()
     if [ "$backend" = postgres ]; then
-        run="bench_search_$(date +%s)"
-        env_args=(SHOPMESH_LAUNCHER__DATABASE_URL_TEMPLATE="$pg_url/${run}_{service}")
-        catalog_url="$pg_url/${run}_catalog"
+        pg_run="bench_search_$(date +%s)"
+        env_args=(SHOPMESH_LAUNCHER__DATABASE_URL_TEMPLATE="$pg_url/${pg_run}_{service}")
+        catalog_url="$pg_url/${pg_run}_catalog"
     fi
-    start_shop "${env_args[@]}"
+    start_shop ${env_args[@]+"${env_args[@]}"}
     stop_shop
     started=$(date +%s)
     now=$(($(date +%s) * 1000000))
@@ -137,7 +147,7 @@ for backend in $backends; do
             } | catalog_sql ;;
     esac
     echo "loaded in $(($(date +%s) - started)) s"
-    start_shop "${env_args[@]}"
+    start_shop ${env_args[@]+"${env_args[@]}"}
     catalog=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["processes"]["catalog"]["addr"])' "$work/data/up.json")
     base="http://$catalog/api/v1/products"
 
@@ -177,9 +187,5 @@ EOF
         --target "deep-cat=$base?category=garden&sort=price&cursor=$deep_price" \
         | sed 's/   ratio to .*//'
     stop_shop
-    if [ "$backend" = postgres ]; then
-        for db in $(psql "$pg_url/postgres" -Atc "SELECT datname FROM pg_database WHERE datname LIKE '${run}_%'"); do
-            psql "$pg_url/postgres" -qc "DROP DATABASE \"$db\" WITH (FORCE)"
-        done
-    fi
+    drop_pg_databases
 done

@@ -155,10 +155,14 @@ fn from_micros(us: i64) -> Result<OffsetDateTime, Error> {
 /// text because a long phrase makes SQLite check the positions of every trigram in it (twice
 /// the time at a million products, bench/search.sh). `None` when no word is long enough for a
 /// trigram.
+/// Lowercased as the `LIKE` pattern is (FTS5 folds case its own way, which for some letters,
+/// `İ` for one, is not Rust's); words with control characters are left to the `LIKE` (FTS5
+/// reads a NUL as the end of the query).
 fn trigram_query(q: &str) -> Option<String> {
     let words: Vec<String> = q
+        .to_lowercase()
         .split_whitespace()
-        .filter(|word| word.chars().count() >= 3)
+        .filter(|word| word.chars().count() >= 3 && !word.chars().any(char::is_control))
         .map(|word| format!("\"{}\"", word.replace('"', "\"\"")))
         .collect();
     (!words.is_empty()).then(|| words.join(" AND "))
@@ -443,12 +447,13 @@ mod tests {
         assert_eq!(trigram_query("walnut"), Some(r#""walnut""#.to_owned()));
         assert_eq!(
             trigram_query(" a Walnut  lamp "),
-            Some(r#""Walnut" AND "lamp""#.to_owned())
+            Some(r#""walnut" AND "lamp""#.to_owned())
         );
+        assert_eq!(trigram_query("abc\0def lamp"), Some(r#""lamp""#.to_owned()));
         // Quotes cannot end the phrase early; FTS5's operators inside it are plain text.
         assert_eq!(
             trigram_query(r#"abc" NEAR xyz"#),
-            Some(r#""abc""" AND "NEAR" AND "xyz""#.to_owned())
+            Some(r#""abc""" AND "near" AND "xyz""#.to_owned())
         );
         assert_eq!(trigram_query("ab c"), None, "no word a trigram can find");
     }
