@@ -1,10 +1,10 @@
 //! SQL for the catalog. Portable between SQLite and PostgreSQL (see shopmesh-db); every query
-//! is a static string, but for the product lists, assembled from fixed fragments (`list_sql`),
-//! and search, whose index each backend builds its own way.
+//! is a static string; the product lists' are assembled once from fixed fragments
+//! (`build_list_sql`), and search uses an index each backend builds its own way.
 
 use shopmesh_db::{Backend, Db};
-// List queries are assembled from fixed fragments (`list_sql`); values are always bound.
-use sqlx::AssertSqlSafe;
+use std::sync::LazyLock;
+
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -68,7 +68,7 @@ enum Search {
 /// keyset is a row value, `(name, id) > ($4, $5)`, which both backends seek in the
 /// `(…, name, id)` and `(…, price, id)` indexes. Placeholders are numbered in the order
 /// [`Store::list`] binds: search phrase, category, pattern, last key, last id, limit.
-fn list_sql(sort: Sort, category: bool, search: Search, after: bool) -> String {
+fn build_list_sql(sort: Sort, category: bool, search: Search, after: bool) -> String {
     let (key, cmp, dir) = match sort {
         Sort::NameAsc => ("name", ">", "ASC"),
         Sort::NameDesc => ("name", "<", "DESC"),
@@ -114,6 +114,33 @@ fn list_sql(sort: Sort, category: bool, search: Search, after: bool) -> String {
 /// the order for a walk to fill a page soon (unless its matches cluster far down the order;
 /// bench/README.md, "A million products").
 const INDEXED_SEARCH_MAX_HITS: i64 = 50_000;
+
+/// Every list query's SQL, assembled once: sort × category × search × first page or not.
+static LIST_SQL: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let mut all = Vec::with_capacity(48);
+    for sort in [
+        Sort::NameAsc,
+        Sort::NameDesc,
+        Sort::PriceAsc,
+        Sort::PriceDesc,
+    ] {
+        for category in [false, true] {
+            for search in [Search::None, Search::Like, Search::Indexed] {
+                for after in [false, true] {
+                    all.push(build_list_sql(sort, category, search, after));
+                }
+            }
+        }
+    }
+    all
+});
+
+/// The SQL of one list query (see [`build_list_sql`]).
+fn list_sql(sort: Sort, category: bool, search: Search, after: bool) -> &'static str {
+    let index = ((sort as usize * 2 + usize::from(category)) * 3 + search as usize) * 2
+        + usize::from(after);
+    &LIST_SQL[index]
+}
 
 /// Where the previous page ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,7 +366,7 @@ impl Store {
             search,
             query.after.is_some(),
         );
-        let mut q = sqlx::query_as::<_, ProductRow>(AssertSqlSafe(sql));
+        let mut q = sqlx::query_as::<_, ProductRow>(sql);
         if let (Search::Indexed, Some(phrase)) = (search, phrase) {
             q = q.bind(phrase);
         }
@@ -434,7 +461,33 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{like_pattern, trigram_query};
+    use super::{Search, Sort, like_pattern, list_sql, trigram_query};
+
+    #[test]
+    fn each_list_query_has_its_own_conditions_numbered_in_bind_order() {
+        let all = list_sql(Sort::PriceDesc, true, Search::Indexed, true);
+        for part in [
+            "MATCH $1",
+            "category = $2",
+            "lower(name) LIKE $3",
+            "(price, id) < ($4, $5)",
+            "ORDER BY price DESC, id DESC LIMIT $6",
+        ] {
+            assert!(all.contains(part), "{part} in {all}");
+        }
+        let first_page = list_sql(Sort::NameAsc, false, Search::None, false);
+        assert!(
+            first_page.ends_with("ORDER BY name ASC, id ASC LIMIT $1"),
+            "{first_page}"
+        );
+        assert!(!first_page.contains("LIKE") && !first_page.contains("category ="));
+        let like = list_sql(Sort::NameDesc, false, Search::Like, true);
+        assert!(
+            like.contains("LIKE $1") && like.contains("(name, id) < ($2, $3)"),
+            "{like}"
+        );
+        assert!(!like.contains("MATCH"));
+    }
 
     #[test]
     fn like_wildcards_in_the_search_text_are_escaped() {
