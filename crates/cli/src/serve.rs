@@ -128,3 +128,65 @@ async fn stdin_closed() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `shopmesh up` hands one environment to every process: a key of each common section,
+    /// set once for the whole shop, must start every process, whether it uses that section
+    /// or not (the gateway has no database, the cart no events).
+    #[test]
+    fn every_process_accepts_a_key_of_every_common_section() {
+        let sources = Sources::empty().env([
+            ("SHOPMESH_DATA_DIR", "/var/lib/shopmesh"),
+            ("SHOPMESH_SERVER__SHUTDOWN_GRACE_SECS", "5"),
+            ("SHOPMESH_LOG__LEVEL", "info"),
+            ("SHOPMESH_DATABASE__MAX_CONNECTIONS", "1"),
+            ("SHOPMESH_AUTH__LEEWAY_SECS", "5"),
+            ("SHOPMESH_MESH__LEASE_TTL_SECS", "10"),
+            ("SHOPMESH_EVENTS__PREFETCH", "8"),
+        ]);
+        assert_eq!(
+            shopmesh_config::COMMON_SECTIONS.len(),
+            sources.env_map().len(),
+            "one key per common section"
+        );
+        for service in Service::value_variants() {
+            let name = service.name();
+            let loaded = match service {
+                Service::Gateway => shopmesh_gateway::Config::load(&sources).map(drop),
+                Service::Users => shopmesh_users::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+                Service::Catalog => shopmesh_catalog::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+                Service::Inventory => shopmesh_inventory::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+                Service::Orders => shopmesh_orders::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+                Service::Payments => shopmesh_payments::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+                Service::Cart => shopmesh_cart::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+                Service::Notifications => shopmesh_notifications::Config::load(&sources)
+                    .map(drop)
+                    .map_err(Into::into),
+            };
+            if let Err(e) = loaded {
+                panic!("{name} refused the shop's environment: {e:#}");
+            }
+            let common: Result<Common, _> = sources.load(Some(name));
+            assert!(common.is_ok(), "serve {name}: {common:?}");
+        }
+        // A misspelt section is still refused, by every process.
+        let typo = Sources::empty().env([("SHOPMESH_DATABSE__MAX_CONNECTIONS", "1")]);
+        assert!(shopmesh_gateway::Config::load(&typo).is_err());
+        assert!(shopmesh_orders::Config::load(&typo).is_err());
+    }
+}

@@ -1,11 +1,13 @@
-//! The gateway's configuration: the common sections plus `[gateway]` (upstreams and routes).
+//! The gateway's configuration: the common sections it uses plus `[gateway]` (upstreams and
+//! routes). The common sections it does not use (`database`, `events`, `data_dir`) are set
+//! aside by the loader, so one environment serves every process.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 use shopmesh_auth::AuthSettings;
-use shopmesh_config::{ConfigError, DataDir, Sources};
+use shopmesh_config::{ConfigError, Sources};
 use shopmesh_mesh::{MeshSettings, Source};
 use shopmesh_runtime::{LogSettings, ServerSettings};
 
@@ -15,8 +17,6 @@ pub use crate::ratelimit::RateLimitSettings;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Unused by the gateway today; accepted so one environment serves every process.
-    pub data_dir: DataDir,
     /// `[server]`.
     pub server: ServerSettings,
     /// `[log]`.
@@ -27,9 +27,6 @@ pub struct Config {
     pub gateway: GatewaySettings,
     /// `[mesh]`: discovery, balancing, health, breakers, retries for every upstream.
     pub mesh: MeshSettings,
-    /// `[events]`: unused here (the gateway neither publishes nor consumes events); accepted so
-    /// one environment serves every process (the services that use it check it).
-    pub events: serde::de::IgnoredAny,
 }
 
 impl Config {

@@ -14,7 +14,8 @@
 //!
 //! One file or environment may configure several processes (the local launcher passes one
 //! environment to all). Each process owns the common sections plus its own; the sections of the
-//! other processes ([`PROCESS_SECTIONS`]) are set aside, not reported as unknown.
+//! other processes ([`PROCESS_SECTIONS`]) are set aside, not reported as unknown, and so are
+//! the common sections ([`COMMON_SECTIONS`]) that this process's settings do not declare.
 //!
 //! The settings sections themselves live with the code that uses them (`shopmesh-runtime` owns
 //! `server` and `log`, `shopmesh-db` owns `database`, ...). This crate is only the loader.
@@ -44,6 +45,15 @@ pub const PROCESS_SECTIONS: &[&str] = &[
     "notifications",
     "storefront",
     "launcher",
+];
+
+/// Top-level sections every process may be given, because one environment serves them all
+/// (`shopmesh up` passes its environment to every process): a process that does not use one
+/// of these sets it aside, as it does the other processes' sections, instead of refusing it.
+/// (`SHOPMESH_DATABASE__MAX_CONNECTIONS=1` for the whole shop must not stop the gateway, which
+/// has no database.) Any other unknown top-level key is still refused.
+pub const COMMON_SECTIONS: &[&str] = &[
+    "data_dir", "server", "log", "database", "auth", "mesh", "events",
 ];
 
 /// `data_dir`: where a process keeps its files (SQLite databases, the launcher's state);
@@ -130,9 +140,15 @@ impl Sources {
     /// Loads the settings of the process that owns `own_section` (e.g. `"users"`); `None` for a
     /// process that owns no section of its own.
     pub fn load<T: DeserializeOwned>(&self, own_section: Option<&str>) -> Result<T, ConfigError> {
+        let declared = declared_fields::<T>();
         let ignore: Vec<String> = PROCESS_SECTIONS
             .iter()
             .filter(|s| Some(**s) != own_section)
+            .chain(
+                COMMON_SECTIONS
+                    .iter()
+                    .filter(|s| declared.is_some_and(|fields| !fields.contains(s))),
+            )
             .map(|s| (*s).to_owned())
             .collect();
 
@@ -163,6 +179,60 @@ impl Sources {
             .extract_lossy()
             .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
+}
+
+/// The field names of the settings struct `T`, as its `Deserialize` implementation declares
+/// them (`None` if `T` is not deserialized as a struct). Serde has no reflection: this asks `T`
+/// to deserialize itself from a deserializer that only records the fields it is offered.
+fn declared_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    use serde::de::{self, Visitor};
+
+    struct Fields(Option<&'static [&'static str]>);
+
+    #[derive(Debug)]
+    struct Stop;
+
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("fields recorded")
+        }
+    }
+
+    impl std::error::Error for Stop {}
+
+    impl de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for &mut Fields {
+        type Error = Stop;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = Some(fields);
+            Err(Stop)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut fields = Fields(None);
+    let _ = T::deserialize(&mut fields);
+    fields.0
 }
 
 fn read_dotenv(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -412,6 +482,31 @@ mod tests {
         assert_eq!(own.users.token_ttl_secs, 60);
         let typo = load(Sources::empty().env([("SHOPMESH_SERVR__PORT", "5")]));
         assert!(typo.is_err());
+    }
+
+    #[test]
+    fn a_common_section_this_process_does_not_use_is_set_aside_but_a_typo_is_not() {
+        // `Settings` has no `database`, `mesh` nor `events`, as the gateway has no database.
+        let ok = load(Sources::empty().env([
+            ("SHOPMESH_DATABASE__MAX_CONNECTIONS", "1"),
+            ("SHOPMESH_MESH__BALANCE", "round_robin"),
+            ("SHOPMESH_EVENTS__PREFETCH", "8"),
+        ]));
+        assert!(ok.is_ok(), "{ok:?}");
+        let typo = load(Sources::empty().env([("SHOPMESH_DATABSE__MAX_CONNECTIONS", "1")]));
+        assert!(typo.is_err(), "{typo:?}");
+        // A common section the process does use is still checked key by key.
+        let inner = load(Sources::empty().env([("SHOPMESH_SERVER__PROT", "1")]));
+        assert!(inner.is_err(), "{inner:?}");
+    }
+
+    #[test]
+    fn the_declared_fields_of_a_settings_struct_are_found() {
+        assert_eq!(
+            declared_fields::<Settings>(),
+            Some(&["data_dir", "server", "users"][..])
+        );
+        assert_eq!(declared_fields::<BTreeMap<String, String>>(), None);
     }
 
     #[test]

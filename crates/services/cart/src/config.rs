@@ -26,9 +26,6 @@ pub struct Config {
     /// `[mesh]`: how calls to other services find and treat their instances, and the
     /// registration of this one in etcd (`mesh.etcd_url`).
     pub mesh: shopmesh_mesh::MeshSettings,
-    /// `[events]`: unused here (the cart neither publishes nor consumes events); accepted so
-    /// one environment serves every process (the services that use it check it).
-    pub events: serde::de::IgnoredAny,
     /// `[cart]`.
     pub cart: CartSettings,
 }
