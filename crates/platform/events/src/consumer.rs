@@ -15,7 +15,7 @@ use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::Envelope;
+use crate::{Envelope, EventsSettings};
 
 /// What a handler returns: `Err` with a reason to try again later.
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
@@ -58,6 +58,10 @@ pub enum ConsumeError {
     /// A handler failed (will be retried).
     #[error("handling {0} failed: {1}")]
     Handler(String, String),
+    /// The producer no longer keeps the events after our cursor (we were away longer than its
+    /// retention window): nothing is skipped, the cursor stays; an operator re-seeds it.
+    #[error("{0}'s events after our cursor were pruned: {1}")]
+    Pruned(String, String),
 }
 
 /// An event set aside.
@@ -77,6 +81,12 @@ pub struct Consumer {
     handler: Arc<dyn Handler>,
     max_attempts: u32,
     poll: Duration,
+    /// Who we are to producers (`?consumer=`): our reads acknowledge, so retention can prune.
+    name: Option<&'static str>,
+    /// Inbox ids are kept twice this long (the producers' retention window).
+    retention: Duration,
+    prune_every: Duration,
+    pruned_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Events fetched per request.
@@ -106,11 +116,50 @@ impl Consumer {
     /// after a page that was not full it waits `poll` for events to gather, then waits at the
     /// producer (long poll) for the next ones.
     pub fn new(db: Db, handler: Arc<dyn Handler>, max_attempts: u32, poll: Duration) -> Self {
+        let defaults = EventsSettings::default();
         Consumer {
             db,
             handler,
             max_attempts: max_attempts.max(1),
             poll,
+            name: None,
+            retention: defaults.retention(),
+            prune_every: defaults.prune_every(),
+            pruned_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Reads as the service `name` (producers count its reads as acknowledgements), with the
+    /// retention of `settings`: inbox ids older than twice the window are pruned.
+    pub fn reading_as(mut self, name: &'static str, settings: &EventsSettings) -> Self {
+        self.name = Some(name);
+        self.retention = settings.retention();
+        self.prune_every = settings.prune_every();
+        self
+    }
+
+    /// Deletes inbox ids older than twice the retention window: a redelivery that old cannot
+    /// happen (the producer no longer keeps the event). Returns how many.
+    pub async fn prune_inbox(&self) -> Result<u64, sqlx::Error> {
+        let keep = i64::try_from(self.retention.as_micros().saturating_mul(2)).unwrap_or(i64::MAX);
+        Ok(sqlx::query("DELETE FROM event_inbox WHERE handled_at < $1")
+            .bind(now_micros().saturating_sub(keep))
+            .execute(self.db.pool())
+            .await?
+            .rows_affected())
+    }
+
+    /// [`Consumer::prune_inbox`], when `prune_every` has passed since the last time.
+    pub(crate) async fn prune_if_due(&self) {
+        let due = match self.pruned_at.lock() {
+            Ok(mut at) if at.is_none_or(|t| t.elapsed() >= self.prune_every) => {
+                *at = Some(tokio::time::Instant::now());
+                true
+            }
+            _ => false,
+        };
+        if due && let Err(e) = self.prune_inbox().await {
+            tracing::warn!(error = %e, "pruning the event inbox failed");
         }
     }
 
@@ -122,6 +171,7 @@ impl Consumer {
             let mut warned = false;
             let mut wait = Duration::ZERO;
             loop {
+                consumer.prune_if_due().await;
                 match consumer.pump_waiting(&subscription, wait).await {
                     Ok(n) => {
                         backoff = consumer.poll;
@@ -138,6 +188,17 @@ impl Consumer {
                             tokio::time::sleep(consumer.poll).await;
                         }
                         wait = LONG_POLL;
+                    }
+                    Err(ConsumeError::Pruned(producer, why)) => {
+                        // Every time, loudly: this consumer stands still until re-seeded.
+                        tracing::error!(
+                            producer,
+                            why,
+                            "events were pruned before this consumer read them; re-seed its cursor (see docs/events.md)"
+                        );
+                        metrics::gauge!("consumer_pruned_gap", "producer" => producer).set(1.0);
+                        wait = Duration::ZERO;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                     }
                     Err(e) => {
                         if !warned || !matches!(e, ConsumeError::Fetch(..)) {
@@ -206,8 +267,12 @@ impl Consumer {
         wait: Duration,
     ) -> Result<Page, ConsumeError> {
         let failed = |why: String| ConsumeError::Fetch(subscription.producer.clone(), why);
+        let reader = self
+            .name
+            .map(|name| format!("consumer={name}&"))
+            .unwrap_or_default();
         let request = http::Request::get(format!(
-            "/internal/outbox?after={after}&limit={PAGE}&wait_ms={}",
+            "/internal/outbox?{reader}after={after}&limit={PAGE}&wait_ms={}",
             wait.as_millis()
         ))
         .body(Full::new(Bytes::new()))
@@ -223,6 +288,15 @@ impl Consumer {
             .call(request, options)
             .await
             .map_err(|e| failed(e.to_string()))?;
+        if response.status() == http::StatusCode::GONE {
+            let body = response.into_body().collect().await.map(|b| b.to_bytes());
+            let detail = body
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["detail"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "410 Gone".to_owned());
+            return Err(ConsumeError::Pruned(subscription.producer.clone(), detail));
+        }
         if !response.status().is_success() {
             return Err(failed(format!("answered {}", response.status())));
         }

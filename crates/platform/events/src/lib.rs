@@ -87,9 +87,9 @@ pub(crate) async fn install_schema(db: &Db, schema: &'static str) -> Result<(), 
     Ok(())
 }
 
-/// A producer's background publishing: the positioner that numbers committed outbox rows, and,
-/// when `events.rabbitmq_url` is set, the relay to RabbitMQ. Stopped by [`Publishing::stop`]
-/// or when dropped.
+/// A producer's background publishing: the positioner that numbers committed outbox rows, the
+/// pruner that applies retention, and, when `events.rabbitmq_url` is set, the relay to
+/// RabbitMQ. Stopped by [`Publishing::stop`] or when dropped.
 pub struct Publishing {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -97,7 +97,15 @@ pub struct Publishing {
 impl Publishing {
     /// Starts publishing `service`'s outbox in `db`.
     pub fn start(db: &Db, settings: &EventsSettings, service: &'static str) -> Self {
-        let mut tasks = vec![outbox::spawn_positioner(db.clone(), service)];
+        let mut tasks = vec![
+            outbox::spawn_positioner(db.clone(), service),
+            outbox::spawn_pruner(
+                db.clone(),
+                settings.retention(),
+                settings.prune_every(),
+                service,
+            ),
+        ];
         if settings.rabbitmq_url.is_some() {
             tasks.push(rabbit::spawn_relay(
                 db.clone(),

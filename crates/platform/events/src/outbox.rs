@@ -1,7 +1,8 @@
 //! The producer's side: append in the caller's transaction, number what is committed, serve
 //! the stream.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -257,6 +258,10 @@ pub async fn read_after(db: &Db, after: i64, limit: i64) -> Result<Vec<Envelope>
 
 #[derive(Deserialize)]
 struct Page {
+    /// Who reads (the consuming service): its `after` acknowledges everything up to there,
+    /// which is what lets retention prune. Anonymous reads acknowledge nothing.
+    #[serde(default)]
+    consumer: Option<String>,
     #[serde(default)]
     after: i64,
     #[serde(default = "default_limit")]
@@ -271,12 +276,160 @@ fn default_limit() -> i64 {
     100
 }
 
-/// `GET /internal/outbox?after=<position>&limit=<n>`: the stream, for consumers of the
-/// embedded transport (internal port only; the gateway does not route it).
+/// `GET /internal/outbox?consumer=<name>&after=<position>&limit=<n>`: the stream, for
+/// consumers of the embedded transport (internal port only; the gateway does not route it).
+/// A reader asking for what retention has pruned gets `410 Gone`, never a page that skips.
 pub fn routes(db: Db) -> Router {
     Router::new()
         .route("/internal/outbox", get(serve_page))
-        .with_state(db)
+        .with_state(Stream {
+            db,
+            acknowledged: Arc::new(Mutex::new(HashMap::new())),
+        })
+}
+
+#[derive(Clone)]
+struct Stream {
+    db: Db,
+    /// When each reader's acknowledgement was last written, and where: written at most once
+    /// per [`ACK_EVERY`] per reader (a write per long poll would cost the purchase path).
+    acknowledged: Arc<Mutex<HashMap<String, (i64, tokio::time::Instant)>>>,
+}
+
+/// How often a reader's acknowledgement is written at most. The row lags the reader by up to
+/// this much, which only makes retention keep a little more.
+const ACK_EVERY: Duration = Duration::from_secs(1);
+/// How often a reader that has not moved is written (its `seen_at`): far inside any sensible
+/// retention window.
+const STILL_EVERY: Duration = Duration::from_secs(60);
+/// Longest reader name kept (names are service names).
+const MAX_READER_NAME: usize = 64;
+
+impl Stream {
+    /// Records that `reader` has everything up to `after`, if it was not written lately.
+    async fn acknowledge(&self, reader: &str, after: i64) -> Result<(), sqlx::Error> {
+        let now = tokio::time::Instant::now();
+        {
+            let Ok(mut acknowledged) = self.acknowledged.lock() else {
+                return Ok(());
+            };
+            // A moving reader is written at most every ACK_EVERY; one standing still (idle at
+            // the head, or stuck behind an event it cannot handle) every STILL_EVERY, so that
+            // it keeps counting as present and holds the log back.
+            match acknowledged.get(reader) {
+                Some((position, at))
+                    if now - *at < ACK_EVERY || (*position == after && now - *at < STILL_EVERY) =>
+                {
+                    return Ok(());
+                }
+                _ => {}
+            }
+            // Bounded: readers are the shop's services; a flood of made-up names starts over.
+            if acknowledged.len() >= 1024 {
+                acknowledged.clear();
+            }
+            acknowledged.insert(reader.to_owned(), (after, now));
+        }
+        sqlx::query(
+            "INSERT INTO outbox_readers (name, position, seen_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position, \
+             seen_at = excluded.seen_at",
+        )
+        .bind(reader)
+        .bind(after)
+        .bind(micros(OffsetDateTime::now_utc()))
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+}
+
+/// The lowest position still kept (`None` while the outbox has no numbered row).
+async fn oldest(db: &Db) -> Result<Option<i64>, sqlx::Error> {
+    let (min,): (Option<i64>,) = sqlx::query_as("SELECT MIN(position) FROM outbox")
+        .fetch_one(db.reader())
+        .await?;
+    Ok(min)
+}
+
+/// Prunes what retention allows, once: numbered rows older than `retention` that every reader
+/// seen within `retention` and the RabbitMQ relay have passed; never the highest row (the
+/// numbering continues from it). Forgets readers not seen within `retention`. Returns the
+/// number of rows deleted.
+pub async fn prune(db: &Db, retention: Duration) -> Result<u64, sqlx::Error> {
+    let cutoff = micros(OffsetDateTime::now_utc())
+        - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    let (oldest, head, readers, relay): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) =
+        sqlx::query_as(
+            "SELECT (SELECT MIN(position) FROM outbox), (SELECT MAX(position) FROM outbox), \
+                    (SELECT MIN(position) FROM outbox_readers WHERE seen_at >= $1), \
+                    (SELECT MIN(position) FROM outbox_relay)",
+        )
+        .bind(cutoff)
+        .fetch_one(db.reader())
+        .await?;
+    let (Some(oldest), Some(head)) = (oldest, head) else {
+        return Ok(0);
+    };
+    // A batch at a time: the writer is not held for a long backlog's delete.
+    let floor = [
+        Some(head - 1),
+        Some(oldest + PRUNE_BATCH - 1),
+        readers,
+        relay,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(0);
+    let mut deleted = 0;
+    if floor > 0 {
+        deleted = sqlx::query(
+            "DELETE FROM outbox WHERE position <= $1 AND occurred_at < $2 \
+             AND position IS NOT NULL",
+        )
+        .bind(floor)
+        .bind(cutoff)
+        .execute(db.pool())
+        .await?
+        .rows_affected();
+    }
+    sqlx::query("DELETE FROM outbox_readers WHERE seen_at < $1")
+        .bind(cutoff)
+        .execute(db.pool())
+        .await?;
+    Ok(deleted)
+}
+
+/// Most rows one [`prune`] deletes.
+pub const PRUNE_BATCH: i64 = 10_000;
+
+/// Runs [`prune`] every `every` (at once again after a full batch) for as long as the process
+/// runs.
+pub fn spawn_pruner(
+    db: Db,
+    retention: Duration,
+    every: Duration,
+    service: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match prune(&db, retention).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    if n >= PRUNE_BATCH.unsigned_abs() {
+                        tick.reset_immediately();
+                    }
+                    tracing::debug!(service, rows = n, "outbox rows past retention pruned");
+                    metrics::counter!("outbox_pruned_total", "service" => service).increment(n);
+                }
+                Err(e) => tracing::warn!(service, error = %e, "pruning the outbox failed"),
+            }
+        }
+    })
 }
 
 /// The highest position numbered so far (0 when none).
@@ -287,15 +440,35 @@ pub async fn head(db: &Db) -> Result<i64, sqlx::Error> {
     Ok(max.unwrap_or(0))
 }
 
-async fn serve_page(State(db): State<Db>, Query(page): Query<Page>) -> Response {
+async fn serve_page(State(stream): State<Stream>, Query(page): Query<Page>) -> Response {
+    let db = &stream.db;
+    match oldest(db).await {
+        // A reader behind the gap is not recorded either: it must not hold the log back
+        // until someone re-seeds it.
+        Ok(Some(oldest)) if oldest > page.after.saturating_add(1) => {
+            return gone(page.after, oldest);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "reading the outbox failed");
+            return (http::StatusCode::SERVICE_UNAVAILABLE, "outbox unavailable").into_response();
+        }
+    }
+    if let Some(reader) = page.consumer.as_deref().filter(|r| {
+        !r.is_empty() && r.len() <= MAX_READER_NAME && r.bytes().all(|b| b.is_ascii_graphic())
+    }) && let Err(e) = stream.acknowledge(reader, page.after).await
+    {
+        // Only retention depends on it; the page is still served.
+        tracing::warn!(error = %e, reader, "recording a reader's position failed");
+    }
     let until = tokio::time::Instant::now() + Duration::from_millis(page.wait_ms).min(MAX_WAIT);
     let mut numbered = NUMBERED.subscribe();
     let result = async {
         loop {
             numbered.mark_unchanged();
-            let head = head(&db).await?;
+            let head = head(db).await?;
             if head > page.after || tokio::time::Instant::now() >= until {
-                let events = read_after(&db, page.after, page.limit).await?;
+                let events = read_after(db, page.after, page.limit).await?;
                 return Ok::<_, sqlx::Error>((head, events));
             }
             // Woken by a numbering in this process, or once a second for a replica's.
@@ -311,4 +484,25 @@ async fn serve_page(State(db): State<Db>, Query(page): Query<Page>) -> Response 
             (http::StatusCode::SERVICE_UNAVAILABLE, "outbox unavailable").into_response()
         }
     }
+}
+
+/// `410 Gone`: the events right after `after` were pruned by retention (the reader was away
+/// longer than the window). Its cursor must be re-seeded; skipping would lose their effects.
+fn gone(after: i64, oldest: i64) -> Response {
+    let body = json!({
+        "type": "https://shopmesh.dev/problems/events-pruned",
+        "title": "Events pruned",
+        "status": 410,
+        "detail": format!(
+            "the events after position {after} are no longer kept (the oldest is {oldest}): \
+             this reader was away longer than the retention window; re-seed it"
+        ),
+        "oldest": oldest,
+    });
+    (
+        http::StatusCode::GONE,
+        [(http::header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
 }

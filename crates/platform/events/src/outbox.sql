@@ -17,3 +17,10 @@ CREATE TABLE IF NOT EXISTS outbox_relay (
     name     TEXT PRIMARY KEY,
     position BIGINT NOT NULL
 );
+-- Who reads the stream over the embedded transport, how far they have acknowledged (the
+-- position they asked to read after) and when they last asked: what retention may prune.
+CREATE TABLE IF NOT EXISTS outbox_readers (
+    name     TEXT PRIMARY KEY,
+    position BIGINT NOT NULL,
+    seen_at  BIGINT NOT NULL
+);

@@ -46,6 +46,14 @@ pub struct EventsSettings {
     pub retry_delay_ms: u64,
     /// Unacknowledged deliveries a consumer holds at once.
     pub prefetch: u16,
+    /// How long the event log keeps what every reader has acknowledged, in seconds (7 days):
+    /// a consumer may rewind within it. Outbox rows older than this that every reader seen
+    /// within it (and the RabbitMQ relay) has passed are pruned; a consumer's inbox keeps the
+    /// ids it handled for twice as long, so a rewind within the window is still de-duplicated.
+    /// A reader away for longer no longer holds the log back, and is told so when it returns.
+    pub retention_secs: u64,
+    /// How often retention runs, in milliseconds.
+    pub prune_every_ms: u64,
 }
 
 impl Default for EventsSettings {
@@ -57,11 +65,23 @@ impl Default for EventsSettings {
             delivery_limit: 5,
             retry_delay_ms: 200,
             prefetch: 20,
+            retention_secs: 7 * 24 * 3600,
+            prune_every_ms: 60_000,
         }
     }
 }
 
 impl EventsSettings {
+    /// [`EventsSettings::retention_secs`].
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_secs)
+    }
+
+    /// [`EventsSettings::prune_every_ms`] (at least 10 ms).
+    pub fn prune_every(&self) -> Duration {
+        Duration::from_millis(self.prune_every_ms.max(10))
+    }
+
     /// The dead-letter exchange.
     pub fn dead_letter_exchange(&self) -> String {
         format!("{}.dead", self.exchange)
@@ -353,6 +373,7 @@ async fn consume(
         match consumer.handle_once("rabbitmq", &event).await {
             Ok(()) => {
                 delivery.acker.ack(BasicAckOptions::default()).await?;
+                consumer.prune_if_due().await;
             }
             Err(e) => {
                 tracing::warn!(event = %event.id, kind = %event.kind, error = %e, "handling failed; handing it back");

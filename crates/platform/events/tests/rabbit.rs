@@ -47,6 +47,7 @@ fn settings(url: &str) -> EventsSettings {
         delivery_limit: 3,
         retry_delay_ms: 20,
         prefetch: 10,
+        ..EventsSettings::default()
     }
 }
 

@@ -102,6 +102,7 @@ async fn the_outbox_absorbs_a_broker_outage_and_a_killed_relay_loses_nothing() {
         delivery_limit: 3,
         retry_delay_ms: 20,
         prefetch: 10,
+        ..EventsSettings::default()
     };
     let (p, c) = (TestDb::sqlite(), TestDb::sqlite());
     let (producer, db) = (sqlite(&p).await, sqlite(&c).await);

@@ -106,12 +106,15 @@ impl Application {
                 shopmesh_mesh::Protocol::Http,
             )?,
         };
-        let consumer = std::sync::Arc::new(shopmesh_events::consumer::Consumer::new(
-            db.clone(),
-            std::sync::Arc::new(stock::Availability),
-            5,
-            std::time::Duration::from_millis(200),
-        ));
+        let consumer = std::sync::Arc::new(
+            shopmesh_events::consumer::Consumer::new(
+                db.clone(),
+                std::sync::Arc::new(stock::Availability),
+                5,
+                std::time::Duration::from_millis(200),
+            )
+            .reading_as("catalog", &config.events),
+        );
         let state = AppState {
             store: store.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),

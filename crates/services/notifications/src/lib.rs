@@ -266,12 +266,15 @@ impl Application {
                     .join(format!("notifications-failpoint-{name}.fired"))
             }),
         };
-        let consumer = Arc::new(Consumer::new(
-            db.clone(),
-            Arc::new(mailer),
-            config.notifications.max_attempts,
-            config.poll(),
-        ));
+        let consumer = Arc::new(
+            Consumer::new(
+                db.clone(),
+                Arc::new(mailer),
+                config.notifications.max_attempts,
+                config.poll(),
+            )
+            .reading_as("notifications", &config.events),
+        );
         let state = AppState {
             db: db.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
