@@ -48,6 +48,85 @@ pub struct Event {
     pub payload: serde_json::Value,
 }
 
+/// One event's schema: the payload type, its type name (also the RabbitMQ routing key) and
+/// version, who writes it and who reads it. The types live in `shopmesh-contracts`; producers
+/// write them with [`Event::of`], consumers read them with [`Envelope::decode`], so a renamed
+/// or retyped field is a compile error or a named failure, never a silent zero.
+pub trait Contract: Serialize + serde::de::DeserializeOwned {
+    /// `order.paid`, ...
+    const KIND: &'static str;
+    /// The payload's schema version; a breaking change is a new type with a new version.
+    const VERSION: u32;
+    /// The service that writes it.
+    const PRODUCER: &'static str;
+    /// The services that read it (their queues are bound to it).
+    const CONSUMERS: &'static [&'static str];
+    /// The id of the entity it is about.
+    fn aggregate_id(&self) -> String;
+}
+
+/// Why an envelope's payload could not be read as the contract its type names.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A version this consumer does not read (a producer ahead of it).
+    #[error("{kind} v{version} is not read here (this consumer reads v{reads})")]
+    UnknownVersion {
+        /// The event's type.
+        kind: String,
+        /// Its version.
+        version: u32,
+        /// The version this consumer reads.
+        reads: u32,
+    },
+    /// The payload does not match the schema of its type and version.
+    #[error("{kind} v{version} does not match its schema: {reason}")]
+    Malformed {
+        /// The event's type.
+        kind: String,
+        /// Its version.
+        version: u32,
+        /// What serde said (the field and the problem).
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The event carrying `payload`.
+    pub fn of<C: Contract>(payload: &C) -> Result<Event, serde_json::Error> {
+        Ok(Event {
+            kind: C::KIND,
+            version: C::VERSION,
+            aggregate_id: payload.aggregate_id(),
+            payload: serde_json::to_value(payload)?,
+        })
+    }
+}
+
+impl Envelope {
+    /// The payload as `C` when this envelope is a `C::KIND` (`Ok(None)` for another type);
+    /// another version of it, or a payload that does not match, is an error that names it
+    /// (the consumer retries, then sets the event aside with that reason).
+    pub fn decode<C: Contract>(&self) -> Result<Option<C>, DecodeError> {
+        if self.kind != C::KIND {
+            return Ok(None);
+        }
+        if self.version != C::VERSION {
+            return Err(DecodeError::UnknownVersion {
+                kind: self.kind.clone(),
+                version: self.version,
+                reads: C::VERSION,
+            });
+        }
+        C::deserialize(&self.payload)
+            .map(Some)
+            .map_err(|e| DecodeError::Malformed {
+                kind: self.kind.clone(),
+                version: self.version,
+                reason: e.to_string(),
+            })
+    }
+}
+
 /// An event as stored and sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -95,8 +174,14 @@ pub struct Publishing {
 }
 
 impl Publishing {
-    /// Starts publishing `service`'s outbox in `db`.
-    pub fn start(db: &Db, settings: &EventsSettings, service: &'static str) -> Self {
+    /// Starts publishing `service`'s outbox in `db`; with RabbitMQ, `topology` (the shop's
+    /// queues and what they read, from `shopmesh-contracts`) is declared before publishing.
+    pub fn start(
+        db: &Db,
+        settings: &EventsSettings,
+        service: &'static str,
+        topology: rabbit::Topology,
+    ) -> Self {
         let mut tasks = vec![
             outbox::spawn_positioner(db.clone(), service),
             outbox::spawn_pruner(
@@ -111,7 +196,7 @@ impl Publishing {
                 db.clone(),
                 settings.clone(),
                 service,
-                rabbit::TOPOLOGY,
+                topology,
             ));
         }
         Publishing { tasks }

@@ -105,21 +105,6 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// for it, not dropped by an exchange with nobody bound.
 pub type Topology = &'static [(&'static str, &'static [&'static str])];
 
-/// The binding keys of `queue` in the shop's topology.
-pub fn bindings(queue: &str) -> Vec<&'static str> {
-    TOPOLOGY
-        .iter()
-        .find(|(name, _)| *name == queue)
-        .map(|(_, keys)| keys.to_vec())
-        .unwrap_or_default()
-}
-
-/// The shop's queues.
-pub const TOPOLOGY: Topology = &[
-    ("notifications", &["user.*", "order.*"]),
-    ("catalog", &["stock.changed"]),
-];
-
 const RELAY_BATCH: i64 = 200;
 /// Longest wait for new rows when nothing in this process said so (a replica's rows).
 const IDLE: Duration = Duration::from_secs(1);

@@ -163,7 +163,7 @@ impl Application {
                 self.consumer.clone(),
                 self.events.clone(),
                 "catalog",
-                shopmesh_events::rabbit::bindings("catalog"),
+                shopmesh_contracts::bindings("catalog"),
             )
         } else {
             self.consumer.spawn(self.stock_events)

@@ -1,5 +1,6 @@
 //! The catalog's consumer of `stock.changed`: the latest availability per product, for lists.
 
+use shopmesh_contracts::StockChanged;
 use shopmesh_events::Envelope;
 use shopmesh_events::consumer::{Handler, HandlerFuture};
 use sqlx::AnyConnection;
@@ -15,22 +16,16 @@ impl Handler for Availability {
 
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
-            if event.kind != "stock.changed" {
+            let Some(stock) = event.decode::<StockChanged>().map_err(|e| e.to_string())? else {
                 return Ok(());
-            }
-            let product = event.payload["product_id"]
-                .as_str()
-                .ok_or("stock.changed without product_id")?;
-            let available = event.payload["available"]
-                .as_i64()
-                .ok_or("stock.changed without available")?;
+            };
             sqlx::query(
                 "INSERT INTO availability (product_id, available, position) VALUES ($1, $2, $3) \
                  ON CONFLICT (product_id) DO UPDATE SET available = excluded.available, \
                  position = excluded.position WHERE availability.position < excluded.position",
             )
-            .bind(product)
-            .bind(available)
+            .bind(stock.product_id.hyphenated().to_string())
+            .bind(stock.available)
             .bind(event.position)
             .execute(tx)
             .await

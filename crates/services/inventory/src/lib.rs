@@ -88,7 +88,12 @@ impl Application {
             server,
             store,
             sweep_interval: config.inventory.sweep_interval(),
-            publishing: shopmesh_events::Publishing::start(&db, &config.events, "inventory"),
+            publishing: shopmesh_events::Publishing::start(
+                &db,
+                &config.events,
+                "inventory",
+                shopmesh_contracts::TOPOLOGY,
+            ),
         })
     }
 

@@ -516,18 +516,14 @@ async fn finish_in(
 /// Writes `stock.changed` with the product's levels after the change, in the change's
 /// transaction. Consumers keep the latest by position (the catalog shows availability in lists).
 async fn stock_changed(conn: &mut sqlx::AnyConnection, level: &StockLevel) -> Result<(), Error> {
-    let event = shopmesh_events::Event {
-        kind: "stock.changed",
-        version: 1,
-        aggregate_id: id(level.product_id),
-        payload: serde_json::json!({
-            "product_id": level.product_id,
-            "available": level.available(),
-            "reserved": level.reserved,
-            "on_hand": level.on_hand,
-            "sold": level.sold,
-        }),
-    };
+    let event = shopmesh_events::Event::of(&shopmesh_contracts::StockChanged {
+        product_id: level.product_id,
+        available: level.available(),
+        reserved: level.reserved,
+        on_hand: level.on_hand,
+        sold: level.sold,
+    })
+    .map_err(|e| Error::Internal(e.into()))?;
     shopmesh_events::outbox::append(conn, &event, None).await?;
     Ok(())
 }

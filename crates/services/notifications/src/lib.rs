@@ -314,7 +314,7 @@ impl Application {
                 self.consumer.clone(),
                 self.events.clone(),
                 "notifications",
-                shopmesh_events::rabbit::bindings("notifications"),
+                shopmesh_contracts::bindings("notifications"),
             )]
         } else {
             self.subscriptions

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use shopmesh_contracts::{OrderChange, OrderSnapshot, UserRegistered};
 use shopmesh_events::Envelope;
 use shopmesh_events::consumer::{Handler, HandlerFuture};
 use sqlx::AnyConnection;
@@ -29,61 +29,51 @@ fn money(minor: i64, currency: &str) -> String {
     format!("{}.{:02} {currency}", minor / 100, (minor % 100).abs())
 }
 
-fn order_lines(payload: &Value) -> String {
-    payload["lines"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|l| {
-            format!(
-                "  {} × {} ({})\n",
-                l["quantity"].as_i64().unwrap_or_default(),
-                l["name"].as_str().unwrap_or_default(),
-                l["sku"].as_str().unwrap_or_default()
-            )
-        })
+fn order_lines(order: &OrderSnapshot) -> String {
+    order
+        .lines
+        .iter()
+        .map(|l| format!("  {} × {} ({})\n", l.quantity, l.name, l.sku))
         .collect()
 }
 
 /// The message for an order event, to `to` named `name`.
-pub fn order_message(kind: &str, payload: &Value, to: &str, name: &str) -> Option<Message> {
-    let order = payload["order_id"].as_str()?;
-    let short = order.get(..8).unwrap_or(order);
-    let total = money(
-        payload["total"].as_i64().unwrap_or_default(),
-        payload["currency"].as_str().unwrap_or_default(),
-    );
-    let lines = order_lines(payload);
-    let (subject, text) = match kind {
-        "order.placed" => (
+pub fn order_message(change: OrderChange, order: &OrderSnapshot, to: &str, name: &str) -> Message {
+    let total = money(order.total, &order.currency);
+    let lines = order_lines(order);
+    let id = order.order_id.hyphenated().to_string();
+    let short = &id[..8];
+    // The texts name the order by its id.
+    let order = &id;
+    let (subject, text) = match change {
+        OrderChange::Placed => (
             format!("We received your order {short}"),
             format!(
                 "Your order {order} is placed and its items are set aside for you.\n\n{lines}\nTotal: {total}\n\nPay for it to complete your purchase."
             ),
         ),
-        "order.paid" => (
+        OrderChange::Paid => (
             format!("Order {short} confirmed"),
             format!(
                 "Thank you: your payment for order {order} was received and the order is confirmed.\n\n{lines}\nTotal paid: {total}\n"
             ),
         ),
-        "order.cancelled" => (
+        OrderChange::Cancelled => (
             format!("Order {short} cancelled"),
             format!("Your order {order} is cancelled. Anything you paid ({total}) is refunded.\n"),
         ),
-        "order.expired" => (
+        OrderChange::Expired => (
             format!("Order {short} expired"),
             format!(
                 "Your order {order} was not paid in time and has expired; its items are back on the shelf.\n"
             ),
         ),
-        _ => return None,
     };
-    Some(Message {
+    Message {
         to: format!("{} <{}>", header_safe(name), header_safe(to)),
         subject,
         body: format!("Hello {},\n\n{text}\n-- shopmesh\n", header_safe(name)),
-    })
+    }
 }
 
 /// The welcome message for a new account.
@@ -214,42 +204,35 @@ impl Mailer {
         tx: &mut AnyConnection,
         event: &Envelope,
     ) -> Result<Option<Message>, String> {
-        let p = &event.payload;
-        if event.kind == "user.registered" {
-            let (Some(user), Some(email), Some(name)) = (
-                p["user_id"].as_str(),
-                p["email"].as_str(),
-                p["name"].as_str(),
-            ) else {
-                return Err("user.registered without user_id, email or name".to_owned());
-            };
+        if let Some(user) = event
+            .decode::<UserRegistered>()
+            .map_err(|e| e.to_string())?
+        {
             sqlx::query(
                 "INSERT INTO customers (user_id, email, name) VALUES ($1, $2, $3) \
                  ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name",
             )
-            .bind(user)
-            .bind(email)
-            .bind(name)
+            .bind(user.user_id.hyphenated().to_string())
+            .bind(&user.email)
+            .bind(&user.name)
             .execute(&mut *tx)
             .await
             .map_err(|e| e.to_string())?;
-            return Ok(Some(welcome(email, name)));
+            return Ok(Some(welcome(&user.email, &user.name)));
         }
-        if !event.kind.starts_with("order.") {
+        let Some((change, order)) = OrderSnapshot::decode(event).map_err(|e| e.to_string())? else {
             return Ok(None);
-        }
-        let user = p["user_id"]
-            .as_str()
-            .ok_or_else(|| format!("{} without user_id", event.kind))?;
+        };
+        let user = order.user_id.hyphenated().to_string();
         let customer: Option<(String, String)> =
             sqlx::query_as("SELECT email, name FROM customers WHERE user_id = $1")
-                .bind(user)
+                .bind(&user)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(|e| e.to_string())?;
         // The user's registration comes on another stream and may not be here yet: try later.
         let (email, name) = customer.ok_or_else(|| format!("customer {user} is not known yet"))?;
-        Ok(order_message(&event.kind, p, &email, &name))
+        Ok(Some(order_message(change, &order, &email, &name)))
     }
 }
 
@@ -408,13 +391,16 @@ mod tests {
 
     #[test]
     fn order_messages_say_what_happened_with_lines_and_total() {
-        let payload = json!({"order_id": "0194a1b2-0000-7000-8000-000000000000", "user_id": "u",
-            "total": 6980, "currency": "EUR",
-            "lines": [{"name": "Mug", "sku": "MUG-1", "quantity": 2, "unit_price": 3490}]});
-        let m = order_message("order.paid", &payload, "cat@example.com", "Cat").expect("a message");
+        let order: OrderSnapshot = serde_json::from_value(json!({
+            "order_id": "0194a1b2-0000-7000-8000-000000000000",
+            "user_id": "0194a1b2-0000-7000-8000-000000000001", "status": "paid",
+            "total": 6980, "currency": "EUR", "card_last4": "4242",
+            "lines": [{"product_id": "0194a1b2-0000-7000-8000-000000000002", "name": "Mug",
+                "sku": "MUG-1", "quantity": 2, "unit_price": 3490}]}))
+        .expect("an order.paid payload");
+        let m = order_message(OrderChange::Paid, &order, "cat@example.com", "Cat");
         assert_eq!(m.subject, "Order 0194a1b2 confirmed");
         assert!(m.body.contains("2 × Mug (MUG-1)"), "{}", m.body);
         assert!(m.body.contains("69.80 EUR"), "{}", m.body);
-        assert!(order_message("order.shipped", &payload, "a", "b").is_none());
     }
 }

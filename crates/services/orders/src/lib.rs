@@ -97,7 +97,12 @@ impl Application {
             saga,
             interval: Duration::from_millis(config.orders.worker_interval_ms.max(10)),
             stale_after: Duration::from_secs(config.orders.stale_after_secs),
-            publishing: shopmesh_events::Publishing::start(&db, &config.events, "orders"),
+            publishing: shopmesh_events::Publishing::start(
+                &db,
+                &config.events,
+                "orders",
+                shopmesh_contracts::TOPOLOGY,
+            ),
         })
     }
 

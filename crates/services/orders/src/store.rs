@@ -1,6 +1,7 @@
 //! SQL for orders. Portable between SQLite and PostgreSQL. Saga steps are claimed with guarded
 //! updates (`… WHERE step = 'idle'`), so two requests never run steps of one order at once.
 
+use shopmesh_contracts::{OrderChange, OrderLine, OrderSnapshot};
 use shopmesh_db::Db;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -443,10 +444,10 @@ impl Store {
     ) -> Result<Option<Option<Order>>, Error> {
         let kind = match to.0 {
             _ if to.0 == from.0 => None,
-            Status::AwaitingPayment => Some("order.placed"),
-            Status::Paid => Some("order.paid"),
-            Status::Cancelled => Some("order.cancelled"),
-            Status::Expired => Some("order.expired"),
+            Status::AwaitingPayment => Some(OrderChange::Placed),
+            Status::Paid => Some(OrderChange::Paid),
+            Status::Cancelled => Some(OrderChange::Cancelled),
+            Status::Expired => Some(OrderChange::Expired),
             Status::Pending | Status::Rejected => None,
         };
         let update = sqlx::query(
@@ -490,27 +491,28 @@ impl Store {
             .await?;
             row.into_order(lines)?
         };
-        if let Some(kind) = kind {
-            let event = shopmesh_events::Event {
-                kind,
-                version: 1,
-                aggregate_id: id(order_id),
-                payload: serde_json::json!({
-                    "order_id": order.id,
-                    "user_id": order.user_id,
-                    "status": order.status.as_str(),
-                    "total": order.total,
-                    "currency": order.currency,
-                    "card_last4": order.card_last4,
-                    "lines": order.lines.iter().map(|l| serde_json::json!({
-                        "product_id": l.product_id,
-                        "sku": l.sku,
-                        "name": l.name,
-                        "unit_price": l.unit_price,
-                        "quantity": l.quantity,
-                    })).collect::<Vec<_>>(),
-                }),
-            };
+        if let Some(change) = kind {
+            let event = OrderSnapshot {
+                order_id: order.id,
+                user_id: order.user_id,
+                status: order.status.as_str().to_owned(),
+                total: order.total,
+                currency: order.currency.clone(),
+                card_last4: order.card_last4.clone(),
+                lines: order
+                    .lines
+                    .iter()
+                    .map(|l| OrderLine {
+                        product_id: l.product_id,
+                        sku: l.sku.clone(),
+                        name: l.name.clone(),
+                        unit_price: l.unit_price,
+                        quantity: l.quantity,
+                    })
+                    .collect(),
+            }
+            .event(change)
+            .map_err(|e| Error::Internal(e.into()))?;
             shopmesh_events::outbox::append(&mut tx, &event, None).await?;
         }
         tx.commit().await?;

@@ -50,7 +50,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("payments", &config.server, router).await?;
-        let publishing = shopmesh_events::Publishing::start(&db, &config.events, "payments");
+        let publishing = shopmesh_events::Publishing::start(
+            &db,
+            &config.events,
+            "payments",
+            shopmesh_contracts::TOPOLOGY,
+        );
         Ok(Application {
             server,
             db,

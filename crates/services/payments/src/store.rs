@@ -95,18 +95,14 @@ impl Store {
         .await;
         match result {
             Ok(_) => {
-                let event = shopmesh_events::Event {
-                    kind: "payment.captured",
-                    version: 1,
-                    aggregate_id: capture.order_id.hyphenated().to_string(),
-                    payload: serde_json::json!({
-                        "order_id": capture.order_id,
-                        "payment_id": payment_id,
-                        "amount": capture.amount,
-                        "currency": capture.currency,
-                        "card_last4": capture.card_last4,
-                    }),
-                };
+                let event = shopmesh_events::Event::of(&shopmesh_contracts::PaymentCaptured {
+                    order_id: capture.order_id,
+                    payment_id,
+                    amount: capture.amount,
+                    currency: capture.currency.to_owned(),
+                    card_last4: capture.card_last4.to_owned(),
+                })
+                .map_err(|e| Error::Internal(e.into()))?;
                 shopmesh_events::outbox::append(&mut tx, &event, None).await?;
                 tx.commit().await?;
                 // What was just written: no need to read it back.
@@ -172,16 +168,12 @@ impl Store {
                     .bind(order_id.hyphenated().to_string())
                     .fetch_one(&mut *tx)
                     .await?;
-            let event = shopmesh_events::Event {
-                kind: "payment.refunded",
-                version: 1,
-                aggregate_id: order_id.hyphenated().to_string(),
-                payload: serde_json::json!({
-                    "order_id": order_id,
-                    "amount": amount,
-                    "currency": currency,
-                }),
-            };
+            let event = shopmesh_events::Event::of(&shopmesh_contracts::PaymentRefunded {
+                order_id,
+                amount,
+                currency,
+            })
+            .map_err(|e| Error::Internal(e.into()))?;
             shopmesh_events::outbox::append(&mut tx, &event, None).await?;
         }
         tx.commit().await?;

@@ -100,7 +100,12 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("users", &config.server, router).await?;
-        let publishing = shopmesh_events::Publishing::start(&db, &config.events, "users");
+        let publishing = shopmesh_events::Publishing::start(
+            &db,
+            &config.events,
+            "users",
+            shopmesh_contracts::TOPOLOGY,
+        );
         Ok(Application {
             server,
             db,

@@ -110,17 +110,13 @@ impl Store {
         .await;
         let result = match result {
             Ok(_) => {
-                let event = shopmesh_events::Event {
-                    kind: "user.registered",
-                    version: 1,
-                    aggregate_id: id.hyphenated().to_string(),
-                    payload: serde_json::json!({
-                        "user_id": id,
-                        "email": email.as_str(),
-                        "name": name.as_str(),
-                        "role": role.as_str(),
-                    }),
-                };
+                let event = shopmesh_events::Event::of(&shopmesh_contracts::UserRegistered {
+                    user_id: id,
+                    email: email.as_str().to_owned(),
+                    name: name.as_str().to_owned(),
+                    role: role.as_str().to_owned(),
+                })
+                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
                 match shopmesh_events::outbox::append(&mut tx, &event, None).await {
                     Ok(_) => tx.commit().await,
                     Err(e) => Err(e),
