@@ -35,6 +35,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use shopmesh_config::{DataDir, Sources};
+use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{Registry, RegistryEntry};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -489,27 +490,13 @@ fn plan(
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
     const RANGE: std::ops::Range<u16> = 20_000..32_000;
     for _ in 0..200 {
-        let port = RANGE.start + rand_below(RANGE.end - RANGE.start);
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), RANGE);
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         if TcpListener::bind(addr).is_ok() {
             return Ok(addr);
         }
     }
     anyhow::bail!("no free port between 20000 and 32000 on 127.0.0.1")
-}
-
-/// A random number below `n`, from the standard library's randomly seeded hasher (good enough
-/// to spread ports; not for anything secret).
-fn rand_below(n: u16) -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    (hasher.finish() % u64::from(n)) as u16
 }
 
 /// Runs one instance until told to stop, restarting it when it dies.
@@ -527,7 +514,7 @@ async fn supervise(
             _ = stop.changed() => return,
         }
     }
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     let mut restarts = 0u32;
     let mut ever_ready = false;
     loop {
@@ -594,18 +581,18 @@ async fn supervise(
             return;
         }
         if started.elapsed() >= STABLE_AFTER {
-            backoff = FIRST_BACKOFF;
+            backoff.reset();
         }
         restarts += 1;
+        let wait = backoff.next_wait();
         eprintln!(
             "shopmesh up: {name} (pid {pid}) exited ({status}); restart #{restarts} in {:.1}s",
-            backoff.as_secs_f64()
+            wait.as_secs_f64()
         );
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {},
+            () = tokio::time::sleep(wait) => {},
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
         if !spec.fixed_port
             && let Ok(addr) = free_loopback_addr()
         {

@@ -35,6 +35,7 @@ use axum::Router;
 use axum::routing::{any, get};
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
+use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{Mesh, Protocol};
 use shopmesh_runtime::{App, ReadinessCheck, Server};
 
@@ -193,7 +194,7 @@ async fn load_keys(verifier: Verifier, loaded: Arc<AtomicBool>) {
     const PATIENCE: Duration = Duration::from_secs(5);
     let started = std::time::Instant::now();
     let mut warned = false;
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         if verifier.refresh().await.is_ok() {
             loaded.store(true, Ordering::Relaxed);
@@ -206,8 +207,7 @@ async fn load_keys(verifier: Verifier, loaded: Arc<AtomicBool>) {
                 "still cannot fetch the users service's JWKS; protected routes answer 503"
             );
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        backoff.wait().await;
     }
 }
 

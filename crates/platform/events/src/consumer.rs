@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use shopmesh_db::Db;
+use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{CallOptions, Upstream};
 use sqlx::AnyConnection;
 use time::OffsetDateTime;
@@ -167,15 +168,22 @@ impl Consumer {
     pub fn spawn(self: &Arc<Self>, subscription: Subscription) -> tokio::task::JoinHandle<()> {
         let consumer = self.clone();
         tokio::spawn(async move {
-            let mut backoff = consumer.poll;
+            let mut backoff = Backoff::new(consumer.poll, Duration::from_secs(5));
             let mut warned = false;
+            let mut pruned_gap = false;
             let mut wait = Duration::ZERO;
             loop {
                 consumer.prune_if_due().await;
                 match consumer.pump_waiting(&subscription, wait).await {
                     Ok(n) => {
-                        backoff = consumer.poll;
+                        backoff.reset();
                         warned = false;
+                        if pruned_gap {
+                            // Re-seeded: reading again.
+                            pruned_gap = false;
+                            metrics::gauge!("consumer_pruned_gap", "producer" => subscription.producer.clone())
+                                .set(0.0);
+                        }
                         if n == PAGE {
                             wait = Duration::ZERO;
                             continue;
@@ -197,6 +205,7 @@ impl Consumer {
                             "events were pruned before this consumer read them; re-seed its cursor (see docs/events.md)"
                         );
                         metrics::gauge!("consumer_pruned_gap", "producer" => producer).set(1.0);
+                        pruned_gap = true;
                         wait = Duration::ZERO;
                         tokio::time::sleep(Duration::from_secs(30)).await;
                     }
@@ -205,8 +214,7 @@ impl Consumer {
                             tracing::warn!(error = %e, "consuming events");
                             warned = true;
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff.wait().await;
                     }
                 }
             }

@@ -25,6 +25,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde::Deserialize;
 use shopmesh_db::Db;
 
+use shopmesh_mesh::backoff::Backoff;
+
 use crate::Envelope;
 use crate::consumer::Consumer;
 use crate::outbox;
@@ -98,6 +100,9 @@ impl EventsSettings {
     }
 }
 
+/// A connection that lasted this long worked: the next reconnection starts from the first wait.
+const STABLE: Duration = Duration::from_secs(10);
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Which queue reads which event types: declared by the consumers and also by every relay
@@ -144,16 +149,19 @@ pub fn spawn_relay(
         let Some(url) = settings.rabbitmq_url.clone() else {
             return;
         };
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            let started = tokio::time::Instant::now();
             match relay(&db, &url, &settings, service, topology).await {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(service, error = %e, "relay to RabbitMQ interrupted; retrying");
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if started.elapsed() >= STABLE {
+                backoff.reset();
+            }
+            backoff.wait().await;
         }
     })
 }
@@ -228,13 +236,16 @@ pub fn spawn_consumer(
         let Some(url) = settings.rabbitmq_url.clone() else {
             return;
         };
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            let started = tokio::time::Instant::now();
             if let Err(e) = consume(&consumer, &url, &settings, name, &bindings).await {
                 tracing::warn!(queue = name, error = %e, "consuming from RabbitMQ interrupted; retrying");
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if started.elapsed() >= STABLE {
+                backoff.reset();
+            }
+            backoff.wait().await;
         }
     })
 }

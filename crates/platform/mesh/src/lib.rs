@@ -15,6 +15,7 @@
 //! gateway), [`GrpcChannel`] the tonic one (services calling services). [`Mesh::snapshot`] is
 //! what `/internal/mesh` and the gateway's `/api/v1/admin/cluster` show.
 
+pub mod backoff;
 pub mod balance;
 pub mod breaker;
 pub mod deadline;

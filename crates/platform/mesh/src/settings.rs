@@ -181,7 +181,7 @@ impl Default for EjectionSettings {
 pub struct RetrySettings {
     /// Attempts per call, the first included.
     pub max_attempts: u32,
-    /// Retries allowed as a share of calls (percent), over a 10 s window.
+    /// Retries allowed as a share of calls (percent), over a 1 s window.
     pub budget_percent: u32,
     /// Retries allowed per second whatever the traffic.
     pub budget_per_sec: u32,
