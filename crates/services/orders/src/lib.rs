@@ -116,7 +116,10 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        // The lease first: a step this process starts must never look orphaned.
+        self.store.renew_lease().await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let lease = tokio::spawn(worker::keep_lease(self.store.clone(), stopped.clone()));
         let worker = tokio::spawn(worker::run(
             self.store.clone(),
             self.saga.clone(),
@@ -127,6 +130,7 @@ impl Application {
         let result = self.server.run_until(shutdown).await;
         let _ = stop.send(true);
         let _ = worker.await;
+        let _ = lease.await;
         self.publishing.stop();
         self.store.db().close().await;
         Ok(result?)

@@ -309,14 +309,24 @@ impl Saga {
         if let Some(failpoint) = &self.failpoint {
             failpoint.hit("pause_after_charge").await;
         }
-        self.store
+        if !self
+            .store
             .transition(
                 order.id,
                 (Status::AwaitingPayment, Step::Charging),
                 (Status::AwaitingPayment, Step::Committing),
                 Some((&payment.payment_id, &payment.card_last4)),
             )
-            .await?;
+            .await?
+        {
+            // Taken over while charging (this process was frozen past its lease): the taker
+            // settles the order. If it found the capture, it commits; if it looked before the
+            // capture landed, the order is payable again and the capture is kept for it (a
+            // charge for the same order answers with it) or refunded when it expires. Never
+            // commit stock from here for an order someone else now runs.
+            tracing::warn!(order_id = %order.id, "order taken over while charging; leaving it to the taker");
+            return Err(Error::Busy);
+        }
         self.commit(order.id).await
     }
 
@@ -425,6 +435,9 @@ impl Saga {
 
     async fn finish_expire(&self, order_id: Uuid) -> Result<(), Error> {
         self.release_stock(order_id).await?;
+        // Nothing is captured for an unpaid order, except a charge that landed after a takeover
+        // made the order payable again (see `pay`): refunded here (a no-op otherwise).
+        self.refund(order_id).await?;
         self.store
             .transition(
                 order_id,

@@ -154,12 +154,52 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
+    /// This process, as the owner of the steps and keys it runs (`instances`).
+    instance: String,
 }
 
+/// How long a process's lease lasts after a renewal; renewed every [`LEASE_RENEW_EVERY`]. A
+/// process silent for this long (killed, frozen, cut off) is dead to the others.
+pub const LEASE: time::Duration = time::Duration::seconds(3);
+/// How often a process renews its lease.
+pub const LEASE_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Store {
-    /// A store over this database.
+    /// A store over this database, for a new process (its own instance id).
     pub fn new(db: Db) -> Self {
-        Store { db }
+        Store {
+            db,
+            instance: Uuid::now_v7().hyphenated().to_string(),
+        }
+    }
+
+    /// This process's instance id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Renews this process's lease (creating it on the first call).
+    pub async fn renew_lease(&self) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO instances (id, lease_until) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
+        )
+        .bind(&self.instance)
+        .bind(micros(OffsetDateTime::now_utc() + LEASE))
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Gives up this process's lease (a clean stop, after its requests drained), and forgets
+    /// instances dead for a day.
+    pub async fn retire(&self) -> Result<(), Error> {
+        sqlx::query("DELETE FROM instances WHERE id = $1 OR lease_until < $2")
+            .bind(&self.instance)
+            .bind(micros(OffsetDateTime::now_utc() - time::Duration::DAY))
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
     }
 
     /// The database.
@@ -171,14 +211,16 @@ impl Store {
     pub async fn claim_key(&self, user: Uuid, key: &str, hash: &str) -> Result<Claim, Error> {
         let order_id = Uuid::now_v7();
         let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO idempotency_keys \
+             (user_id, idem_key, request_hash, order_id, created_at, owner) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id(user))
         .bind(key)
         .bind(hash)
         .bind(id(order_id))
         .bind(micros(OffsetDateTime::now_utc()))
+        .bind(&self.instance)
         .execute(self.db.pool())
         .await;
         match inserted {
@@ -186,13 +228,18 @@ impl Store {
             Err(e) if is_unique_violation(&e) => {}
             Err(e) => return Err(e.into()),
         }
-        type KeyRow = (String, Option<i64>, Option<String>, String, i64);
+        type KeyRow = (String, Option<i64>, Option<String>, String, i64, i64);
+        // The last column: its owner's lease has run out (an unknown owner, from before
+        // leases, is not dead by this rule).
         let row: Option<KeyRow> = sqlx::query_as(
-            "SELECT request_hash, response_status, response_body, order_id, created_at \
-             FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2",
+            "SELECT request_hash, response_status, response_body, order_id, created_at, \
+             CAST(CASE WHEN k.owner IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i \
+             WHERE i.id = k.owner AND i.lease_until > $3) THEN 1 ELSE 0 END AS BIGINT) \
+             FROM idempotency_keys k WHERE user_id = $1 AND idem_key = $2",
         )
         .bind(id(user))
         .bind(key)
+        .bind(micros(OffsetDateTime::now_utc()))
         .fetch_optional(self.db.pool())
         .await?;
         let abandoned_before = micros(OffsetDateTime::now_utc() - ABANDONED_AFTER);
@@ -200,11 +247,15 @@ impl Store {
             // Released between our insert and this read: the caller may simply retry.
             None => Claim::InFlight,
             Some((stored_hash, ..)) if stored_hash != hash => Claim::Mismatch,
-            Some((_, Some(status), Some(body), _, _)) => Claim::Replay(StoredResponse {
+            Some((_, Some(status), Some(body), _, _, _)) => Claim::Replay(StoredResponse {
                 status: u16::try_from(status).unwrap_or(500),
                 body,
             }),
-            Some((_, _, _, order_id, created_at)) if created_at < abandoned_before => {
+            // Its first request died with its process (the owner's lease ran out), or, for a key
+            // from before leases, it has been running for longer than any request may.
+            Some((_, _, _, order_id, created_at, owner_dead))
+                if owner_dead == 1 || created_at < abandoned_before =>
+            {
                 Claim::Abandoned(Uuid::parse_str(&order_id).map_err(|_| corrupt("key order id"))?)
             }
             Some(_) => Claim::InFlight,
@@ -221,7 +272,7 @@ impl Store {
     ) -> Result<Option<Uuid>, Error> {
         let fresh = Uuid::now_v7();
         let done = sqlx::query(
-            "UPDATE idempotency_keys SET order_id = $1, created_at = $2 \
+            "UPDATE idempotency_keys SET order_id = $1, created_at = $2, owner = $6 \
              WHERE user_id = $3 AND idem_key = $4 AND order_id = $5 AND response_status IS NULL",
         )
         .bind(id(fresh))
@@ -229,6 +280,7 @@ impl Store {
         .bind(id(user))
         .bind(key)
         .bind(id(abandoned))
+        .bind(&self.instance)
         .execute(self.db.pool())
         .await?;
         Ok((done.rows_affected() > 0).then_some(fresh))
@@ -296,7 +348,8 @@ impl Store {
         let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO orders (id, user_id, status, step, total, currency, expires_at, \
-             created_at, updated_at) VALUES ($1, $2, 'pending', 'reserving', $3, $4, $5, $6, $6)",
+             created_at, updated_at, owner) \
+             VALUES ($1, $2, 'pending', 'reserving', $3, $4, $5, $6, $6, $7)",
         )
         .bind(id(order_id))
         .bind(id(user))
@@ -304,6 +357,7 @@ impl Store {
         .bind(currency)
         .bind(micros(expires_at))
         .bind(now)
+        .bind(&self.instance)
         .execute(&mut *tx)
         .await?;
         for (position, line) in lines.iter().enumerate() {
@@ -452,8 +506,8 @@ impl Store {
         };
         let update = sqlx::query(
             "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
-             payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4) \
-             WHERE id = $6 AND status = $7 AND step = $8",
+             payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4), \
+             owner = $9 WHERE id = $6 AND status = $7 AND step = $8",
         )
         .bind(to.0.as_str())
         .bind(to.1.as_str())
@@ -462,7 +516,8 @@ impl Store {
         .bind(payment.map(|p| p.1.to_owned()))
         .bind(id(order_id))
         .bind(from.0.as_str())
-        .bind(from.1.as_str());
+        .bind(from.1.as_str())
+        .bind(&self.instance);
         if kind.is_none() && !want {
             // One guarded statement is atomic by itself: no transaction round trips.
             let done = update.execute(self.db.pool()).await?;
@@ -519,12 +574,18 @@ impl Store {
         Ok(Some(Some(order)))
     }
 
-    /// Orders with a step in flight last touched before `before` (all of them at start-up).
+    /// Orders with a step in flight that nobody alive is running: its owner's lease has run
+    /// out (killed, frozen, cut off), or it was last touched before `before` (a step no live
+    /// process can still be in: calls have deadlines far shorter). A step a live process runs
+    /// right now is never among them.
     pub async fn in_flight(&self, before: OffsetDateTime) -> Result<Vec<Uuid>, Error> {
         let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM orders WHERE step <> 'idle' AND updated_at < $1 ORDER BY id LIMIT 100",
+            "SELECT id FROM orders o WHERE step <> 'idle' AND (updated_at < $1 \
+             OR (o.owner IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i \
+             WHERE i.id = o.owner AND i.lease_until > $2))) ORDER BY id LIMIT 100",
         )
         .bind(micros(before))
+        .bind(micros(OffsetDateTime::now_utc()))
         .fetch_all(self.db.pool())
         .await?;
         Ok(rows

@@ -1,13 +1,18 @@
 //! Background work: expiring unpaid orders, finishing interrupted saga steps, forgetting
-//! idempotency keys after 24 h. At start-up every step in flight is resumed at once (the
-//! process that ran it is gone); afterwards only steps untouched for `stale_after`.
+//! idempotency keys after 24 h; and, on its own task, renewing this process's lease.
+//!
+//! A step is resumed when the process that ran it is dead (its lease ran out: within
+//! [`LEASE`](crate::store::LEASE) of a kill or freeze, whichever replica notices first, a
+//! restarted one included) or when it has been untouched for `stale_after`. A step that a live
+//! replica runs right now is never resumed: a starting replica used to resume every step in
+//! flight on its first pass, and could reset an order a live one was charging.
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
 use crate::saga::Saga;
-use crate::store::Store;
+use crate::store::{LEASE_RENEW_EVERY, Store};
 
 /// Idempotency keys are kept at least this long.
 const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -22,7 +27,6 @@ pub async fn run(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut first = true;
     let mut last_purge = OffsetDateTime::UNIX_EPOCH;
     loop {
         tokio::select! {
@@ -30,9 +34,7 @@ pub async fn run(
             _ = stop.changed() => return,
         }
         let now = OffsetDateTime::now_utc();
-        let cutoff = if first { now } else { now - stale_after };
-        first = false;
-        match store.in_flight(cutoff).await {
+        match store.in_flight(now - stale_after).await {
             Ok(ids) => {
                 for id in ids {
                     if let Err(e) = saga.resume(id).await {
@@ -58,5 +60,30 @@ pub async fn run(
                 tracing::warn!(error = %e, "purging idempotency keys failed");
             }
         }
+    }
+}
+
+/// Renews this process's lease every [`LEASE_RENEW_EVERY`] until `stop` fires, then gives it
+/// up (by then the server has drained: nothing in flight is ours).
+pub async fn keep_lease(store: Store, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(LEASE_RENEW_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        match store.renew_lease().await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "renewing this instance's lease failed; others may take over its steps");
+            }
+            Err(_) => {}
+        }
+    }
+    if let Err(e) = store.retire().await {
+        tracing::warn!(error = %e, "giving up this instance's lease failed; it runs out by itself");
     }
 }

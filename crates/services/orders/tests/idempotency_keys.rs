@@ -1,5 +1,6 @@
 //! The idempotency-key lifecycle in the orders database, on SQLite and PostgreSQL, including a
-//! key whose first request died with its process.
+//! key whose first request died with its process; and the instance leases that tell a dead
+//! process's keys and saga steps from a live one's.
 
 use shopmesh_db::Db;
 use shopmesh_db::testing::TestDb;
@@ -9,6 +10,8 @@ use uuid::Uuid;
 shopmesh_db::test_on_both_backends!(
     a_key_is_claimed_once_then_replays_its_answer,
     a_key_abandoned_by_a_dead_request_can_be_taken_over_once,
+    a_key_whose_process_died_is_taken_over_at_once_a_live_ones_never,
+    a_saga_step_is_resumed_when_its_process_died_never_while_it_lives,
 );
 
 async fn store(db: &TestDb) -> Store {
@@ -18,7 +21,144 @@ async fn store(db: &TestDb) -> Store {
     pool.migrate(&shopmesh_orders::MIGRATOR)
         .await
         .expect("migrate");
-    Store::new(pool)
+    shopmesh_events::outbox::install(&pool)
+        .await
+        .expect("outbox");
+    let store = Store::new(pool);
+    store.renew_lease().await.expect("lease");
+    store
+}
+
+/// Another process (replica) on the same database, alive.
+async fn replica(of: &Store) -> Store {
+    let other = Store::new(of.db().clone());
+    other.renew_lease().await.expect("lease");
+    other
+}
+
+/// `store`'s process dies: its lease runs out (as after a kill or a freeze, without waiting).
+async fn die(store: &Store) {
+    sqlx::query("UPDATE instances SET lease_until = 0 WHERE id = $1")
+        .bind(store.instance())
+        .execute(store.db().pool())
+        .await
+        .expect("expire the lease");
+}
+
+async fn a_key_whose_process_died_is_taken_over_at_once_a_live_ones_never(db: TestDb) {
+    let first = store(&db).await;
+    let second = replica(&first).await;
+    let user = Uuid::now_v7();
+    let Claim::Claimed(order) = first.claim_key(user, "k", "h").await.expect("claim") else {
+        panic!("a fresh key is ours");
+    };
+    // Its first request still runs on a live process: a retry waits, wherever it lands.
+    assert_eq!(
+        second.claim_key(user, "k", "h").await.expect("claim"),
+        Claim::InFlight
+    );
+    // That process dies: the retry takes over now, not a minute later.
+    die(&first).await;
+    assert_eq!(
+        second.claim_key(user, "k", "h").await.expect("claim"),
+        Claim::Abandoned(order)
+    );
+    let fresh = second
+        .retake_key(user, "k", order)
+        .await
+        .expect("retake")
+        .expect("ours");
+    // Now the live `second` owns it: in flight again for everyone.
+    assert_eq!(
+        first.claim_key(user, "k", "h").await.expect("claim"),
+        Claim::InFlight
+    );
+    assert_ne!(fresh, order);
+    // A process that stopped cleanly has given its lease up: same as dead.
+    let third = replica(&first).await;
+    let Claim::Claimed(_) = third.claim_key(user, "k2", "h").await.expect("claim") else {
+        panic!("a fresh key is ours");
+    };
+    third.retire().await.expect("retire");
+    assert!(matches!(
+        second.claim_key(user, "k2", "h").await.expect("claim"),
+        Claim::Abandoned(_)
+    ));
+}
+
+async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: TestDb) {
+    use shopmesh_orders::domain::{Line, Status, Step};
+    use time::{Duration, OffsetDateTime};
+    let first = store(&db).await;
+    let second = replica(&first).await;
+    let order = Uuid::now_v7();
+    let line = Line {
+        product_id: Uuid::now_v7(),
+        sku: "MUG-1".into(),
+        name: "Mug".into(),
+        unit_price: 100,
+        quantity: 1,
+    };
+    let expires = OffsetDateTime::now_utc() + Duration::minutes(15);
+    first
+        .insert_pending(order, Uuid::now_v7(), &[line], 100, "EUR", expires)
+        .await
+        .expect("insert");
+    assert!(
+        first
+            .transition(
+                order,
+                (Status::Pending, Step::Reserving),
+                (Status::AwaitingPayment, Step::Charging),
+                None
+            )
+            .await
+            .expect("move"),
+        "first is charging"
+    );
+    // A replica that has just started looks for steps to finish: the live one's is not one,
+    // however recent (this was the race: a starting replica resumed everything in flight).
+    let stale = OffsetDateTime::now_utc() - Duration::seconds(30);
+    assert!(second.in_flight(stale).await.expect("in flight").is_empty());
+    // Untouched for longer than any step may take: resumed even though its process lives.
+    assert_eq!(
+        second
+            .in_flight(OffsetDateTime::now_utc() + Duration::seconds(1))
+            .await
+            .expect("in flight"),
+        vec![order]
+    );
+    // Its process dies: resumed at once.
+    die(&first).await;
+    assert_eq!(
+        second.in_flight(stale).await.expect("in flight"),
+        vec![order]
+    );
+    // The taker's moves make it the owner; the frozen process, back, finds the order moved and
+    // must not act on it (its guarded move fails).
+    assert!(
+        second
+            .transition(
+                order,
+                (Status::AwaitingPayment, Step::Charging),
+                (Status::AwaitingPayment, Step::Idle),
+                None
+            )
+            .await
+            .expect("move")
+    );
+    assert!(
+        !first
+            .transition(
+                order,
+                (Status::AwaitingPayment, Step::Charging),
+                (Status::AwaitingPayment, Step::Committing),
+                None
+            )
+            .await
+            .expect("move")
+    );
+    assert!(second.in_flight(stale).await.expect("in flight").is_empty());
 }
 
 async fn a_key_is_claimed_once_then_replays_its_answer(db: TestDb) {
