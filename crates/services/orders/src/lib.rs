@@ -118,8 +118,9 @@ impl Application {
     ) -> anyhow::Result<()> {
         // The lease first: a step this process starts must never look orphaned.
         self.store.renew_lease().await?;
+        let (stop_lease, lease_stopped) = tokio::sync::watch::channel(false);
+        let lease = tokio::spawn(worker::keep_lease(self.store.clone(), lease_stopped));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let lease = tokio::spawn(worker::keep_lease(self.store.clone(), stopped.clone()));
         let worker = tokio::spawn(worker::run(
             self.store.clone(),
             self.saga.clone(),
@@ -130,6 +131,8 @@ impl Application {
         let result = self.server.run_until(shutdown).await;
         let _ = stop.send(true);
         let _ = worker.await;
+        // Only now: the requests have drained and the worker is done.
+        let _ = stop_lease.send(true);
         let _ = lease.await;
         self.publishing.stop();
         self.store.db().close().await;

@@ -400,9 +400,9 @@ impl Saga {
 
     async fn finish_cancel(&self, order_id: Uuid, status: Status) -> Result<Order, Error> {
         self.release_stock(order_id).await?;
-        if status == Status::Paid {
-            self.refund(order_id).await?;
-        }
+        // A paid order's capture; for an unpaid one, a charge that landed after a takeover made
+        // the order payable again (see `pay`), else nothing (refunding nothing is a no-op).
+        self.refund(order_id).await?;
         self.store
             .transition(
                 order_id,
@@ -501,14 +501,19 @@ impl Saga {
                 match self.clients.payments.clone().get_payment(request).await {
                     Ok(payment) => {
                         let payment = payment.into_inner();
-                        self.store
+                        if !self
+                            .store
                             .transition(
                                 order_id,
                                 (Status::AwaitingPayment, Step::Charging),
                                 (Status::AwaitingPayment, Step::Committing),
                                 Some((&payment.payment_id, &payment.card_last4)),
                             )
-                            .await?;
+                            .await?
+                        {
+                            // Moved meanwhile by whoever runs it now.
+                            return Ok(());
+                        }
                         tracing::info!(%order_id, "interrupted payment was captured; committing");
                         self.commit(order_id).await.map(|_| ())
                     }

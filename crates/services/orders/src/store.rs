@@ -150,6 +150,26 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// A step nobody alive runs: untouched since `$1`, or its owner (not this process, `$3`) has no
+/// lease running past now (`$2`). An unknown owner (a row from before leases) is only judged by
+/// age.
+macro_rules! orphaned_step {
+    () => {
+        "step <> 'idle' AND (updated_at < $1 OR (owner IS NOT NULL AND owner <> $3 \
+         AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = orders.owner \
+         AND i.lease_until > $2)))"
+    };
+}
+const ORPHANED_STEPS: &str = concat!(
+    "SELECT id FROM orders WHERE ",
+    orphaned_step!(),
+    " ORDER BY id LIMIT 100"
+);
+const TAKE_OVER_STEP: &str = concat!(
+    "UPDATE orders SET owner = $3, updated_at = $2 WHERE id = $4 AND ",
+    orphaned_step!()
+);
+
 /// The orders database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -159,8 +179,10 @@ pub struct Store {
 }
 
 /// How long a process's lease lasts after a renewal; renewed every [`LEASE_RENEW_EVERY`]. A
-/// process silent for this long (killed, frozen, cut off) is dead to the others.
-pub const LEASE: time::Duration = time::Duration::seconds(3);
+/// process silent for this long (killed, frozen, cut off) is dead to the others. Five renewals
+/// long, so a renewal held up behind the database's writer does not make a live process look
+/// dead; replicas on several hosts need clocks within a second or two of each other.
+pub const LEASE: time::Duration = time::Duration::seconds(5);
 /// How often a process renews its lease.
 pub const LEASE_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -180,15 +202,26 @@ impl Store {
 
     /// Renews this process's lease (creating it on the first call).
     pub async fn renew_lease(&self) -> Result<(), Error> {
+        // The connection first, then the time: a wait for the writer must not shorten it.
+        let mut conn = self.db.pool().acquire().await?;
         sqlx::query(
             "INSERT INTO instances (id, lease_until) VALUES ($1, $2) \
              ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
         )
         .bind(&self.instance)
         .bind(micros(OffsetDateTime::now_utc() + LEASE))
-        .execute(self.db.pool())
+        .execute(&mut *conn)
         .await?;
         Ok(())
+    }
+
+    /// Forgets instances whose lease ran out a day ago (killed processes never retire).
+    pub async fn forget_dead_instances(&self) -> Result<u64, Error> {
+        Ok(sqlx::query("DELETE FROM instances WHERE lease_until < $1")
+            .bind(micros(OffsetDateTime::now_utc() - time::Duration::DAY))
+            .execute(self.db.pool())
+            .await?
+            .rows_affected())
     }
 
     /// Gives up this process's lease (a clean stop, after its requests drained), and forgets
@@ -233,13 +266,15 @@ impl Store {
         // leases, is not dead by this rule).
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT request_hash, response_status, response_body, order_id, created_at, \
-             CAST(CASE WHEN k.owner IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i \
-             WHERE i.id = k.owner AND i.lease_until > $3) THEN 1 ELSE 0 END AS BIGINT) \
+             CAST(CASE WHEN k.owner IS NOT NULL AND k.owner <> $4 AND NOT EXISTS \
+             (SELECT 1 FROM instances i WHERE i.id = k.owner AND i.lease_until > $3) \
+             THEN 1 ELSE 0 END AS BIGINT) \
              FROM idempotency_keys k WHERE user_id = $1 AND idem_key = $2",
         )
         .bind(id(user))
         .bind(key)
         .bind(micros(OffsetDateTime::now_utc()))
+        .bind(&self.instance)
         .fetch_optional(self.db.pool())
         .await?;
         let abandoned_before = micros(OffsetDateTime::now_utc() - ABANDONED_AFTER);
@@ -579,19 +614,35 @@ impl Store {
     /// process can still be in: calls have deadlines far shorter). A step a live process runs
     /// right now is never among them.
     pub async fn in_flight(&self, before: OffsetDateTime) -> Result<Vec<Uuid>, Error> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM orders o WHERE step <> 'idle' AND (updated_at < $1 \
-             OR (o.owner IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i \
-             WHERE i.id = o.owner AND i.lease_until > $2))) ORDER BY id LIMIT 100",
-        )
-        .bind(micros(before))
-        .bind(micros(OffsetDateTime::now_utc()))
-        .fetch_all(self.db.pool())
-        .await?;
+        let rows: Vec<(String,)> = sqlx::query_as(ORPHANED_STEPS)
+            .bind(micros(before))
+            .bind(micros(OffsetDateTime::now_utc()))
+            .bind(&self.instance)
+            .fetch_all(self.db.pool())
+            .await?;
         Ok(rows
             .into_iter()
             .filter_map(|(s,)| Uuid::parse_str(&s).ok())
             .collect())
+    }
+
+    /// Takes over the step in flight of `order_id` if nobody alive runs it (as
+    /// [`Store::in_flight`] decides, again, now): `true` if it is now this process's to finish.
+    /// Two replicas resuming the same dead process's steps, or a step that a customer's new
+    /// request started since the list was read, are thus never run twice.
+    pub async fn take_over_step(
+        &self,
+        order_id: Uuid,
+        before: OffsetDateTime,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(TAKE_OVER_STEP)
+            .bind(micros(before))
+            .bind(micros(OffsetDateTime::now_utc()))
+            .bind(&self.instance)
+            .bind(id(order_id))
+            .execute(self.db.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Unpaid orders past their expiry.

@@ -7,9 +7,11 @@
 //! replica runs right now is never resumed: a starting replica used to resume every step in
 //! flight on its first pass, and could reset an order a live one was charging.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use crate::saga::Saga;
 use crate::store::{LEASE_RENEW_EVERY, Store};
@@ -28,17 +30,37 @@ pub async fn run(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_purge = OffsetDateTime::UNIX_EPOCH;
+    // Steps this process took over and could not finish yet (a service down): its own now,
+    // so no longer "orphaned"; retried every tick until they are done.
+    let mut taken: BTreeSet<Uuid> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
         let now = OffsetDateTime::now_utc();
-        match store.in_flight(now - stale_after).await {
+        let before = now - stale_after;
+        for id in std::mem::take(&mut taken) {
+            if let Err(e) = saga.resume(id).await {
+                tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
+                taken.insert(id);
+            }
+        }
+        match store.in_flight(before).await {
             Ok(ids) => {
                 for id in ids {
+                    // Claimed one by one: the list may be stale by the time we get to an id.
+                    match store.take_over_step(id, before).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(order_id = %id, error = %e, "cannot take over an interrupted step yet");
+                            continue;
+                        }
+                    }
                     if let Err(e) = saga.resume(id).await {
                         tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
+                        taken.insert(id);
                     }
                 }
             }
@@ -59,12 +81,16 @@ pub async fn run(
             if let Err(e) = store.purge_keys(now - KEY_RETENTION).await {
                 tracing::warn!(error = %e, "purging idempotency keys failed");
             }
+            if let Err(e) = store.forget_dead_instances().await {
+                tracing::warn!(error = %e, "forgetting dead instances failed");
+            }
         }
     }
 }
 
 /// Renews this process's lease every [`LEASE_RENEW_EVERY`] until `stop` fires, then gives it
-/// up (by then the server has drained: nothing in flight is ours).
+/// up: fire it only once the server has drained and the worker has stopped, so nothing this
+/// process still runs is ever taken for orphaned.
 pub async fn keep_lease(store: Store, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(LEASE_RENEW_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

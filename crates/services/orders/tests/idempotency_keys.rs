@@ -57,8 +57,13 @@ async fn a_key_whose_process_died_is_taken_over_at_once_a_live_ones_never(db: Te
         second.claim_key(user, "k", "h").await.expect("claim"),
         Claim::InFlight
     );
-    // That process dies: the retry takes over now, not a minute later.
+    // That process dies: the retry takes over now, not a minute later. (A process never takes
+    // its own keys for dead, even if its lease lapsed: it knows it lives.)
     die(&first).await;
+    assert_eq!(
+        first.claim_key(user, "k", "h").await.expect("claim"),
+        Claim::InFlight
+    );
     assert_eq!(
         second.claim_key(user, "k", "h").await.expect("claim"),
         Claim::Abandoned(order)
@@ -128,14 +133,33 @@ async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: T
             .expect("in flight"),
         vec![order]
     );
-    // Its process dies: resumed at once.
+    // Nor can anyone take it over while its process lives.
+    assert!(
+        !second
+            .take_over_step(order, stale)
+            .await
+            .expect("take over")
+    );
+    // Its process dies: resumed at once, by one replica only.
     die(&first).await;
     assert_eq!(
         second.in_flight(stale).await.expect("in flight"),
         vec![order]
     );
-    // The taker's moves make it the owner; the frozen process, back, finds the order moved and
-    // must not act on it (its guarded move fails).
+    let third = replica(&first).await;
+    assert!(
+        second
+            .take_over_step(order, stale)
+            .await
+            .expect("take over")
+    );
+    assert!(
+        !third.take_over_step(order, stale).await.expect("take over"),
+        "the step is the live second's now"
+    );
+    assert!(third.in_flight(stale).await.expect("in flight").is_empty());
+    // The taker's moves are guarded; the frozen process, back, finds the order moved and must
+    // not act on it (its guarded move fails).
     assert!(
         second
             .transition(
@@ -158,7 +182,6 @@ async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: T
             .await
             .expect("move")
     );
-    assert!(second.in_flight(stale).await.expect("in flight").is_empty());
 }
 
 async fn a_key_is_claimed_once_then_replays_its_answer(db: TestDb) {
