@@ -139,12 +139,17 @@ impl Consumer {
         self
     }
 
-    /// Deletes inbox ids older than twice the retention window: a redelivery that old cannot
-    /// happen (the producer no longer keeps the event). Returns how many.
+    /// Deletes inbox ids of events made more than twice the retention window ago: a redelivery
+    /// that old cannot happen (the producer no longer keeps the event). Returns how many.
     pub async fn prune_inbox(&self) -> Result<u64, sqlx::Error> {
-        let keep = i64::try_from(self.retention.as_micros().saturating_mul(2)).unwrap_or(i64::MAX);
-        Ok(sqlx::query("DELETE FROM event_inbox WHERE handled_at < $1")
-            .bind(now_micros().saturating_sub(keep))
+        // By id, which the primary key indexes: ids are UUIDv7, whose text sorts by the time
+        // they were made (its first 48 bits, milliseconds), so every id made before the cutoff
+        // sorts below the cutoff's own prefix.
+        let cutoff = OffsetDateTime::now_utc() - self.retention.saturating_mul(2);
+        let ms = u64::try_from(cutoff.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let prefix = format!("{:08x}-{:04x}-", ms >> 16, ms & 0xffff);
+        Ok(sqlx::query("DELETE FROM event_inbox WHERE event_id < $1")
+            .bind(prefix)
             .execute(self.db.pool())
             .await?
             .rows_affected())
@@ -166,6 +171,12 @@ impl Consumer {
 
     /// Follows `subscription` until the task is aborted.
     pub fn spawn(self: &Arc<Self>, subscription: Subscription) -> tokio::task::JoinHandle<()> {
+        if self.name.is_none() {
+            tracing::warn!(
+                producer = subscription.producer,
+                "an unnamed consumer (no `reading_as`): its reads do not hold the producer's retention back"
+            );
+        }
         let consumer = self.clone();
         tokio::spawn(async move {
             let mut backoff = Backoff::new(consumer.poll, Duration::from_secs(5));
@@ -247,6 +258,23 @@ impl Consumer {
         let producer = &subscription.producer;
         let after = self.cursor(producer).await?;
         let page = self.fetch(subscription, after, wait).await?;
+        // Positions are gapless: a page that does not run on from the cursor means events in
+        // between were pruned (a race with the producer's pruner, which its 410 check cannot
+        // close). Never skip them.
+        if let Some((expected, found)) = (after + 1..)
+            .zip(&page.events)
+            .find(|(expected, event)| event.position != *expected)
+        {
+            return Err(ConsumeError::Pruned(
+                producer.clone(),
+                format!(
+                    "the events after position {} are no longer kept (the next is {}): \
+                     re-seed this reader",
+                    expected - 1,
+                    found.position
+                ),
+            ));
+        }
         let n = page.events.len();
         let lag = |done: i64| (page.head - done).max(0) as f64;
         metrics::gauge!("consumer_lag_events", "producer" => producer.clone()).set(lag(after));

@@ -188,6 +188,7 @@ impl Publishing {
                 db.clone(),
                 settings.retention(),
                 settings.prune_every(),
+                settings.rabbitmq_url.is_some(),
                 service,
             ),
         ];

@@ -353,23 +353,34 @@ async fn oldest(db: &Db) -> Result<Option<i64>, sqlx::Error> {
 }
 
 /// Prunes what retention allows, once: numbered rows older than `retention` that every reader
-/// seen within `retention` and the RabbitMQ relay have passed; never the highest row (the
-/// numbering continues from it). Forgets readers not seen within `retention`. Returns the
-/// number of rows deleted.
-pub async fn prune(db: &Db, retention: Duration) -> Result<u64, sqlx::Error> {
+/// seen within `retention` and, when `relay` (RabbitMQ is configured), the relay have passed;
+/// never the highest row (the numbering continues from it). Forgets readers not seen within
+/// `retention`. Returns the number of rows deleted.
+pub async fn prune(db: &Db, retention: Duration, relay: bool) -> Result<u64, sqlx::Error> {
     let cutoff = micros(OffsetDateTime::now_utc())
         - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
-    let (oldest, head, readers, relay): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) =
-        sqlx::query_as(
-            "SELECT (SELECT MIN(position) FROM outbox), (SELECT MAX(position) FROM outbox), \
+    let (oldest, head, readers, relay_position): (
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    ) = sqlx::query_as(
+        "SELECT (SELECT MIN(position) FROM outbox), (SELECT MAX(position) FROM outbox), \
                     (SELECT MIN(position) FROM outbox_readers WHERE seen_at >= $1), \
                     (SELECT MIN(position) FROM outbox_relay)",
-        )
-        .bind(cutoff)
-        .fetch_one(db.reader())
-        .await?;
+    )
+    .bind(cutoff)
+    .fetch_one(db.reader())
+    .await?;
     let (Some(oldest), Some(head)) = (oldest, head) else {
         return Ok(0);
+    };
+    // A relay that has not confirmed anything yet has position 0 (written when it starts); a
+    // row left by a relay no longer configured holds nothing back.
+    let relay = if relay {
+        Some(relay_position.unwrap_or(0))
+    } else {
+        None
     };
     // A batch at a time: the writer is not held for a long backlog's delete.
     let floor = [
@@ -405,19 +416,31 @@ pub async fn prune(db: &Db, retention: Duration) -> Result<u64, sqlx::Error> {
 pub const PRUNE_BATCH: i64 = 10_000;
 
 /// Runs [`prune`] every `every` (at once again after a full batch) for as long as the process
-/// runs.
+/// runs, the first time only after a grace period (the window, at most five minutes): after a
+/// restart that followed a long stop (the whole shop down over a week-end, an upgrade that
+/// created `outbox_readers`), readers must have had the time to come back and say where they
+/// are before anything is pruned past them.
 pub fn spawn_pruner(
     db: Db,
     retention: Duration,
     every: Duration,
+    relay: bool,
     service: &'static str,
 ) -> tokio::task::JoinHandle<()> {
+    if retention < Duration::from_secs(600) {
+        tracing::warn!(
+            service,
+            retention_secs = retention.as_secs(),
+            "events.retention_secs is under ten minutes: a reader standing still is recorded once a minute, so a short window can forget a live one (it then gets 410, never skips)"
+        );
+    }
     tokio::spawn(async move {
+        tokio::time::sleep(retention.min(Duration::from_secs(300))).await;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match prune(&db, retention).await {
+            match prune(&db, retention, relay).await {
                 Ok(0) => {}
                 Ok(n) => {
                     if n >= PRUNE_BATCH.unsigned_abs() {
