@@ -124,6 +124,7 @@ fn default_routes() -> Vec<RouteConfig> {
         auth,
         timeout_ms: None,
         stale_fallback: service == "catalog",
+        retry_safe_posts: Vec::new(),
     };
     vec![
         // Public keys, so that services (and anyone) can check tokens through the one door.
@@ -134,7 +135,12 @@ fn default_routes() -> Vec<RouteConfig> {
         route("/api/v1/users", "users", AuthPolicy::Required),
         route("/api/v1/products", "catalog", AuthPolicy::Public),
         route("/api/v1/inventory", "inventory", AuthPolicy::Public),
-        route("/api/v1/orders", "orders", AuthPolicy::Required),
+        RouteConfig {
+            // Paying is idempotent per order (one capture, whoever asks again), so a payment
+            // whose orders instance died mid-request is retried on another.
+            retry_safe_posts: vec!["/api/v1/orders/*/pay".to_owned()],
+            ..route("/api/v1/orders", "orders", AuthPolicy::Required)
+        },
         route("/api/v1/cart", "cart", AuthPolicy::Required),
         route(
             "/api/v1/admin/notifications",
@@ -163,9 +169,31 @@ pub struct RouteConfig {
     /// cannot answer (every endpoint down or failing).
     #[serde(default)]
     pub stale_fallback: bool,
+    /// Paths under this route where a POST is safe to repeat without an `Idempotency-Key`,
+    /// because the service makes it idempotent by itself (paying an order: one capture per
+    /// order); the gateway retries them as it retries keyed POSTs. `*` stands for one segment:
+    /// `/api/v1/orders/*/pay`.
+    #[serde(default)]
+    pub retry_safe_posts: Vec<String>,
 }
 
 impl RouteConfig {
+    /// Whether `path` is one of [`RouteConfig::retry_safe_posts`].
+    pub fn retry_safe_post(&self, path: &str) -> bool {
+        self.retry_safe_posts.iter().any(|pattern| {
+            let mut given = path.trim_end_matches('/').split('/');
+            let mut wanted = pattern.trim_end_matches('/').split('/');
+            loop {
+                match (wanted.next(), given.next()) {
+                    (None, None) => return true,
+                    (Some("*"), Some(segment)) if !segment.is_empty() => {}
+                    (Some(w), Some(g)) if w == g => {}
+                    _ => return false,
+                }
+            }
+        })
+    }
+
     /// The deadline of a request on this route.
     pub fn timeout(&self, default: Duration) -> Duration {
         self.timeout_ms.map_or(default, Duration::from_millis)
@@ -252,6 +280,37 @@ mod tests {
     }
 
     #[test]
+    fn paying_an_order_is_the_one_unkeyed_post_the_gateway_may_repeat() {
+        let config = Config::load(&Sources::empty()).expect("defaults");
+        let orders = config
+            .gateway
+            .routes
+            .iter()
+            .find(|r| r.prefix == "/api/v1/orders")
+            .expect("orders");
+        let order = "/api/v1/orders/0194a1b2-c3d4-7e5f-8a6b-000000000001";
+        assert!(orders.retry_safe_post(&format!("{order}/pay")));
+        assert!(orders.retry_safe_post(&format!("{order}/pay/")));
+        for unsafe_path in [
+            format!("{order}/cancel"),
+            format!("{order}/pay/more"),
+            "/api/v1/orders//pay".to_owned(),
+            "/api/v1/orders".to_owned(),
+            "/api/v1/orders/pay".to_owned(),
+        ] {
+            assert!(!orders.retry_safe_post(&unsafe_path), "{unsafe_path}");
+        }
+        assert!(
+            config
+                .gateway
+                .routes
+                .iter()
+                .filter(|r| r.prefix != "/api/v1/orders")
+                .all(|r| r.retry_safe_posts.is_empty())
+        );
+    }
+
+    #[test]
     fn an_upstream_comes_from_the_environment() {
         let config = Config::load(&Sources::empty().set(
             "SHOPMESH_GATEWAY__UPSTREAMS__USERS",
@@ -286,6 +345,7 @@ mod tests {
             auth: AuthPolicy::Required,
             timeout_ms: None,
             stale_fallback: false,
+            retry_safe_posts: Vec::new(),
         });
         assert!(settings.validate().is_err());
         let mut settings = GatewaySettings::default();

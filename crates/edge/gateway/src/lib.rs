@@ -104,6 +104,7 @@ impl Application {
                 auth: route.auth,
                 timeout: route.timeout(config.gateway.upstream_timeout()),
                 fallback,
+                route: route.clone(),
                 shared: shared.clone(),
             });
             let wildcard = if route.prefix == "/" {

@@ -31,6 +31,8 @@ pub struct Target {
     pub timeout: Duration,
     /// Where anonymous GETs are kept to answer, stale, when the service cannot.
     pub fallback: Option<Arc<StaleCache>>,
+    /// The route, for its retry-safe POSTs.
+    pub route: crate::config::RouteConfig,
     /// Shared by every route.
     pub shared: Arc<Shared>,
 }
@@ -215,7 +217,8 @@ async fn try_forward(
 
     let options = CallOptions {
         deadline: tokio::time::Instant::now() + target.timeout,
-        retry_safe: retry_safe(&parts.method, &parts.headers),
+        retry_safe: retry_safe(&parts.method, &parts.headers)
+            || (parts.method == Method::POST && target.route.retry_safe_post(parts.uri.path())),
         cut_slow_attempts: idempotent(&parts.method),
     };
     let upstream = http::Request::from_parts(parts, Full::new(body));

@@ -470,3 +470,71 @@ async fn the_route_deadline_is_passed_on_to_the_service() {
         .expect("ms");
     assert!(ms > 1_000 && ms <= 1_500, "{ms}");
 }
+
+#[tokio::test]
+async fn a_post_its_route_declares_safe_to_repeat_is_retried_and_no_other_unkeyed_post() {
+    let script = Arc::new(Script::default());
+    script.failing.store(true, Ordering::SeqCst);
+    script.fail_with.store(503, Ordering::SeqCst);
+    let up = scripted(script.clone()).await;
+    let file = std::env::temp_dir().join(format!("gateway-{}.toml", uuid_like()));
+    std::fs::write(
+        &file,
+        "[[gateway.routes]]\nprefix = \"/api/v1/things\"\nservice = \"inventory\"\n\
+         auth = \"public\"\nretry_safe_posts = [\"/api/v1/things/*/settle\"]\n",
+    )
+    .expect("config file");
+    let sources = Sources::empty()
+        .file(&file)
+        .set("SHOPMESH_SERVER__PORT", "0")
+        .set("SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND", "0")
+        .set(
+            "SHOPMESH_GATEWAY__UPSTREAMS__INVENTORY",
+            format!("http://{up}"),
+        )
+        .set("SHOPMESH_GATEWAY__UPSTREAMS__USERS", format!("http://{up}"))
+        .set("SHOPMESH_MESH__BREAKER__WINDOW", "1000000")
+        .set("SHOPMESH_MESH__RETRY__BACKOFF_BASE_MS", "1")
+        .set("SHOPMESH_MESH__RETRY__BACKOFF_MAX_MS", "2");
+    let app = Application::build(Config::load(&sources).expect("config"))
+        .await
+        .expect("gateway");
+    let _ = std::fs::remove_file(&file);
+    let gw = app.local_addr().expect("addr");
+    tokio::spawn(app.run_until(std::future::pending()));
+    let client = reqwest::Client::new();
+    let post = |path: &str| {
+        client
+            .post(format!("http://{gw}{path}"))
+            .json(&json!({}))
+            .send()
+    };
+    for _ in 0..5 {
+        let response = post("/api/v1/things/7/other").await.expect("send");
+        assert_eq!(response.status(), 503);
+    }
+    assert_eq!(
+        script.posts_without_key.load(Ordering::SeqCst),
+        5,
+        "an unkeyed POST is sent once"
+    );
+    for _ in 0..5 {
+        let response = post("/api/v1/things/7/settle").await.expect("send");
+        assert_eq!(response.status(), 503);
+    }
+    assert!(
+        script.posts_without_key.load(Ordering::SeqCst) > 10,
+        "the declared POST is retried"
+    );
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    )
+}
