@@ -133,6 +133,10 @@ async fn stdin_closed() {
 mod tests {
     use super::*;
 
+    fn loads<T>(loaded: Result<T, shopmesh_config::ConfigError>) -> anyhow::Result<()> {
+        Ok(loaded.map(drop)?)
+    }
+
     /// `shopmesh up` hands one environment to every process: a key of each common section,
     /// set once for the whole shop, must start every process, whether it uses that section
     /// or not (the gateway has no database, the cart no events).
@@ -156,27 +160,13 @@ mod tests {
             let name = service.name();
             let loaded = match service {
                 Service::Gateway => shopmesh_gateway::Config::load(&sources).map(drop),
-                Service::Users => shopmesh_users::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
-                Service::Catalog => shopmesh_catalog::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
-                Service::Inventory => shopmesh_inventory::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
-                Service::Orders => shopmesh_orders::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
-                Service::Payments => shopmesh_payments::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
-                Service::Cart => shopmesh_cart::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
-                Service::Notifications => shopmesh_notifications::Config::load(&sources)
-                    .map(drop)
-                    .map_err(Into::into),
+                Service::Users => loads(shopmesh_users::Config::load(&sources)),
+                Service::Catalog => loads(shopmesh_catalog::Config::load(&sources)),
+                Service::Inventory => loads(shopmesh_inventory::Config::load(&sources)),
+                Service::Orders => loads(shopmesh_orders::Config::load(&sources)),
+                Service::Payments => loads(shopmesh_payments::Config::load(&sources)),
+                Service::Cart => loads(shopmesh_cart::Config::load(&sources)),
+                Service::Notifications => loads(shopmesh_notifications::Config::load(&sources)),
             };
             if let Err(e) = loaded {
                 panic!("{name} refused the shop's environment: {e:#}");
