@@ -17,6 +17,7 @@ shopmesh_e2e::test_on_both_backends!(
     cancelling_releases_stock_and_refunds_a_payment,
     customers_cannot_touch_each_others_orders,
     bad_order_input_names_the_field_and_writes_nothing,
+    payments_of_one_order_at_once_all_answer_paid_and_charge_once,
 );
 
 async fn shop(backend: Backend) -> Option<Shop> {
@@ -532,4 +533,45 @@ async fn bad_order_input_names_the_field_and_writes_nothing(backend: Backend) {
         .expect("json");
     assert_eq!(mine["items"], json!([]), "nothing was written");
     assert_eq!(shop.stock(&product).await, (5, 0));
+}
+
+/// A double click, or the gateway retrying a payment whose connection broke: the attempts that
+/// find another in flight wait for its outcome instead of answering "busy", and the card is
+/// charged once.
+async fn payments_of_one_order_at_once_all_answer_paid_and_charge_once(backend: Backend) {
+    let Some(shop) = shop(backend).await else {
+        return;
+    };
+    let product = shop.product("MUG", 1250, 5).await;
+    let (_, customer) = shop.issuer.customer();
+    let order: Value = shop
+        .order(&customer, &product, 1)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let id = order["id"].as_str().expect("id");
+    let (a, b, c, d) = tokio::join!(
+        shop.pay(&customer, id, GOOD_CARD),
+        shop.pay(&customer, id, GOOD_CARD),
+        shop.pay(&customer, id, GOOD_CARD),
+        shop.pay(&customer, id, GOOD_CARD),
+    );
+    for answer in [a, b, c, d] {
+        assert_eq!(answer.status(), 200);
+        let body: Value = answer.json().await.expect("json");
+        assert_eq!(body["status"], "paid", "{body}");
+    }
+    let mut payments = PaymentsClient::connect(format!("http://{}", shop.payments))
+        .await
+        .expect("grpc");
+    let capture = payments
+        .get_payment(GetPaymentRequest {
+            order_id: id.to_owned(),
+        })
+        .await
+        .expect("captured")
+        .into_inner();
+    assert_eq!(capture.amount, 1250, "one capture of the order's total");
+    assert_eq!(shop.stock(&product).await, (4, 0), "one unit sold");
 }

@@ -139,8 +139,9 @@ impl Consumer {
         self
     }
 
-    /// Deletes inbox ids of events made more than twice the retention window ago: a redelivery
-    /// that old cannot happen (the producer no longer keeps the event). Returns how many.
+    /// Deletes inbox ids of events made and handled more than twice the retention window ago:
+    /// a redelivery that late does not happen (the producer no longer keeps the event, and a
+    /// broker redelivers within minutes). Returns how many.
     pub async fn prune_inbox(&self) -> Result<u64, sqlx::Error> {
         // By id, which the primary key indexes: ids are UUIDv7, whose text sorts by the time
         // they were made (its first 48 bits, milliseconds), so every id made before the cutoff
@@ -148,11 +149,18 @@ impl Consumer {
         let cutoff = OffsetDateTime::now_utc() - self.retention.saturating_mul(2);
         let ms = u64::try_from(cutoff.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let prefix = format!("{:08x}-{:04x}-", ms >> 16, ms & 0xffff);
-        Ok(sqlx::query("DELETE FROM event_inbox WHERE event_id < $1")
-            .bind(prefix)
-            .execute(self.db.pool())
-            .await?
-            .rows_affected())
+        // And handled that long ago: an old event handled late (a redrive, a long broker
+        // outage) may still be redelivered.
+        Ok(
+            sqlx::query("DELETE FROM event_inbox WHERE event_id < $1 AND handled_at < $2")
+                .bind(prefix)
+                .bind(now_micros().saturating_sub(
+                    i64::try_from(self.retention.as_micros().saturating_mul(2)).unwrap_or(i64::MAX),
+                ))
+                .execute(self.db.pool())
+                .await?
+                .rows_affected(),
+        )
     }
 
     /// [`Consumer::prune_inbox`], when `prune_every` has passed since the last time.

@@ -375,8 +375,8 @@ pub async fn prune(db: &Db, retention: Duration, relay: bool) -> Result<u64, sql
     let (Some(oldest), Some(head)) = (oldest, head) else {
         return Ok(0);
     };
-    // A relay that has not confirmed anything yet has position 0 (written when it starts); a
-    // row left by a relay no longer configured holds nothing back.
+    // A relay that has not confirmed anything yet (no row: it writes one at its first
+    // confirm) is at 0; a row left by a relay no longer configured holds nothing back.
     let relay = if relay {
         Some(relay_position.unwrap_or(0))
     } else {

@@ -34,6 +34,9 @@ use crate::domain::{Line, Request, Status, Step, total};
 use crate::error::Error;
 use crate::store::{Order, Store};
 
+/// How long a payment waits for another attempt at the same order's payment to settle.
+const SETTLE_WAIT: Duration = Duration::from_secs(3);
+
 /// Runs the saga's steps.
 #[derive(Clone)]
 pub struct Saga {
@@ -258,6 +261,15 @@ impl Saga {
 
     /// Charges the card and commits the stock.
     pub async fn pay(&self, order: Order, card: Card) -> Result<Order, Error> {
+        // Another attempt at this payment is in flight: the first try of a request the gateway
+        // retries (its connection broke), or a double click. Wait briefly for it to settle and
+        // answer with the outcome (paid; or payable again, then pay) rather than "busy".
+        let order = match (order.status, order.step) {
+            (Status::AwaitingPayment, Step::Charging | Step::Committing) => {
+                self.settled(order).await?
+            }
+            _ => order,
+        };
         match (order.status, order.step) {
             (Status::Paid, _) => return Ok(order),
             (Status::AwaitingPayment, Step::Idle) => {}
@@ -278,7 +290,12 @@ impl Saga {
             )
             .await?
         {
-            return Err(Error::Busy);
+            // Another attempt got there first: its outcome is this one's when it is paid.
+            let now = self.settled(self.load(order.id).await?).await?;
+            return match now.status {
+                Status::Paid => Ok(now),
+                _ => Err(Error::Busy),
+            };
         }
         let charge = ChargeRequest {
             order_id: order.id.hyphenated().to_string(),
@@ -328,6 +345,16 @@ impl Saga {
             return Err(Error::Busy);
         }
         self.commit(order.id).await
+    }
+
+    /// `order` once its step in flight is over, or as it stands after [`SETTLE_WAIT`].
+    async fn settled(&self, mut order: Order) -> Result<Order, Error> {
+        let until = tokio::time::Instant::now() + SETTLE_WAIT;
+        while order.step != Step::Idle && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            order = self.load(order.id).await?;
+        }
+        Ok(order)
     }
 
     /// Commits the stock of a captured order; if the hold ran out, refunds and expires it.

@@ -645,6 +645,20 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Whether the step in flight of `order_id` is still this process's (it took it over and is
+    /// still finishing it); touches it if so, so that it does not look abandoned.
+    pub async fn keep_step(&self, order_id: Uuid) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE orders SET updated_at = $1 WHERE id = $2 AND owner = $3 AND step <> 'idle'",
+        )
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(id(order_id))
+        .bind(&self.instance)
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Unpaid orders past their expiry.
     pub async fn overdue(&self) -> Result<Vec<Uuid>, Error> {
         let rows: Vec<(String,)> = sqlx::query_as(

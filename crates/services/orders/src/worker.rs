@@ -7,7 +7,7 @@
 //! replica runs right now is never resumed: a starting replica used to resume every step in
 //! flight on its first pass, and could reset an order a live one was charging.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -16,6 +16,8 @@ use uuid::Uuid;
 use crate::saga::Saga;
 use crate::store::{LEASE_RENEW_EVERY, Store};
 
+/// Longest wait between retries of a step this process took over.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Idempotency keys are kept at least this long.
 const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -31,8 +33,8 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_purge = OffsetDateTime::UNIX_EPOCH;
     // Steps this process took over and could not finish yet (a service down): its own now,
-    // so no longer "orphaned"; retried every tick until they are done.
-    let mut taken: BTreeSet<Uuid> = BTreeSet::new();
+    // so no longer "orphaned"; retried, with back-off, for as long as they are still its own.
+    let mut taken: BTreeMap<Uuid, (tokio::time::Instant, Duration)> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -40,15 +42,35 @@ pub async fn run(
         }
         let now = OffsetDateTime::now_utc();
         let before = now - stale_after;
-        for id in std::mem::take(&mut taken) {
+        for (id, (due, wait)) in std::mem::take(&mut taken) {
+            if tokio::time::Instant::now() < due {
+                taken.insert(id, (due, wait));
+                continue;
+            }
+            // Still ours and still in flight? (Someone may have finished it, and a customer's
+            // new request may have started another step since.) Touching it also keeps it from
+            // looking abandoned to the others.
+            match store.keep_step(id).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(order_id = %id, error = %e, "cannot check a step taken over");
+                    taken.insert(id, (tokio::time::Instant::now() + wait, wait));
+                    continue;
+                }
+            }
             if let Err(e) = saga.resume(id).await {
                 tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
-                taken.insert(id);
+                let wait = (wait * 2).min(RETRY_MAX);
+                taken.insert(id, (tokio::time::Instant::now() + wait, wait));
             }
         }
         match store.in_flight(before).await {
             Ok(ids) => {
                 for id in ids {
+                    if taken.contains_key(&id) {
+                        continue;
+                    }
                     // Claimed one by one: the list may be stale by the time we get to an id.
                     match store.take_over_step(id, before).await {
                         Ok(true) => {}
@@ -60,7 +82,7 @@ pub async fn run(
                     }
                     if let Err(e) = saga.resume(id).await {
                         tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
-                        taken.insert(id);
+                        taken.insert(id, (tokio::time::Instant::now() + interval, interval));
                     }
                 }
             }

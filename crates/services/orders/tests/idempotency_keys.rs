@@ -158,6 +158,9 @@ async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: T
         "the step is the live second's now"
     );
     assert!(third.in_flight(stale).await.expect("in flight").is_empty());
+    // The taker may keep retrying it while it is its own; nobody else may.
+    assert!(second.keep_step(order).await.expect("keep"));
+    assert!(!first.keep_step(order).await.expect("keep"));
     // The taker's moves are guarded; the frozen process, back, finds the order moved and must
     // not act on it (its guarded move fails).
     assert!(
@@ -182,6 +185,8 @@ async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: T
             .await
             .expect("move")
     );
+    // Finished (idle): no longer anyone's to retry.
+    assert!(!second.keep_step(order).await.expect("keep"));
 }
 
 async fn a_key_is_claimed_once_then_replays_its_answer(db: TestDb) {
