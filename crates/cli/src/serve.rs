@@ -1,5 +1,7 @@
 //! `shopmesh serve <service>`: one service process.
 
+use std::sync::Arc;
+
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use shopmesh_config::Sources;
@@ -85,12 +87,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let sources = Sources::from_process();
     let common: Common = sources.load(Some(args.service.name()))?;
     // In a fleet discovered through etcd, the instance announces itself under a lease: if it
-    // dies, the lease runs out and clients drop it; if it stops, it withdraws at once.
-    let registration = match common.mesh.etcd_url {
+    // dies, the lease runs out and clients drop it; if it stops, it withdraws at once, before
+    // it drains (new calls go elsewhere while the ones it has finish).
+    let registration = Arc::new(tokio::sync::Mutex::new(match common.mesh.etcd_url {
         Some(_) => Registration::start(&common.mesh, args.service.name(), &advertise_url(&common)?)
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
         None => None,
-    };
+    }));
+    let withdraw = registration.clone();
     let exit_with_parent = args.exit_with_parent;
     let shutdown = async move {
         if exit_with_parent {
@@ -100,6 +104,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         } else {
             shopmesh_runtime::shutdown_signal().await;
+        }
+        if let Some(registration) = withdraw.lock().await.take() {
+            registration.stop().await;
         }
     };
     let result = match args.service {
@@ -112,7 +119,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Notifications => shopmesh_notifications::run(sources, shutdown).await,
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     };
-    if let Some(registration) = registration {
+    // Stopped without a signal (a failure): withdraw now.
+    if let Some(registration) = registration.lock().await.take() {
         registration.stop().await;
     }
     result
