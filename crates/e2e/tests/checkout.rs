@@ -4,8 +4,8 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 use shopmesh_e2e::{Backend, Shop};
-use shopmesh_proto::payments::v1::GetPaymentRequest;
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
+use shopmesh_proto::payments::v1::{GetPaymentRequest, Payment};
 use shopmesh_testkit::assert_problem;
 
 shopmesh_e2e::test_on_both_backends!(
@@ -25,6 +25,30 @@ async fn shop(backend: Backend) -> Option<Shop> {
 }
 
 const GOOD_CARD: &str = "4242424242424242";
+
+/// Places an order of `quantity` × `product` for `customer`; its id.
+async fn placed(shop: &Shop, customer: &str, product: &str, quantity: i64) -> String {
+    let order: Value = shop
+        .order(customer, product, quantity)
+        .await
+        .json()
+        .await
+        .expect("json");
+    order["id"].as_str().expect("id").to_owned()
+}
+
+/// The payment of `order`, as the payments service keeps it.
+async fn payment(shop: &Shop, order: &str) -> Payment {
+    PaymentsClient::connect(format!("http://{}", shop.payments))
+        .await
+        .expect("grpc")
+        .get_payment(GetPaymentRequest {
+            order_id: order.to_owned(),
+        })
+        .await
+        .expect("payment")
+        .into_inner()
+}
 
 async fn a_customer_orders_and_pays_and_the_books_balance(backend: Backend) {
     let Some(shop) = shop(backend).await else {
@@ -70,16 +94,7 @@ async fn a_customer_orders_and_pays_and_the_books_balance(backend: Backend) {
     );
     // Paying again changes nothing and charges nothing more.
     assert_eq!(shop.pay(&customer, id, GOOD_CARD).await.status(), 200);
-    let mut payments = PaymentsClient::connect(format!("http://{}", shop.payments))
-        .await
-        .expect("grpc");
-    let capture = payments
-        .get_payment(GetPaymentRequest {
-            order_id: id.to_owned(),
-        })
-        .await
-        .expect("captured")
-        .into_inner();
+    let capture = payment(&shop, id).await;
     assert_eq!(
         (capture.amount, capture.status.as_str()),
         (2500, "captured")
@@ -263,13 +278,7 @@ async fn a_declined_card_is_a_402_and_the_order_stays_payable(backend: Backend) 
     };
     let product = shop.product("DECLINE", 700, 3).await;
     let (_, customer) = shop.issuer.customer();
-    let order: Value = shop
-        .order(&customer, &product, 1)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let id = order["id"].as_str().expect("id");
+    let id = &placed(&shop, &customer, &product, 1).await;
     let declined = shop.pay(&customer, id, "4000000000000002").await;
     assert_problem(declined, 402, "card_declined", Some("card")).await;
     let funds = shop.pay(&customer, id, "4000000000009995").await;
@@ -303,13 +312,7 @@ async fn an_unpaid_order_expires_and_its_stock_comes_back(backend: Backend) {
     };
     let product = shop.product("SHORT", 100, 4).await;
     let (_, customer) = shop.issuer.customer();
-    let order: Value = shop
-        .order(&customer, &product, 4)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let id = order["id"].as_str().expect("id");
+    let id = &placed(&shop, &customer, &product, 4).await;
     assert_eq!(shop.stock(&product).await, (0, 4));
     // Expiry is wall-clock time in the database: this waits for real, about a second.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -343,13 +346,7 @@ async fn cancelling_releases_stock_and_refunds_a_payment(backend: Backend) {
     };
     let product = shop.product("CANCEL", 300, 10).await;
     let (_, customer) = shop.issuer.customer();
-    let unpaid: Value = shop
-        .order(&customer, &product, 3)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let unpaid_id = unpaid["id"].as_str().expect("id");
+    let unpaid_id = &placed(&shop, &customer, &product, 3).await;
     let cancelled = shop
         .send(
             Method::POST,
@@ -366,13 +363,7 @@ async fn cancelling_releases_stock_and_refunds_a_payment(backend: Backend) {
     );
     assert_eq!(shop.stock(&product).await, (10, 0));
 
-    let paid: Value = shop
-        .order(&customer, &product, 2)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let paid_id = paid["id"].as_str().expect("id");
+    let paid_id = &placed(&shop, &customer, &product, 2).await;
     assert_eq!(shop.pay(&customer, paid_id, GOOD_CARD).await.status(), 200);
     assert_eq!(shop.stock(&product).await, (8, 0));
     // An admin may cancel anyone's order.
@@ -387,16 +378,7 @@ async fn cancelling_releases_stock_and_refunds_a_payment(backend: Backend) {
         .await;
     assert_eq!(by_admin.status(), 200);
     assert_eq!(shop.stock(&product).await, (10, 0), "restocked");
-    let mut payments = PaymentsClient::connect(format!("http://{}", shop.payments))
-        .await
-        .expect("grpc");
-    let refund = payments
-        .get_payment(GetPaymentRequest {
-            order_id: paid_id.to_owned(),
-        })
-        .await
-        .expect("payment")
-        .into_inner();
+    let refund = payment(&shop, paid_id).await;
     assert_eq!(refund.status, "refunded");
     let again = shop
         .send(
@@ -419,13 +401,7 @@ async fn customers_cannot_touch_each_others_orders(backend: Backend) {
     let product = shop.product("MINE", 100, 5).await;
     let (_, alice) = shop.issuer.customer();
     let (_, bob) = shop.issuer.customer();
-    let order: Value = shop
-        .order(&alice, &product, 1)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let id = order["id"].as_str().expect("id");
+    let id = &placed(&shop, &alice, &product, 1).await;
     let read = shop
         .send(
             Method::GET,
@@ -544,13 +520,7 @@ async fn payments_of_one_order_at_once_all_answer_paid_and_charge_once(backend: 
     };
     let product = shop.product("MUG", 1250, 5).await;
     let (_, customer) = shop.issuer.customer();
-    let order: Value = shop
-        .order(&customer, &product, 1)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let id = order["id"].as_str().expect("id");
+    let id = &placed(&shop, &customer, &product, 1).await;
     let (a, b, c, d) = tokio::join!(
         shop.pay(&customer, id, GOOD_CARD),
         shop.pay(&customer, id, GOOD_CARD),
@@ -562,16 +532,7 @@ async fn payments_of_one_order_at_once_all_answer_paid_and_charge_once(backend: 
         let body: Value = answer.json().await.expect("json");
         assert_eq!(body["status"], "paid", "{body}");
     }
-    let mut payments = PaymentsClient::connect(format!("http://{}", shop.payments))
-        .await
-        .expect("grpc");
-    let capture = payments
-        .get_payment(GetPaymentRequest {
-            order_id: id.to_owned(),
-        })
-        .await
-        .expect("captured")
-        .into_inner();
+    let capture = payment(&shop, id).await;
     assert_eq!(capture.amount, 1250, "one capture of the order's total");
     assert_eq!(shop.stock(&product).await, (4, 0), "one unit sold");
 }
