@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use shopmesh_config::Sources;
 use shopmesh_mesh::MeshSettings;
-use shopmesh_mesh::register::Registration;
+use shopmesh_mesh::register::{Registrar, Registration};
 use shopmesh_runtime::ServerSettings;
 use tokio::io::AsyncReadExt;
 
@@ -84,30 +84,38 @@ fn advertise_url(common: &Common) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // First of all: a SIGTERM during start-up stops the process cleanly.
+    let signal = shopmesh_runtime::shutdown_signal();
     let sources = Sources::from_process();
     let common: Common = sources.load(Some(args.service.name()))?;
-    // In a fleet discovered through etcd, the instance announces itself under a lease: if it
-    // dies, the lease runs out and clients drop it; if it stops, it withdraws at once, before
-    // it drains (new calls go elsewhere while the ones it has finish).
-    let registration = Arc::new(tokio::sync::Mutex::new(match common.mesh.etcd_url {
-        Some(_) => Registration::start(&common.mesh, args.service.name(), &advertise_url(&common)?)
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
-        None => None,
-    }));
+    // In a fleet discovered through etcd, the instance announces itself under a lease once it
+    // answers ready (never before, so no caller is sent to a port nobody listens on yet): if
+    // it dies, the lease runs out and clients drop it; if it stops, it withdraws at once,
+    // before it drains (new calls go elsewhere while the ones it has finish).
+    let registration = Arc::new(tokio::sync::Mutex::new(Announcement::default()));
+    if common.mesh.etcd_url.is_some() {
+        let registrar = Registrar::new(&common.mesh, args.service.name(), &advertise_url(&common)?)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        if let Some(registrar) = registrar {
+            tokio::spawn(announce_when_ready(
+                registration.clone(),
+                registrar,
+                probe_url(&common.server),
+            ));
+        }
+    }
     let withdraw = registration.clone();
     let exit_with_parent = args.exit_with_parent;
     let shutdown = async move {
         if exit_with_parent {
             tokio::select! {
-                () = shopmesh_runtime::shutdown_signal() => {},
+                () = signal => {},
                 () = stdin_closed() => tracing::warn!("launcher gone; shutting down"),
             }
         } else {
-            shopmesh_runtime::shutdown_signal().await;
+            signal.await;
         }
-        if let Some(registration) = withdraw.lock().await.take() {
-            registration.stop().await;
-        }
+        withdraw.lock().await.withdraw().await;
     };
     let result = match args.service {
         Service::Users => shopmesh_users::run(sources, shutdown).await,
@@ -120,10 +128,69 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
     };
     // Stopped without a signal (a failure): withdraw now.
-    if let Some(registration) = registration.lock().await.take() {
-        registration.stop().await;
-    }
+    registration.lock().await.withdraw().await;
     result
+}
+
+/// An instance's place in etcd: not yet announced, announced, or withdrawn for good.
+#[derive(Default)]
+struct Announcement {
+    registration: Option<Registration>,
+    withdrawn: bool,
+}
+
+impl Announcement {
+    /// Gives up the registration, if any, and refuses any later one.
+    async fn withdraw(&mut self) {
+        self.withdrawn = true;
+        if let Some(registration) = self.registration.take() {
+            registration.stop().await;
+        }
+    }
+}
+
+/// Where the instance's own `/readyz` answers (the loopback when it binds every address).
+fn probe_url(server: &ServerSettings) -> String {
+    let host = match server.host {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!(
+        "http://{}/readyz",
+        std::net::SocketAddr::new(host, server.port)
+    )
+}
+
+/// Registers the instance in etcd once its `/readyz` answers 200, unless it has withdrawn by
+/// then.
+async fn announce_when_ready(
+    slot: Arc<tokio::sync::Mutex<Announcement>>,
+    registrar: Registrar,
+    probe: String,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+        .expect("an HTTP client");
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(50));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if slot.lock().await.withdrawn {
+            return;
+        }
+        match client.get(&probe).send().await {
+            Ok(response) if response.status().is_success() => break,
+            _ => {}
+        }
+    }
+    let mut slot = slot.lock().await;
+    if slot.withdrawn {
+        return;
+    }
+    tracing::info!(key = registrar.key(), "ready; registering in etcd");
+    slot.registration = Some(registrar.start());
 }
 
 async fn stdin_closed() {
@@ -140,6 +207,36 @@ async fn stdin_closed() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SIGTERM that arrives before anything awaits the shutdown signal (a service still
+    /// migrating its database when a rolling restart reaches it) is seen, not fatal: without
+    /// handlers installed up front, its default action would end this test process.
+    #[tokio::test]
+    async fn a_sigterm_during_start_up_is_caught_by_the_shutdown_signal() {
+        let signal = shopmesh_runtime::shutdown_signal();
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).expect("raise SIGTERM");
+        tokio::time::timeout(std::time::Duration::from_secs(10), signal)
+            .await
+            .expect("the shutdown signal completes");
+    }
+
+    #[test]
+    fn readiness_is_probed_on_the_loopback_when_every_address_is_bound() {
+        let server = |host: &str| ServerSettings {
+            host: host.parse().expect("an address"),
+            port: 8081,
+            ..Default::default()
+        };
+        assert_eq!(
+            probe_url(&server("0.0.0.0")),
+            "http://127.0.0.1:8081/readyz"
+        );
+        assert_eq!(probe_url(&server("::")), "http://[::1]:8081/readyz");
+        assert_eq!(
+            probe_url(&server("10.1.2.3")),
+            "http://10.1.2.3:8081/readyz"
+        );
+    }
 
     fn loads<T>(loaded: Result<T, shopmesh_config::ConfigError>) -> anyhow::Result<()> {
         Ok(loaded.map(drop)?)

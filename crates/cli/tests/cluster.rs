@@ -484,7 +484,7 @@ async fn instances_in_etcd_appear_and_a_dead_one_disappears_within_its_lease() {
     let killed = Instant::now();
     let _ = first.kill();
     let _ = first.wait();
-    until(&upstream, Duration::from_secs(10), |urls| {
+    until(&upstream, Duration::from_secs(15), |urls| {
         !urls.contains(&first_url)
     })
     .await;
@@ -506,6 +506,8 @@ async fn instances_in_etcd_appear_and_a_dead_one_disappears_within_its_lease() {
         "etcd: first instance seen after {appeared:?}; killed, gone after {gone:?} (lease 2 s); \
          second seen after {second_appeared:?}; stopped, gone after {withdrawn:?} (lease 20 s)"
     );
-    assert!(gone < Duration::from_secs(5), "{gone:?}");
+    // etcd expires leases in rounds and the watch reports it after; a loaded machine adds
+    // more. Four times the lease tells expiry apart from anything slower.
+    assert!(gone < Duration::from_secs(8), "{gone:?}");
     assert!(withdrawn < Duration::from_secs(5), "{withdrawn:?}");
 }

@@ -11,22 +11,18 @@ use crate::discovery::Registration as Value;
 use crate::etcd::Etcd;
 use crate::settings::MeshSettings;
 
-/// A live registration; [`Registration::stop`] removes it.
-pub struct Registration {
+/// A registration checked and ready to start: the etcd client, the key and its value.
+pub struct Registrar {
     etcd: Etcd,
-    lease: Arc<Mutex<Option<i64>>>,
-    task: JoinHandle<()>,
     key: String,
+    value: String,
+    ttl: Duration,
 }
 
-impl Registration {
-    /// Registers `service` at `url` under `<etcd_prefix><service>/<host:port>`, if
-    /// `mesh.etcd_url` is set.
-    pub fn start(
-        settings: &MeshSettings,
-        service: &str,
-        url: &str,
-    ) -> Result<Option<Self>, String> {
+impl Registrar {
+    /// Prepares to register `service` at `url` under `<etcd_prefix><service>/<host:port>`, if
+    /// `mesh.etcd_url` is set; a malformed URL is refused here, before anything is announced.
+    pub fn new(settings: &MeshSettings, service: &str, url: &str) -> Result<Option<Self>, String> {
         let Some(etcd_url) = &settings.etcd_url else {
             return Ok(None);
         };
@@ -41,22 +37,47 @@ impl Registration {
             weight: 1,
         })
         .map_err(|e| e.to_string())?;
-        let lease = Arc::new(Mutex::new(None));
-        let task = tokio::spawn(keep_registered(
-            etcd.clone(),
-            key.clone(),
-            value,
-            settings.lease_ttl(),
-            lease.clone(),
-        ));
-        Ok(Some(Registration {
+        Ok(Some(Registrar {
             etcd,
-            lease,
-            task,
             key,
+            value,
+            ttl: settings.lease_ttl(),
         }))
     }
 
+    /// The key it registers.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Puts the key under a lease and keeps it alive until [`Registration::stop`].
+    pub fn start(self) -> Registration {
+        let lease = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(keep_registered(
+            self.etcd.clone(),
+            self.key.clone(),
+            self.value,
+            self.ttl,
+            lease.clone(),
+        ));
+        Registration {
+            etcd: self.etcd,
+            lease,
+            task,
+            key: self.key,
+        }
+    }
+}
+
+/// A live registration; [`Registration::stop`] removes it.
+pub struct Registration {
+    etcd: Etcd,
+    lease: Arc<Mutex<Option<i64>>>,
+    task: JoinHandle<()>,
+    key: String,
+}
+
+impl Registration {
     /// The key it holds.
     pub fn key(&self) -> &str {
         &self.key
