@@ -108,26 +108,19 @@ pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
     if pending.is_none() {
         return Ok(0);
     }
-    let mut tx = db.begin_write().await?;
-    let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(position) FROM outbox")
-        .fetch_one(&mut *tx)
-        .await?;
-    let ids: Vec<(String,)> =
-        sqlx::query_as("SELECT id FROM outbox WHERE position IS NULL ORDER BY id LIMIT $1")
-            .bind(BATCH)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut next = max.unwrap_or(0);
-    for (id,) in &ids {
-        next += 1;
-        sqlx::query("UPDATE outbox SET position = $1 WHERE id = $2 AND position IS NULL")
-            .bind(next)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(ids.len() as u64)
+    // One statement (no transaction around several): the rows in id order, numbered from the
+    // highest position on. The scalar subquery is evaluated once, before any row changes.
+    let numbered = sqlx::query(
+        "UPDATE outbox SET position = numbered.position \
+         FROM (SELECT id, (SELECT COALESCE(MAX(position), 0) FROM outbox) \
+                          + ROW_NUMBER() OVER (ORDER BY id) AS position \
+               FROM outbox WHERE position IS NULL ORDER BY id LIMIT $1) AS numbered \
+         WHERE outbox.id = numbered.id AND outbox.position IS NULL",
+    )
+    .bind(BATCH)
+    .execute(db.pool())
+    .await?;
+    Ok(numbered.rows_affected())
 }
 
 /// Numbers committed rows for as long as the process runs: woken by the appends of this

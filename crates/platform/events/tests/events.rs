@@ -78,10 +78,13 @@ async fn only_committed_events_get_positions_in_order(test: TestDb) {
     assert_eq!(outbox::read_after(&db, 2, 10).await.expect("read").len(), 1);
 }
 
+/// Eight writers append while two replicas number the same outbox at once (each its own
+/// connections): every event gets one position, gapless and in order.
 async fn concurrent_producers_get_gapless_positions(test: TestDb) {
     let db = connect(&test).await;
     outbox::install(&db).await.expect("install");
     let positioner = outbox::spawn_positioner(db.clone(), "test");
+    let replica = outbox::spawn_positioner(connect(&test).await, "test");
     let mut writers = Vec::new();
     for w in 0..8u32 {
         let db = db.clone();
@@ -113,6 +116,7 @@ async fn concurrent_producers_get_gapless_positions(test: TestDb) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     positioner.abort();
+    replica.abort();
     assert_eq!(seen, 200);
     assert_eq!(ids.len(), 200);
 }
