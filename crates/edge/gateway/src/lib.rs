@@ -26,7 +26,6 @@ pub mod proxy;
 pub mod ratelimit;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -37,22 +36,17 @@ use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
 use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{Mesh, Protocol};
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 use proxy::{Shared, Target};
 
-/// A gateway, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    verifier: Verifier,
-    keys_loaded: Arc<AtomicBool>,
-    limits: Arc<ratelimit::RateLimits>,
-}
+/// The gateway.
+pub struct Application;
 
 impl Application {
-    /// Builds the routes and binds the port.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Builds the routes and binds the port: a gateway ready to run.
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         config.gateway.validate()?;
         let jwks_url = config.jwks_url().ok_or_else(|| {
             anyhow::anyhow!(
@@ -154,37 +148,15 @@ impl Application {
             }))
             .into_router();
         let server = Server::bind("gateway", &config.server, router).await?;
-        Ok(Application {
-            server,
-            verifier,
-            keys_loaded,
-            limits,
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves until `shutdown` completes.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let loader = tokio::spawn(load_keys(self.verifier.clone(), self.keys_loaded.clone()));
-        let limits = self.limits.clone();
-        let sweeper = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                ticker.tick().await;
-                limits.sweep();
-            }
-        });
-        let result = self.server.run_until(shutdown).await;
-        loader.abort();
-        sweeper.abort();
-        Ok(result?)
+        Ok(Service::new(server)
+            .cancellable("signing-keys", load_keys(verifier, keys_loaded))
+            .cancellable("rate-limit-sweeper", async move {
+                let mut ticker = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    ticker.tick().await;
+                    limits.sweep();
+                }
+            }))
     }
 }
 

@@ -177,67 +177,122 @@ impl Consumer {
         }
     }
 
-    /// Follows `subscription` until the task is aborted.
+    /// Follows `subscription` until the task is aborted (see [`Consumer::follow`]).
     pub fn spawn(self: &Arc<Self>, subscription: Subscription) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.clone().follow(subscription, std::future::pending()))
+    }
+
+    /// Follows `subscription` until `stop` completes: a page being handled is finished first
+    /// (an e-mail sent is recorded before the process goes), a wait is cut short.
+    pub async fn follow(
+        self: Arc<Self>,
+        subscription: Subscription,
+        stop: impl Future<Output = ()> + Send,
+    ) {
         if self.name.is_none() {
             tracing::warn!(
                 producer = subscription.producer,
                 "an unnamed consumer (no `reading_as`): its reads do not hold the producer's retention back"
             );
         }
-        let consumer = self.clone();
-        tokio::spawn(async move {
-            let mut backoff = Backoff::new(consumer.poll, Duration::from_secs(5));
-            let mut warned = false;
-            let mut pruned_gap = false;
-            let mut wait = Duration::ZERO;
-            loop {
-                consumer.prune_if_due().await;
-                match consumer.pump_waiting(&subscription, wait).await {
-                    Ok(n) => {
-                        backoff.reset();
-                        warned = false;
-                        if pruned_gap {
-                            // Re-seeded: reading again.
-                            pruned_gap = false;
-                            metrics::gauge!("consumer_pruned_gap", "producer" => subscription.producer.clone())
-                                .set(0.0);
-                        }
-                        if n == PAGE {
-                            wait = Duration::ZERO;
-                            continue;
-                        }
-                        // A short page: let the next events gather for `poll` (one page, one
-                        // transaction for many), then wait at the producer for them (long
-                        // poll), so an idle stream costs one request per LONG_POLL and the
-                        // first event after a quiet time comes at once.
-                        if n > 0 {
-                            tokio::time::sleep(consumer.poll).await;
-                        }
-                        wait = LONG_POLL;
-                    }
-                    Err(ConsumeError::Pruned(producer, why)) => {
-                        // Every time, loudly: this consumer stands still until re-seeded.
-                        tracing::error!(
-                            producer,
-                            why,
-                            "events were pruned before this consumer read them; re-seed its cursor (see docs/events.md)"
-                        );
-                        metrics::gauge!("consumer_pruned_gap", "producer" => producer).set(1.0);
-                        pruned_gap = true;
-                        wait = Duration::ZERO;
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                    }
-                    Err(e) => {
-                        if !warned || !matches!(e, ConsumeError::Fetch(..)) {
-                            tracing::warn!(error = %e, "consuming events");
-                            warned = true;
-                        }
-                        backoff.wait().await;
-                    }
+        let consumer = self;
+        let mut stop = std::pin::pin!(stop);
+        // Waits for `wait` unless told to stop first (`None`).
+        macro_rules! or_stop {
+            ($wait:expr) => {
+                tokio::select! {
+                    biased;
+                    () = &mut stop => None,
+                    out = $wait => Some(out),
                 }
+            };
+        }
+        let mut backoff = Backoff::new(consumer.poll, Duration::from_secs(5));
+        let mut warned = false;
+        let mut pruned_gap = false;
+        let mut wait = Duration::ZERO;
+        loop {
+            consumer.prune_if_due().await;
+            let Some(fetched) = or_stop!(consumer.next_page(&subscription, wait)) else {
+                return;
+            };
+            let handled = match fetched {
+                Ok((after, page)) => {
+                    consumer
+                        .handle_page(&subscription.producer, after, page)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let pause = match handled {
+                Ok(n) => {
+                    backoff.reset();
+                    warned = false;
+                    if pruned_gap {
+                        // Re-seeded: reading again.
+                        pruned_gap = false;
+                        metrics::gauge!("consumer_pruned_gap", "producer" => subscription.producer.clone())
+                            .set(0.0);
+                    }
+                    if n == PAGE {
+                        wait = Duration::ZERO;
+                        continue;
+                    }
+                    // A short page: let the next events gather for `poll` (one page, one
+                    // transaction for many), then wait at the producer for them (long
+                    // poll), so an idle stream costs one request per LONG_POLL and the
+                    // first event after a quiet time comes at once.
+                    wait = LONG_POLL;
+                    if n > 0 { consumer.poll } else { Duration::ZERO }
+                }
+                Err(ConsumeError::Pruned(producer, why)) => {
+                    // Every time, loudly: this consumer stands still until re-seeded.
+                    tracing::error!(
+                        producer,
+                        why,
+                        "events were pruned before this consumer read them; re-seed its cursor (see docs/events.md)"
+                    );
+                    metrics::gauge!("consumer_pruned_gap", "producer" => producer).set(1.0);
+                    pruned_gap = true;
+                    wait = Duration::ZERO;
+                    Duration::from_secs(30)
+                }
+                Err(e) => {
+                    if !warned || !matches!(e, ConsumeError::Fetch(..)) {
+                        tracing::warn!(error = %e, "consuming events");
+                        warned = true;
+                    }
+                    backoff.next_wait()
+                }
+            };
+            if !pause.is_zero() && or_stop!(tokio::time::sleep(pause)).is_none() {
+                return;
             }
-        })
+        }
+    }
+
+    /// Follows the service's events until `stop` completes: from its RabbitMQ queue `name`
+    /// (bound to `bindings`) when `settings` name a broker, else from each producer's stream in
+    /// `subscriptions`.
+    pub async fn follow_all(
+        self: Arc<Self>,
+        settings: EventsSettings,
+        name: &'static str,
+        bindings: Vec<&'static str>,
+        subscriptions: Vec<Subscription>,
+        stop: impl Future<Output = ()> + Send,
+    ) {
+        if settings.rabbitmq_url.is_some() {
+            crate::rabbit::follow(self, settings, name, bindings, stop).await;
+        } else {
+            let stop = futures_util::FutureExt::shared(Box::pin(stop));
+            futures_util::future::join_all(
+                subscriptions
+                    .into_iter()
+                    .map(|subscription| self.clone().follow(subscription, stop.clone())),
+            )
+            .await;
+        }
     }
 
     /// Where we are in `producer`'s stream.
@@ -263,9 +318,28 @@ impl Consumer {
         subscription: &Subscription,
         wait: Duration,
     ) -> Result<usize, ConsumeError> {
-        let producer = &subscription.producer;
-        let after = self.cursor(producer).await?;
-        let page = self.fetch(subscription, after, wait).await?;
+        let (after, page) = self.next_page(subscription, wait).await?;
+        self.handle_page(&subscription.producer, after, page).await
+    }
+
+    /// The page after the cursor (the part of [`Consumer::pump_waiting`] that waits, and that
+    /// may be abandoned: nothing is written).
+    async fn next_page(
+        &self,
+        subscription: &Subscription,
+        wait: Duration,
+    ) -> Result<(i64, Page), ConsumeError> {
+        let after = self.cursor(&subscription.producer).await?;
+        Ok((after, self.fetch(subscription, after, wait).await?))
+    }
+
+    /// Handles a page fetched after `after` (the part that writes: never abandoned midway).
+    async fn handle_page(
+        &self,
+        producer: &str,
+        after: i64,
+        page: Page,
+    ) -> Result<usize, ConsumeError> {
         // Positions are gapless: a page that does not run on from the cursor means events in
         // between were pruned (a race with the producer's pruner, which its 410 check cannot
         // close). Never skip them.
@@ -274,7 +348,7 @@ impl Consumer {
             .find(|(expected, event)| event.position != *expected)
         {
             return Err(ConsumeError::Pruned(
-                producer.clone(),
+                producer.to_owned(),
                 format!(
                     "the events after position {} are no longer kept (the next is {}): \
                      re-seed this reader",
@@ -285,12 +359,12 @@ impl Consumer {
         }
         let n = page.events.len();
         let lag = |done: i64| (page.head - done).max(0) as f64;
-        metrics::gauge!("consumer_lag_events", "producer" => producer.clone()).set(lag(after));
+        metrics::gauge!("consumer_lag_events", "producer" => producer.to_owned()).set(lag(after));
         if let Some(last) = page.events.last()
             && self.handler.may_repeat()
             && self.process_page(producer, &page.events).await?
         {
-            metrics::gauge!("consumer_lag_events", "producer" => producer.clone())
+            metrics::gauge!("consumer_lag_events", "producer" => producer.to_owned())
                 .set(lag(last.position));
             return Ok(n);
         }
@@ -298,7 +372,7 @@ impl Consumer {
         // failure is counted against that event and the ones before it are kept.
         for event in &page.events {
             self.process(producer, event).await?;
-            metrics::gauge!("consumer_lag_events", "producer" => producer.clone())
+            metrics::gauge!("consumer_lag_events", "producer" => producer.to_owned())
                 .set(lag(event.position));
         }
         Ok(n)

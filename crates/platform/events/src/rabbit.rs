@@ -11,6 +11,8 @@
 //!   failure is nacked back after a delay; the queue's `x-delivery-limit` sends an event that
 //!   keeps failing to a dead-letter exchange and its queue (`<queue>.dead`), so the rest flows.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -232,22 +234,46 @@ pub fn spawn_consumer(
     name: &'static str,
     bindings: Vec<&'static str>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Some(url) = settings.rabbitmq_url.clone() else {
-            return;
-        };
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        loop {
-            let started = tokio::time::Instant::now();
-            if let Err(e) = consume(&consumer, &url, &settings, name, &bindings).await {
+    tokio::spawn(follow(
+        consumer,
+        settings,
+        name,
+        bindings,
+        std::future::pending(),
+    ))
+}
+
+/// [`spawn_consumer`]'s loop, until `stop` completes: the delivery being handled is finished
+/// and acknowledged first; those prefetched and not handled go back to the queue.
+pub async fn follow(
+    consumer: Arc<Consumer>,
+    settings: EventsSettings,
+    name: &'static str,
+    bindings: Vec<&'static str>,
+    stop: impl Future<Output = ()> + Send,
+) {
+    let Some(url) = settings.rabbitmq_url.clone() else {
+        return;
+    };
+    let mut stop = std::pin::pin!(stop);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let started = tokio::time::Instant::now();
+        match consume(&consumer, &url, &settings, name, &bindings, stop.as_mut()).await {
+            Ok(()) => return,
+            Err(e) => {
                 tracing::warn!(queue = name, error = %e, "consuming from RabbitMQ interrupted; retrying");
             }
-            if started.elapsed() >= STABLE {
-                backoff.reset();
-            }
-            backoff.wait().await;
         }
-    })
+        if started.elapsed() >= STABLE {
+            backoff.reset();
+        }
+        tokio::select! {
+            biased;
+            () = stop.as_mut() => return,
+            () = backoff.wait() => {}
+        }
+    }
 }
 
 /// Declares the exchanges and the service's queues (idempotent).
@@ -336,6 +362,7 @@ async fn consume(
     settings: &EventsSettings,
     name: &str,
     bindings: &[&str],
+    mut stop: Pin<&mut (impl Future<Output = ()> + Send + ?Sized)>,
 ) -> Result<(), Error> {
     let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
@@ -353,7 +380,17 @@ async fn consume(
         )
         .await?;
     tracing::info!(%queue, "consuming events from RabbitMQ");
-    while let Some(delivery) = deliveries.next().await {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            () = stop.as_mut() => {
+                // Unacknowledged deliveries go back to the queue with the connection.
+                let _ = connection.close(200, "stopping".into()).await;
+                return Ok(());
+            }
+            delivery = deliveries.next() => delivery,
+        };
+        let Some(delivery) = delivery else { break };
         let delivery = delivery?;
         let event: Envelope = match serde_json::from_slice(&delivery.data) {
             Ok(event) => event,

@@ -20,6 +20,7 @@ shopmesh_db::test_on_both_backends!(
     concurrent_producers_get_gapless_positions,
     redelivered_events_have_no_second_effect_and_poison_is_set_aside,
     a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbour_fails,
+    a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short,
 );
 
 async fn connect(db: &TestDb) -> Db {
@@ -251,4 +252,113 @@ async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
     assert!(consumer.dead_letters().await.expect("dead").is_empty());
     assert_eq!(consumer.redrive().await.expect("redrive"), (0, 0));
     recorder
+}
+
+/// Holds each event in its handler until released (an e-mail being sent when the process is
+/// told to stop).
+struct Gate {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+impl Handler for Gate {
+    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            self.entered.notify_one();
+            self.release
+                .acquire()
+                .await
+                .map_err(|e| e.to_string())?
+                .forget();
+            sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
+                .bind(event.id.hyphenated().to_string())
+                .execute(tx)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
+
+async fn a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short(test: TestDb) {
+    let db = connect(&test).await;
+    outbox::install(&db).await.expect("install");
+    shopmesh_events::consumer::install(&db)
+        .await
+        .expect("install");
+    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
+        .execute(db.pool())
+        .await
+        .expect("effects");
+    let mut tx = db.begin_write().await.expect("tx");
+    outbox::append(&mut tx, &event(1), None)
+        .await
+        .expect("append");
+    tx.commit().await.expect("commit");
+    outbox::assign_positions(&db).await.expect("number");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = outbox::routes(db.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mesh = Mesh::new(MeshSettings::default());
+    let subscription = || Subscription {
+        producer: "test".to_owned(),
+        upstream: mesh
+            .upstream("test", &format!("http://{addr}"), Protocol::Http)
+            .expect("upstream"),
+    };
+    let gate = Arc::new(Gate {
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let consumer = Arc::new(Consumer::new(
+        db.clone(),
+        gate.clone(),
+        3,
+        Duration::from_millis(10),
+    ));
+
+    // Told to stop while the event is in its handler: it finishes and records it first.
+    let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    let following = tokio::spawn(consumer.clone().follow(subscription(), async move {
+        let _ = stopping.await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), gate.entered.notified())
+        .await
+        .expect("the event reaches its handler");
+    stop.send(()).expect("stop");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!following.is_finished(), "it waits for the event in hand");
+    gate.release.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(10), following)
+        .await
+        .expect("it stops once the event is handled")
+        .expect("join");
+    let (effects,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+    assert_eq!(effects, 1, "the event in hand was handled");
+    assert_eq!(consumer.cursor("test").await.expect("cursor"), 1);
+
+    // Waiting at the producer for the next event (a long poll of 2 s, begun ~300 ms before
+    // the stop: a consumer that looked only between polls would take ~1.7 s), it stops at once.
+    let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    let following = tokio::spawn(consumer.clone().follow(subscription(), async move {
+        let _ = stopping.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    stop.send(()).expect("stop");
+    tokio::time::timeout(Duration::from_secs(10), following)
+        .await
+        .expect("it stops")
+        .expect("join");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "stopped after {:?}",
+        asked.elapsed()
+    );
 }

@@ -11,16 +11,21 @@
 //! - [`server`]: binds the port and serves until a shutdown signal, then drains within a grace
 //!   period. A server takes its listener and its shutdown future from the caller, so tests run
 //!   it on port 0 and stop it when they like.
+//! - [`service`]: [`Service`], the skeleton of every service: the server, its background tasks
+//!   and what to close, stopped in one order (drain, tasks last-added first, closers).
 //!
-//! A service's `run` therefore reads: load settings, init telemetry, build the app, bind, serve.
+//! A service's `run` therefore reads: load settings, init telemetry, build the app, bind, add
+//! tasks and closers, serve.
 
 pub mod app;
 pub mod grpc;
 pub mod paging;
 pub mod server;
+pub mod service;
 pub mod settings;
 pub mod telemetry;
 
 pub use app::{App, ReadinessCheck};
 pub use server::{Server, bind, serve, shutdown_signal};
+pub use service::{Service, Stopping, stopped};
 pub use settings::{LogFormat, LogSettings, ServerSettings};

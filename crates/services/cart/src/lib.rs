@@ -14,7 +14,6 @@ pub mod error;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
@@ -22,7 +21,7 @@ use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 
@@ -43,15 +42,12 @@ impl FromRef<AppState> for Verifier {
     }
 }
 
-/// A cart service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    db: Db,
-}
+/// The cart service.
+pub struct Application;
 
 impl Application {
-    /// Connects, migrates and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Connects, migrates and binds: a service ready to run.
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         let store = store::Store::new(db.clone());
@@ -75,22 +71,7 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("cart", &config.server, router).await?;
-        Ok(Application { server, db })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves until `shutdown` completes, then drains and closes the database.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        self.server.run_until(shutdown).await?;
-        self.db.close().await;
-        Ok(())
+        Ok(Service::new(server).on_stop(async move { db.close().await }))
     }
 }
 

@@ -25,7 +25,6 @@ pub mod stock;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
@@ -33,7 +32,7 @@ use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 
@@ -65,18 +64,12 @@ impl FromRef<AppState> for Verifier {
     }
 }
 
-/// A catalog service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    db: Db,
-    consumer: std::sync::Arc<shopmesh_events::consumer::Consumer>,
-    stock_events: shopmesh_events::consumer::Subscription,
-    events: shopmesh_events::EventsSettings,
-}
+/// The catalog service.
+pub struct Application;
 
 impl Application {
     /// Connects, migrates, seeds the demo catalog if asked, and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::connect(&config.database_url(), &config.database).await?;
         migrate(&db).await?;
@@ -139,39 +132,18 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("catalog", &config.server, router).await?;
-        Ok(Application {
-            server,
-            db,
-            consumer,
-            stock_events,
-            events: config.events.clone(),
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves until `shutdown` completes, then drains and closes the database.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let pump = if self.events.rabbitmq_url.is_some() {
-            shopmesh_events::rabbit::spawn_consumer(
-                self.consumer.clone(),
-                self.events.clone(),
-                "catalog",
-                shopmesh_contracts::bindings("catalog"),
-            )
-        } else {
-            self.consumer.spawn(self.stock_events)
-        };
-        let result = self.server.run_until(shutdown).await;
-        pump.abort();
-        self.db.close().await;
-        Ok(result?)
+        let events = config.events.clone();
+        Ok(Service::new(server)
+            .task("events", move |stopping| {
+                consumer.follow_all(
+                    events,
+                    "catalog",
+                    shopmesh_contracts::bindings("catalog"),
+                    vec![stock_events],
+                    shopmesh_runtime::stopped(stopping),
+                )
+            })
+            .on_stop(async move { db.close().await }))
     }
 }
 

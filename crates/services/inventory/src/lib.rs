@@ -20,14 +20,12 @@ pub mod store;
 pub mod sweeper;
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 
@@ -47,18 +45,12 @@ impl FromRef<AppState> for Verifier {
     }
 }
 
-/// An inventory service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    store: store::Store,
-    sweep_interval: Duration,
-    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
-    publishing: shopmesh_events::Publishing,
-}
+/// The inventory service.
+pub struct Application;
 
 impl Application {
     /// Connects, migrates, seeds the demo stock if asked, and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         shopmesh_events::outbox::install(&db).await?;
@@ -84,41 +76,20 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("inventory", &config.server, router).await?;
-        Ok(Application {
-            server,
-            store,
-            sweep_interval: config.inventory.sweep_interval(),
-            publishing: shopmesh_events::Publishing::start(
-                &db,
-                &config.events,
-                "inventory",
-                shopmesh_contracts::TOPOLOGY,
-            ),
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves (and sweeps expired holds) until `shutdown` completes.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let sweeper = tokio::spawn(sweeper::run(
-            self.store.clone(),
-            self.sweep_interval,
-            stopped,
-        ));
-        let result = self.server.run_until(shutdown).await;
-        let _ = stop.send(true);
-        let _ = sweeper.await;
-        self.publishing.stop();
-        self.store.db().close().await;
-        Ok(result?)
+        // Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
+        let publishing = shopmesh_events::Publishing::start(
+            &db,
+            &config.events,
+            "inventory",
+            shopmesh_contracts::TOPOLOGY,
+        );
+        let sweep_interval = config.inventory.sweep_interval();
+        Ok(Service::new(server)
+            .task("sweeper", move |stopping| {
+                sweeper::run(store, sweep_interval, stopping)
+            })
+            .on_stop(async move { publishing.stop() })
+            .on_stop(async move { db.close().await }))
     }
 }
 

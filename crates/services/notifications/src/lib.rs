@@ -16,7 +16,6 @@ pub mod config;
 pub mod mail;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -32,7 +31,7 @@ use shopmesh_events::consumer::{Consumer, Subscription};
 use shopmesh_mesh::{Mesh, Protocol};
 use shopmesh_problem::extract::Query;
 use shopmesh_problem::{Problem, ProblemBody};
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
@@ -215,18 +214,12 @@ async fn redrive(State(dlq): State<DeadLetters>) -> Response {
     }
 }
 
-/// A notifications service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    db: Db,
-    consumer: Arc<Consumer>,
-    subscriptions: Vec<Subscription>,
-    events: shopmesh_events::EventsSettings,
-}
+/// The notifications service.
+pub struct Application;
 
 impl Application {
     /// Connects, migrates, prepares the consumer and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         shopmesh_events::consumer::install(&db).await?;
@@ -288,46 +281,21 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("notifications", &config.server, router).await?;
-        Ok(Application {
-            server,
-            db,
-            consumer,
-            subscriptions,
-            events: config.events.clone(),
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves and consumes until `shutdown` completes.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
         // RabbitMQ when configured (one quorum queue for the user and order events), else the
-        // embedded transport (pull each producer's stream).
-        let pumps: Vec<_> = if self.events.rabbitmq_url.is_some() {
-            vec![shopmesh_events::rabbit::spawn_consumer(
-                self.consumer.clone(),
-                self.events.clone(),
-                "notifications",
-                shopmesh_contracts::bindings("notifications"),
-            )]
-        } else {
-            self.subscriptions
-                .into_iter()
-                .map(|s| self.consumer.spawn(s))
-                .collect()
-        };
-        let result = self.server.run_until(shutdown).await;
-        for pump in pumps {
-            pump.abort();
-        }
-        self.db.close().await;
-        Ok(result?)
+        // embedded transport (pull each producer's stream). Stopped between messages: one
+        // being sent is recorded before the process goes.
+        let events = config.events.clone();
+        Ok(Service::new(server)
+            .task("events", move |stopping| {
+                consumer.follow_all(
+                    events,
+                    "notifications",
+                    shopmesh_contracts::bindings("notifications"),
+                    subscriptions,
+                    shopmesh_runtime::stopped(stopping),
+                )
+            })
+            .on_stop(async move { db.close().await }))
     }
 }
 

@@ -22,13 +22,12 @@ pub mod store;
 pub mod worker;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
 use shopmesh_config::Sources;
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 
@@ -49,20 +48,13 @@ impl FromRef<AppState> for Verifier {
     }
 }
 
-/// An orders service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    store: store::Store,
-    saga: saga::Saga,
-    interval: Duration,
-    stale_after: Duration,
-    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
-    publishing: shopmesh_events::Publishing,
-}
+/// The orders service.
+pub struct Application;
 
 impl Application {
-    /// Connects, migrates, prepares the clients and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Connects, migrates, prepares the clients, binds, and takes this process's lease: a
+    /// service ready to run, with its worker beside it.
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = shopmesh_db::Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         shopmesh_events::outbox::install(&db).await?;
@@ -91,52 +83,29 @@ impl Application {
             .readiness(ReadinessCheck::new("database", db.probe()))
             .into_router();
         let server = Server::bind("orders", &config.server, router).await?;
-        Ok(Application {
-            server,
-            store,
-            saga,
-            interval: Duration::from_millis(config.orders.worker_interval_ms.max(10)),
-            stale_after: Duration::from_secs(config.orders.stale_after_secs),
-            publishing: shopmesh_events::Publishing::start(
-                &db,
-                &config.events,
-                "orders",
-                shopmesh_contracts::TOPOLOGY,
-            ),
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves (and runs the background worker) until `shutdown` completes.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        // The lease first: a step this process starts must never look orphaned.
-        self.store.renew_lease().await?;
-        let (stop_lease, lease_stopped) = tokio::sync::watch::channel(false);
-        let lease = tokio::spawn(worker::keep_lease(self.store.clone(), lease_stopped));
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let worker = tokio::spawn(worker::run(
-            self.store.clone(),
-            self.saga.clone(),
-            self.interval,
-            self.stale_after,
-            stopped,
-        ));
-        let result = self.server.run_until(shutdown).await;
-        let _ = stop.send(true);
-        let _ = worker.await;
-        // Only now: the requests have drained and the worker is done.
-        let _ = stop_lease.send(true);
-        let _ = lease.await;
-        self.publishing.stop();
-        self.store.db().close().await;
-        Ok(result?)
+        // The lease before anything runs: a step this process starts must never look
+        // orphaned. Its task is added first, so it stops last: after the requests drained
+        // and the worker stopped.
+        store.renew_lease().await?;
+        let interval = Duration::from_millis(config.orders.worker_interval_ms.max(10));
+        let stale_after = Duration::from_secs(config.orders.stale_after_secs);
+        // Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
+        let publishing = shopmesh_events::Publishing::start(
+            &db,
+            &config.events,
+            "orders",
+            shopmesh_contracts::TOPOLOGY,
+        );
+        Ok(Service::new(server)
+            .task("lease", {
+                let store = store.clone();
+                move |stopping| worker::keep_lease(store, stopping)
+            })
+            .task("worker", move |stopping| {
+                worker::run(store, saga, interval, stale_after, stopping)
+            })
+            .on_stop(async move { publishing.stop() })
+            .on_stop(async move { db.close().await }))
     }
 }
 

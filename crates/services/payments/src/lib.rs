@@ -19,28 +19,22 @@ pub mod error;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 
 /// The migrations of the payments database.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A payments service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    db: Db,
-    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
-    publishing: shopmesh_events::Publishing,
-}
+/// The payments service.
+pub struct Application;
 
 impl Application {
-    /// Connects, migrates and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// Connects, migrates and binds: a service ready to run.
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         shopmesh_events::outbox::install(&db).await?;
         let store = store::Store::new(db.clone());
@@ -56,28 +50,9 @@ impl Application {
             "payments",
             shopmesh_contracts::TOPOLOGY,
         );
-        Ok(Application {
-            server,
-            db,
-            publishing,
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves until `shutdown` completes, then drains and closes the database.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let result = self.server.run_until(shutdown).await;
-        self.publishing.stop();
-        result?;
-        self.db.close().await;
-        Ok(())
+        Ok(Service::new(server)
+            .on_stop(async move { publishing.stop() })
+            .on_stop(async move { db.close().await }))
     }
 }
 

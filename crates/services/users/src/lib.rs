@@ -22,7 +22,6 @@ pub mod passwords;
 pub mod store;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
@@ -30,7 +29,7 @@ use secrecy::ExposeSecret;
 use shopmesh_auth::{JwkSet, TokenSigner, Verifier};
 use shopmesh_config::Sources;
 use shopmesh_db::Db;
-use shopmesh_runtime::{App, ReadinessCheck, Server};
+use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
 use domain::{Email, Password, UserName};
@@ -55,13 +54,8 @@ impl FromRef<AppState> for Verifier {
     }
 }
 
-/// A users service, built and bound, not yet serving.
-pub struct Application {
-    server: Server,
-    db: Db,
-    /// Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
-    publishing: shopmesh_events::Publishing,
-}
+/// The users service.
+pub struct Application;
 
 /// Connects to the users database and applies the migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
@@ -72,7 +66,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
 
 impl Application {
     /// Connects, migrates, loads the signing key, applies the admin bootstrap and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let store = open_store(&config).await?;
         let keys = keys::load_or_create(&store, &config.auth, config.users.token_ttl())
             .await
@@ -106,27 +100,9 @@ impl Application {
             "users",
             shopmesh_contracts::TOPOLOGY,
         );
-        Ok(Application {
-            server,
-            db,
-            publishing,
-        })
-    }
-
-    /// Where it listens.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.server.local_addr()
-    }
-
-    /// Serves until `shutdown` completes, then drains and closes the database.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let result = self.server.run_until(shutdown).await;
-        self.publishing.stop();
-        self.db.close().await;
-        Ok(result?)
+        Ok(Service::new(server)
+            .on_stop(async move { publishing.stop() })
+            .on_stop(async move { db.close().await }))
     }
 }
 
