@@ -1,11 +1,19 @@
-//! gRPC clients for the services orders calls, and how their failures are read.
+//! What the saga asks of other services ([`Downstream`]), the gRPC clients that ask it
+//! ([`Clients`]), and how their failures are read.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_problem::Problem;
 use shopmesh_proto::cart::v1::cart_client::CartClient;
+use shopmesh_proto::cart::v1::{GetCartRequest, GetCartResponse, RemoveLinesRequest};
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
+use shopmesh_proto::catalog::v1::{GetProductsRequest, GetProductsResponse};
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
+use shopmesh_proto::inventory::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
+use shopmesh_proto::payments::v1::{ChargeRequest, GetPaymentRequest, Payment, RefundRequest};
 
 use crate::config::OrdersSettings;
 use crate::error::Error;
@@ -43,6 +51,79 @@ impl Clients {
             )?),
             cart: CartClient::new(mesh.grpc("cart", &settings.cart_url, deadline)?),
         })
+    }
+}
+
+/// A call to another service: its answer, or the status it failed with.
+pub type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, tonic::Status>> + Send + 'a>>;
+
+/// Every call the saga makes, in the services' own terms (their messages, their statuses), so
+/// that tests can play the other services: answer, refuse, or leave the outcome unknown.
+pub trait Downstream: Send + Sync + 'static {
+    /// Catalog `GetProducts`: prices and whether each product can be bought.
+    fn products(&self, request: GetProductsRequest) -> Call<'_, GetProductsResponse>;
+    /// Inventory `Reserve` (idempotent by order id).
+    fn reserve(&self, request: ReserveRequest) -> Call<'_, ()>;
+    /// Inventory `Commit` (idempotent by order id).
+    fn commit(&self, request: CommitRequest) -> Call<'_, ()>;
+    /// Inventory `Release` (idempotent by order id; leaves a tombstone).
+    fn release(&self, request: ReleaseRequest) -> Call<'_, ()>;
+    /// Payments `Charge` (one capture per order).
+    fn charge(&self, request: ChargeRequest) -> Call<'_, Payment>;
+    /// Payments `GetPayment`: the order's capture, `NotFound` if none.
+    fn payment(&self, request: GetPaymentRequest) -> Call<'_, Payment>;
+    /// Payments `Refund` (`NotFound` if nothing was captured).
+    fn refund(&self, request: RefundRequest) -> Call<'_, ()>;
+    /// Cart `GetCart`.
+    fn cart(&self, request: GetCartRequest) -> Call<'_, GetCartResponse>;
+    /// Cart `RemoveLines`.
+    fn remove_from_cart(&self, request: RemoveLinesRequest) -> Call<'_, ()>;
+}
+
+impl Downstream for Clients {
+    fn products(&self, request: GetProductsRequest) -> Call<'_, GetProductsResponse> {
+        let mut client = self.catalog.clone();
+        Box::pin(async move { Ok(client.get_products(request).await?.into_inner()) })
+    }
+
+    fn reserve(&self, request: ReserveRequest) -> Call<'_, ()> {
+        let mut client = self.inventory.clone();
+        Box::pin(async move { client.reserve(request).await.map(drop) })
+    }
+
+    fn commit(&self, request: CommitRequest) -> Call<'_, ()> {
+        let mut client = self.inventory.clone();
+        Box::pin(async move { client.commit(request).await.map(drop) })
+    }
+
+    fn release(&self, request: ReleaseRequest) -> Call<'_, ()> {
+        let mut client = self.inventory.clone();
+        Box::pin(async move { client.release(request).await.map(drop) })
+    }
+
+    fn charge(&self, request: ChargeRequest) -> Call<'_, Payment> {
+        let mut client = self.payments.clone();
+        Box::pin(async move { Ok(client.charge(request).await?.into_inner()) })
+    }
+
+    fn payment(&self, request: GetPaymentRequest) -> Call<'_, Payment> {
+        let mut client = self.payments.clone();
+        Box::pin(async move { Ok(client.get_payment(request).await?.into_inner()) })
+    }
+
+    fn refund(&self, request: RefundRequest) -> Call<'_, ()> {
+        let mut client = self.payments.clone();
+        Box::pin(async move { client.refund(request).await.map(drop) })
+    }
+
+    fn cart(&self, request: GetCartRequest) -> Call<'_, GetCartResponse> {
+        let mut client = self.cart.clone();
+        Box::pin(async move { Ok(client.get_cart(request).await?.into_inner()) })
+    }
+
+    fn remove_from_cart(&self, request: RemoveLinesRequest) -> Call<'_, ()> {
+        let mut client = self.cart.clone();
+        Box::pin(async move { client.remove_lines(request).await.map(drop) })
     }
 }
 

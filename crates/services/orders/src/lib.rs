@@ -7,7 +7,9 @@
 //!   their stored answers, guarded step transitions.
 //! - [`saga`]: place (price, store, reserve), pay (charge, commit), cancel, expire, and
 //!   `resume` for a step interrupted by a crash or a lost answer.
-//! - [`clients`]: gRPC to catalog, inventory and payments, each call under a deadline.
+//! - [`clients`]: what the saga asks of catalog, inventory, payments and cart (the
+//!   `Downstream` trait, which tests play), and the gRPC clients that ask it, each call under a
+//!   deadline.
 //! - [`worker`]: expires unpaid orders and resumes interrupted steps in the background.
 //! - [`api`]: HTTP `/api/v1/orders` (create with `Idempotency-Key`, list, read, pay, cancel)
 //!   and gRPC `shopmesh.orders.v1.Orders/Audit` for reconciliation.
@@ -67,7 +69,12 @@ impl Application {
                 .join(format!("orders-failpoint-{name}.fired")),
             name,
         });
-        let saga = saga::Saga::new(store.clone(), clients, config.orders.order_ttl(), failpoint);
+        let saga = saga::Saga::new(
+            store.clone(),
+            std::sync::Arc::new(clients),
+            config.orders.order_ttl(),
+            failpoint,
+        );
         let state = AppState {
             store: store.clone(),
             saga: saga.clone(),

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shopmesh_problem::Invalid;
@@ -29,7 +30,7 @@ use shopmesh_proto::payments::v1::{Card, ChargeRequest, GetPaymentRequest, Refun
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::clients::{Clients, Failure, failure, refusal, unavailable};
+use crate::clients::{Downstream, Failure, failure, refusal, unavailable};
 use crate::domain::{Line, Request, Status, Step, total};
 use crate::error::Error;
 use crate::store::{Order, Store};
@@ -41,7 +42,7 @@ const SETTLE_WAIT: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct Saga {
     store: Store,
-    clients: Clients,
+    services: Arc<dyn Downstream>,
     ttl: Duration,
     failpoint: Option<Failpoint>,
 }
@@ -72,16 +73,16 @@ fn order_field(i: usize) -> String {
 }
 
 impl Saga {
-    /// A saga over this store and these clients; unpaid orders expire after `ttl`.
+    /// A saga over this store and these services; unpaid orders expire after `ttl`.
     pub fn new(
         store: Store,
-        clients: Clients,
+        services: Arc<dyn Downstream>,
         ttl: Duration,
         failpoint: Option<Failpoint>,
     ) -> Self {
         Saga {
             store,
-            clients,
+            services,
             ttl,
             failpoint,
         }
@@ -90,10 +91,8 @@ impl Saga {
     /// The customer's cart lines, as `items` would give them.
     pub async fn cart_lines(&self, user: Uuid) -> Result<Vec<(String, i64)>, Error> {
         let lines = self
-            .clients
-            .cart
-            .clone()
-            .get_cart(GetCartRequest {
+            .services
+            .cart(GetCartRequest {
                 user_id: user.hyphenated().to_string(),
             })
             .await
@@ -101,7 +100,6 @@ impl Saga {
                 Failure::Refused(problem) => refusal(problem),
                 Failure::Unknown => unavailable("cart"),
             })?
-            .into_inner()
             .lines;
         Ok(lines
             .into_iter()
@@ -123,7 +121,7 @@ impl Saga {
                 })
                 .collect(),
         };
-        if let Err(status) = self.clients.cart.clone().remove_lines(remove).await {
+        if let Err(status) = self.services.remove_from_cart(remove).await {
             tracing::warn!(%user, error = %status, "ordered lines could not be taken out of the cart");
         }
     }
@@ -141,16 +139,13 @@ impl Saga {
             .map(|(p, _)| p.hyphenated().to_string())
             .collect();
         let products = self
-            .clients
-            .catalog
-            .clone()
-            .get_products(GetProductsRequest { ids })
+            .services
+            .products(GetProductsRequest { ids })
             .await
             .map_err(|status| match failure(&status) {
                 Failure::Refused(problem) => refusal(problem),
                 Failure::Unknown => unavailable("catalog"),
             })?
-            .into_inner()
             .products;
         let by_id: HashMap<String, _> = products.into_iter().map(|p| (p.id.clone(), p)).collect();
         let mut lines = Vec::with_capacity(request.lines.len());
@@ -199,7 +194,7 @@ impl Saga {
                 .collect(),
             ttl_seconds: i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX),
         };
-        match self.clients.inventory.clone().reserve(reserve).await {
+        match self.services.reserve(reserve).await {
             Ok(_) => {
                 let placed = self
                     .store
@@ -303,8 +298,8 @@ impl Saga {
             currency: order.currency.clone(),
             card: Some(card),
         };
-        let payment = match self.clients.payments.clone().charge(charge).await {
-            Ok(payment) => payment.into_inner(),
+        let payment = match self.services.charge(charge).await {
+            Ok(payment) => payment,
             Err(status) => {
                 return Err(match failure(&status) {
                     Failure::Refused(problem) => {
@@ -362,7 +357,7 @@ impl Saga {
         let request = CommitRequest {
             order_id: order_id.hyphenated().to_string(),
         };
-        match self.clients.inventory.clone().commit(request).await {
+        match self.services.commit(request).await {
             Ok(_) => {
                 let paid = self
                     .store
@@ -482,7 +477,7 @@ impl Saga {
         let request = ReleaseRequest {
             order_id: order_id.hyphenated().to_string(),
         };
-        match self.clients.inventory.clone().release(request).await {
+        match self.services.release(request).await {
             Ok(_) => Ok(()),
             Err(status) => Err(match failure(&status) {
                 Failure::Refused(problem) => {
@@ -497,7 +492,7 @@ impl Saga {
         let request = RefundRequest {
             order_id: order_id.hyphenated().to_string(),
         };
-        match self.clients.payments.clone().refund(request).await {
+        match self.services.refund(request).await {
             Ok(_) => Ok(()),
             Err(status) => match failure(&status) {
                 // Nothing captured: nothing to refund.
@@ -525,9 +520,8 @@ impl Saga {
                 let request = GetPaymentRequest {
                     order_id: order_id.hyphenated().to_string(),
                 };
-                match self.clients.payments.clone().get_payment(request).await {
+                match self.services.payment(request).await {
                     Ok(payment) => {
-                        let payment = payment.into_inner();
                         if !self
                             .store
                             .transition(
