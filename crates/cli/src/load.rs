@@ -93,6 +93,18 @@ pub struct LoadArgs {
     quiet: bool,
 }
 
+impl LoadArgs {
+    /// Where `up.json` is looked for.
+    pub(crate) fn data_dir(&self) -> Option<&PathBuf> {
+        self.data_dir.as_ref()
+    }
+
+    /// The measured time.
+    pub(crate) fn duration(&self) -> Duration {
+        self.duration
+    }
+}
+
 /// What a virtual customer repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -104,7 +116,7 @@ enum Scenario {
     Mix,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
         Some(at) => s.split_at(at),
@@ -372,6 +384,8 @@ struct Recorder {
     errors: BTreeMap<(&'static str, u16), u64>,
     /// The whole iteration (journey, or purchase in the open loop), per second of the run.
     per_second: Vec<Histogram<u64>>,
+    /// Failed steps, by the second of the run they failed in.
+    failed_per_second: Vec<u64>,
     iterations: u64,
 }
 
@@ -386,6 +400,7 @@ impl Recorder {
             steps: BTreeMap::new(),
             errors: BTreeMap::new(),
             per_second: Vec::new(),
+            failed_per_second: Vec::new(),
             iterations: 0,
         }
     }
@@ -397,8 +412,12 @@ impl Recorder {
             .saturating_record(micros.max(1));
     }
 
-    fn error(&mut self, step: &'static str, status: u16) {
+    fn error(&mut self, step: &'static str, status: u16, second: usize) {
         *self.errors.entry((step, status)).or_default() += 1;
+        if self.failed_per_second.len() <= second {
+            self.failed_per_second.resize(second + 1, 0);
+        }
+        self.failed_per_second[second] += 1;
     }
 
     fn iteration(&mut self, name: &'static str, second: usize, micros: u64) {
@@ -422,6 +441,17 @@ impl Recorder {
         }
         for (mine, theirs) in self.per_second.iter_mut().zip(other.per_second) {
             let _ = mine.add(theirs);
+        }
+        if self.failed_per_second.len() < other.failed_per_second.len() {
+            self.failed_per_second
+                .resize(other.failed_per_second.len(), 0);
+        }
+        for (mine, theirs) in self
+            .failed_per_second
+            .iter_mut()
+            .zip(other.failed_per_second)
+        {
+            *mine += theirs;
         }
         self.iterations += other.iterations;
     }
@@ -490,7 +520,8 @@ impl Session<'_> {
             other => {
                 let status = other.map_or(0, |a| a.status.as_u16());
                 if recorded {
-                    self.recorder.error(name, status);
+                    // Placed in time where it was seen, not where its iteration began.
+                    self.recorder.error(name, status, self.window.second(now));
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(())
@@ -756,6 +787,8 @@ struct ProcessResult {
 struct SecondResult {
     second: usize,
     count: u64,
+    /// Steps that failed in this second.
+    errors: u64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -763,7 +796,7 @@ struct SecondResult {
 
 /// What `--json` writes.
 #[derive(Debug, Serialize)]
-struct LoadResult {
+pub(crate) struct LoadResult {
     url: String,
     scenario: Scenario,
     mode: &'static str,
@@ -773,9 +806,9 @@ struct LoadResult {
     warmup_secs: f64,
     cores: usize,
     iteration: &'static str,
-    iterations: u64,
+    pub iterations: u64,
     iterations_per_second: f64,
-    errors: u64,
+    pub errors: u64,
     steps: Vec<StepResult>,
     error_counts: Vec<ErrorResult>,
     processes: Vec<ProcessResult>,
@@ -809,6 +842,24 @@ fn step_result(step: &'static str, h: &Histogram<u64>, seconds: f64) -> StepResu
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    run_with(&args, None).await.map(drop)
+}
+
+/// What a run measured, for `shopmesh chaos`.
+pub(crate) struct Outcome {
+    pub result: LoadResult,
+    /// Successful iterations' latencies, per second of the measured window.
+    pub per_second: Vec<Histogram<u64>>,
+    /// Failed steps per second of the measured window.
+    pub failed_per_second: Vec<u64>,
+}
+
+/// [`run`], telling `window` when the measured window opens, and answering with what it
+/// measured.
+pub(crate) async fn run_with(
+    args: &LoadArgs,
+    window_opens: Option<tokio::sync::oneshot::Sender<Instant>>,
+) -> anyhow::Result<Outcome> {
     if let Some(rate) = args.rate
         && !(rate > 0.0 && rate <= 100_000.0)
     {
@@ -818,7 +869,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         bail!("--duration must be more than 0");
     }
     let shop = Shop::new(&args.url);
-    let catalogue = Arc::new(prepare_catalogue(&shop, &args).await?);
+    let catalogue = Arc::new(prepare_catalogue(&shop, args).await?);
     let users = args.users.unwrap_or(16).max(1);
     let customers = match args.rate {
         Some(_) => args.customers.max(1),
@@ -835,8 +886,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         from: start + args.warmup,
         until: start + args.warmup + args.duration,
     };
+    if let Some(opens) = window_opens {
+        let _ = opens.send(window.from);
+    }
     let live = Arc::new(Live::default());
-    let progress = progress_bar(&args, live.clone(), window);
+    let progress = progress_bar(args, live.clone(), window);
     let measure = {
         let pids = pids.clone();
         tokio::spawn(async move {
@@ -937,6 +991,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             .map(|(second, h)| SecondResult {
                 second,
                 count: h.len(),
+                errors: recorder.failed_per_second.get(second).copied().unwrap_or(0),
                 p50_ms: ms(h.value_at_quantile(0.5)),
                 p99_ms: ms(h.value_at_quantile(0.99)),
                 max_ms: ms(h.max()),
@@ -950,7 +1005,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.html {
         write(path, report::html(&result)?.as_bytes())?;
     }
-    Ok(())
+    Ok(Outcome {
+        result,
+        per_second: recorder.per_second,
+        failed_per_second: recorder.failed_per_second,
+    })
 }
 
 fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
@@ -1077,7 +1136,7 @@ async fn open_loop(
             // connections.
             if window.records(intended) {
                 if let Ok(mut all) = shared.lock() {
-                    all.error("purchase", NOT_SENT);
+                    all.error("purchase", NOT_SENT, window.second(intended));
                 }
                 live.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -1223,11 +1282,11 @@ mod tests {
     fn merged_recorders_keep_every_sample_and_error() {
         let mut a = Recorder::new();
         a.iteration("journey", 0, 1_000);
-        a.error("pay", 409);
+        a.error("pay", 409, 0);
         let mut b = Recorder::new();
         b.iteration("journey", 2, 3_000);
-        b.error("pay", 409);
-        b.error("order", 0);
+        b.error("pay", 409, 4);
+        b.error("order", 0, 0);
         a.merge(b);
         assert_eq!(a.iterations, 2);
         assert_eq!(a.steps["journey"].len(), 2);
@@ -1235,6 +1294,7 @@ mod tests {
         assert_eq!(a.per_second[2].len(), 1);
         assert_eq!(a.errors[&("pay", 409)], 2);
         assert_eq!(a.errors[&("order", 0)], 1);
+        assert_eq!(a.failed_per_second, [2, 0, 0, 0, 1]);
     }
 
     #[test]

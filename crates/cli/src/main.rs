@@ -9,10 +9,12 @@
 //! - `admin` ([`admin`]): operator tasks against a service's database (create an admin).
 //! - `events` ([`events`]): dead letters of the event consumers (list, redrive).
 //! - `load` ([`load`]): load generation and measurement against a running shop.
+//! - `chaos` ([`chaos`]): faults against a running shop's instances under load, then `verify`.
 //!
 //! Everything a command needs comes from the service crates; this crate only wires them up.
 
 mod admin;
+mod chaos;
 mod events;
 mod load;
 mod serve;
@@ -51,6 +53,9 @@ enum Command {
     },
     /// Generate load against a running shop: closed or open loop, latency, errors, CPU.
     Load(load::LoadArgs),
+    /// Kill, freeze and restart a running shop's instances while customers buy; report what
+    /// they saw, then check the books.
+    Chaos(chaos::ChaosArgs),
     /// Event operations: `events dlq list`, `events dlq redrive`.
     Events {
         #[command(subcommand)]
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
             Command::Admin { command } => admin::run(command).await,
             Command::Events { command } => events::run(command).await,
             Command::Load(args) => load::run(args).await,
+            Command::Chaos(args) => chaos::run(args).await,
         }
     });
     // A blocked stdin reader (the parent watch of `serve`) must not hold the exit.

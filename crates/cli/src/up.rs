@@ -570,6 +570,9 @@ async fn supervise(
             return;
         }
         let _ = events.send(Event::Down(name.clone())).await;
+        // Stopped cleanly after it was ready (a SIGTERM: a rolling restart, an operator's
+        // stop): not a crash loop, so no growing back-off.
+        let clean = is_ready && status.as_ref().is_ok_and(|s| s.success());
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
         if !ever_ready {
             let _ = events
@@ -580,7 +583,7 @@ async fn supervise(
                 .await;
             return;
         }
-        if started.elapsed() >= STABLE_AFTER {
+        if clean || started.elapsed() >= STABLE_AFTER {
             backoff.reset();
         }
         restarts += 1;

@@ -360,6 +360,27 @@ async fn snapshot(args: &VerifyArgs) -> anyhow::Result<Snapshot> {
 }
 
 /// Runs the checks and reports; an error (non-zero exit) when anything does not add up.
+impl VerifyArgs {
+    /// Checks the `shopmesh up` whose `up.json` is in `data_dir`, with the default grace.
+    pub fn of_data_dir(data_dir: Option<PathBuf>) -> Self {
+        VerifyArgs {
+            data_dir,
+            inventory_url: None,
+            orders_url: None,
+            payments_url: None,
+            grace_secs: 10,
+        }
+    }
+}
+
+/// What does not balance (nothing when the books do).
+pub async fn findings(args: &VerifyArgs) -> anyhow::Result<Vec<String>> {
+    Ok(check(
+        &snapshot(args).await?,
+        Duration::from_secs(args.grace_secs),
+    ))
+}
+
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let snapshot = snapshot(&args).await?;
     let findings = check(&snapshot, Duration::from_secs(args.grace_secs));

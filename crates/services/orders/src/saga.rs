@@ -35,8 +35,21 @@ use crate::domain::{Line, Request, Status, Step, total};
 use crate::error::Error;
 use crate::store::{Order, Store};
 
-/// How long a payment waits for another attempt at the same order's payment to settle.
-const SETTLE_WAIT: Duration = Duration::from_secs(3);
+/// The longest a request waits for another attempt at the same thing (a payment of the same
+/// order, an order under the same key) to finish: that attempt's process may be frozen for a
+/// few seconds, or dead until its lease ([`LEASE`](crate::store::LEASE), 5 s) runs out and a
+/// replica takes its work over. Never past the caller's deadline (see [`patience`]).
+pub const SETTLE_WAIT: Duration = Duration::from_secs(7);
+
+/// Until when a request may wait for another attempt to settle: [`SETTLE_WAIT`] from now, or
+/// a moment before the caller's deadline if that comes first (the answer must still reach it).
+pub fn patience() -> tokio::time::Instant {
+    let cap = tokio::time::Instant::now() + SETTLE_WAIT;
+    match shopmesh_mesh::deadline::current() {
+        Some(deadline) => cap.min(deadline - Duration::from_millis(250)),
+        None => cap,
+    }
+}
 
 /// Runs the saga's steps.
 #[derive(Clone)]
@@ -342,9 +355,9 @@ impl Saga {
         self.commit(order.id).await
     }
 
-    /// `order` once its step in flight is over, or as it stands after [`SETTLE_WAIT`].
+    /// `order` once its step in flight is over, or as it stands when [`patience`] runs out.
     async fn settled(&self, mut order: Order) -> Result<Order, Error> {
-        let until = tokio::time::Instant::now() + SETTLE_WAIT;
+        let until = patience();
         while order.step != Step::Idle && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
             order = self.load(order.id).await?;

@@ -21,6 +21,9 @@ use crate::domain::{IdempotencyKey, Request, Status};
 use crate::error::Error;
 use crate::store::{Claim, Order, StoredResponse};
 
+/// How often a request looks again at a key whose first attempt is in flight.
+const KEY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The orders' HTTP routes, with their OpenAPI document.
 pub fn routes(state: AppState) -> OpenApiRouter {
     OpenApiRouter::new()
@@ -174,43 +177,56 @@ async fn create(
             .into());
         }
     };
-    let order_id = match state
-        .store
-        .claim_key(caller.id, key.as_str(), &hash)
-        .await?
-    {
-        Claim::Claimed(order_id) => order_id,
-        Claim::Replay(response) => {
-            let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
-            let mut replay = stored(status, response.body);
-            replay
-                .headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            return Ok(replay);
-        }
-        Claim::InFlight => return Err(Error::InFlight),
-        Claim::Mismatch => return Err(Error::KeyReused),
-        Claim::Abandoned(order_id) => match state.store.order(order_id).await? {
-            // The dead request placed its order: that is the answer, never a second order.
-            Some(order) if !matches!(order.status, Status::Pending | Status::Rejected) => {
-                let body = serde_json::to_string(&OrderView::from(order))
-                    .map_err(|e| Error::Internal(e.into()))?;
-                let answer = StoredResponse { status: 201, body };
-                state
-                    .store
-                    .finish_key(caller.id, key.as_str(), &answer)
-                    .await?;
-                return Ok(stored(StatusCode::CREATED, answer.body));
+    // A first attempt still in flight (its process frozen, or dead but not yet known to be)
+    // is waited for: it finishes and its answer is replayed, or its process is found dead and
+    // the key taken over. A 409 only if neither happens within the caller's patience.
+    let until = crate::saga::patience();
+    let order_id = loop {
+        let in_flight = match state
+            .store
+            .claim_key(caller.id, key.as_str(), &hash)
+            .await?
+        {
+            Claim::Claimed(order_id) => break order_id,
+            Claim::Replay(response) => {
+                let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+                let mut replay = stored(status, response.body);
+                replay
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(replay);
             }
-            // Its reservation is being rolled back by the worker.
-            Some(order) if order.status == Status::Pending => return Err(Error::InFlight),
-            // It placed nothing (or was rejected): start afresh under a new order id.
-            _ => state
-                .store
-                .retake_key(caller.id, key.as_str(), order_id)
-                .await?
-                .ok_or(Error::InFlight)?,
-        },
+            Claim::InFlight => Error::InFlight,
+            Claim::Mismatch => return Err(Error::KeyReused),
+            Claim::Abandoned(order_id) => match state.store.order(order_id).await? {
+                // The dead request placed its order: that is the answer, never a second order.
+                Some(order) if !matches!(order.status, Status::Pending | Status::Rejected) => {
+                    let body = serde_json::to_string(&OrderView::from(order))
+                        .map_err(|e| Error::Internal(e.into()))?;
+                    let answer = StoredResponse { status: 201, body };
+                    state
+                        .store
+                        .finish_key(caller.id, key.as_str(), &answer)
+                        .await?;
+                    return Ok(stored(StatusCode::CREATED, answer.body));
+                }
+                // Its reservation is being rolled back by the worker.
+                Some(order) if order.status == Status::Pending => Error::InFlight,
+                // It placed nothing (or was rejected): start afresh under a new order id.
+                _ => match state
+                    .store
+                    .retake_key(caller.id, key.as_str(), order_id)
+                    .await?
+                {
+                    Some(order_id) => break order_id,
+                    None => Error::InFlight,
+                },
+            },
+        };
+        if tokio::time::Instant::now() + KEY_POLL >= until {
+            return Err(in_flight);
+        }
+        tokio::time::sleep(KEY_POLL).await;
     };
     let from_cart = explicit.is_none();
     let outcome = match explicit {

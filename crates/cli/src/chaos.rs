@@ -1,0 +1,416 @@
+//! `shopmesh chaos`: hits the instances of a running `shopmesh up` with faults while customers
+//! buy (the `shopmesh load` journey), then checks the books (`verify`) and reports what the
+//! customers saw.
+//!
+//! - **Faults**, one every `--every`, each on an instance drawn at random among the ready ones
+//!   of services that have another ready instance to take over (of those named by
+//!   `--services`, if given; never the gateway): `kill` (SIGKILL; `up`
+//!   restarts it), `stop` (SIGSTOP, SIGCONT after `--stop-for`: a frozen process, as in a long
+//!   GC pause or a host stall) and `term` (SIGTERM: a rolling restart; the instance leaves the
+//!   registry, drains, and `up` starts it again). Each is logged with its time in the run.
+//! - **Load**: the `shopmesh load` closed or open loop, with the same options; a fault is
+//!   first injected one `--every` into its measured window.
+//! - **Report**: journeys that succeeded (no client retries), p99 in the seconds within
+//!   `--stop-for` of a fault and in the others, and for each fault how long it went on
+//!   costing errors; then `verify` until the books balance, for at most `--settle` (the saga
+//!   settles steps the faults interrupted). `--min-success` turns the report into a verdict.
+//!
+//! Latency injection is not here yet (it needs a fault switch inside the services that is off
+//! unless configured); see the README.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::seq::SliceRandom;
+use tokio::time::Instant;
+
+use crate::load::{self, LoadArgs, parse_duration};
+use crate::verify;
+
+/// Injects faults into a running `shopmesh up` while customers buy; reports what they saw.
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Time between faults.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    every: Duration,
+    /// The faults to draw from, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Fault::Kill, Fault::Stop, Fault::Term])]
+    faults: Vec<Fault>,
+    /// Services whose instances may be hit, comma-separated [default: every service but the
+    /// gateway]. An instance is hit only while another of its service is ready.
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<String>,
+    /// How long a stopped instance stays frozen; also what counts as "during a fault".
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    stop_for: Duration,
+    /// How long, after the load, `verify` may wait for the books to balance.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    settle: Duration,
+    /// Fail unless at least this percentage of journeys succeeded.
+    #[arg(long)]
+    min_success: Option<f64>,
+}
+
+/// What is done to an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Fault {
+    /// SIGKILL: the process dies at once.
+    Kill,
+    /// SIGSTOP, then SIGCONT after `--stop-for`: the process freezes.
+    Stop,
+    /// SIGTERM: the process leaves the registry, drains and exits (a rolling restart).
+    Term,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Stop => "stop",
+            Fault::Term => "term",
+        }
+    }
+}
+
+/// One instance of `up.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Instance {
+    name: String,
+    service: String,
+    pid: u32,
+    addr: String,
+}
+
+/// A fault done: when (seconds into the measured window), what, to whom.
+#[derive(Debug, Clone)]
+struct Injected {
+    at: f64,
+    fault: Fault,
+    instance: String,
+}
+
+fn instances(data_dir: Option<&PathBuf>) -> anyhow::Result<Vec<Instance>> {
+    let state = verify::up_state(data_dir, "--data-dir")?;
+    Ok(state["processes"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, process)| {
+            Some(Instance {
+                name: name.clone(),
+                service: process["service"].as_str()?.to_owned(),
+                pid: u32::try_from(process["pid"].as_u64()?).ok()?,
+                addr: process["addr"].as_str()?.to_owned(),
+            })
+        })
+        .collect())
+}
+
+/// The instances a fault may hit, among the `ready` ones: of `services` (every one if empty),
+/// and only where another instance of the same service is ready to take over (a fault that
+/// takes a service's last instance down measures nothing but the outage). Never the gateway,
+/// which `up` runs once.
+fn eligible(ready: &[Instance], services: &[String]) -> Vec<Instance> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for instance in ready {
+        *counts.entry(instance.service.as_str()).or_default() += 1;
+    }
+    ready
+        .iter()
+        .filter(|i| i.service != "gateway")
+        .filter(|i| services.is_empty() || services.contains(&i.service))
+        .filter(|i| counts[i.service.as_str()] >= 2)
+        .cloned()
+        .collect()
+}
+
+/// The instances whose `/readyz` answers 200 now (a frozen or restarting one does not).
+async fn ready(all: Vec<Instance>, client: &reqwest::Client) -> Vec<Instance> {
+    let mut probes = tokio::task::JoinSet::new();
+    for instance in all {
+        let probe = client.get(format!("http://{}/readyz", instance.addr));
+        probes.spawn(async move {
+            match probe.send().await {
+                Ok(response) if response.status().is_success() => Some(instance),
+                _ => None,
+            }
+        });
+    }
+    probes.join_all().await.into_iter().flatten().collect()
+}
+
+fn signal(pid: u32, signal: Signal) -> Result<(), String> {
+    let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
+    kill(Pid::from_raw(pid), signal).map_err(|e| e.to_string())
+}
+
+/// Injects one fault every `every` from `opens + every` until `until`; SIGCONTs every frozen
+/// instance before it returns.
+async fn inject(args: &ChaosArgs, opens: Instant, until: Instant) -> Vec<Injected> {
+    let mut done = Vec::new();
+    let mut thaws = tokio::task::JoinSet::new();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("an HTTP client");
+    let mut next = opens + args.every;
+    while next < until {
+        tokio::time::sleep_until(next).await;
+        next += args.every;
+        let candidates = match instances(args.load_data_dir()) {
+            Ok(all) => eligible(&ready(all, &client).await, &args.services),
+            Err(e) => {
+                eprintln!("chaos: cannot read up.json: {e:#}");
+                continue;
+            }
+        };
+        let (Some(target), Some(&fault)) = (
+            candidates.choose(&mut rand::thread_rng()).cloned(),
+            args.faults.choose(&mut rand::thread_rng()),
+        ) else {
+            eprintln!(
+                "chaos: +{:.1}s no instance to hit: none has another ready instance of its \
+                 service (run `up --replicas SERVICE=2,...`)",
+                opens.elapsed().as_secs_f64()
+            );
+            continue;
+        };
+        let at = opens.elapsed().as_secs_f64();
+        let sent = match fault {
+            Fault::Kill => signal(target.pid, Signal::SIGKILL),
+            Fault::Term => signal(target.pid, Signal::SIGTERM),
+            Fault::Stop => signal(target.pid, Signal::SIGSTOP).map(|()| {
+                let (pid, stop_for) = (target.pid, args.stop_for);
+                thaws.spawn(async move {
+                    tokio::time::sleep(stop_for).await;
+                    let _ = signal(pid, Signal::SIGCONT);
+                });
+            }),
+        };
+        match sent {
+            Ok(()) => {
+                eprintln!(
+                    "chaos: +{at:.1}s {} {} (pid {})",
+                    fault.name(),
+                    target.name,
+                    target.pid
+                );
+                done.push(Injected {
+                    at,
+                    fault,
+                    instance: target.name,
+                });
+            }
+            Err(e) => eprintln!("chaos: +{at:.1}s {} {}: {e}", fault.name(), target.name),
+        }
+    }
+    while thaws.join_next().await.is_some() {}
+    done
+}
+
+impl ChaosArgs {
+    fn load_data_dir(&self) -> Option<&PathBuf> {
+        self.load.data_dir()
+    }
+}
+
+/// Whether second `s` of the run lies within `span` of a fault.
+fn during(s: usize, faults: &[Injected], span: Duration) -> bool {
+    let (from, to) = (s as f64, s as f64 + 1.0);
+    faults
+        .iter()
+        .any(|f| from < f.at + span.as_secs_f64() && to > f.at)
+}
+
+fn p99_ms(histograms: &[&Histogram<u64>]) -> Option<f64> {
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok()?;
+    for h in histograms {
+        all.add(*h).ok()?;
+    }
+    (!all.is_empty()).then(|| all.value_at_quantile(0.99) as f64 / 1000.0)
+}
+
+/// For each fault, how long after it errors went on (up to the next fault): the end of the
+/// last second with a failure, minus the fault's time; 0 if it cost none.
+fn recovery_secs(faults: &[Injected], failed_per_second: &[u64], seconds: usize) -> Vec<f64> {
+    faults
+        .iter()
+        .enumerate()
+        .map(|(i, fault)| {
+            let from = fault.at.floor() as usize;
+            let to = faults
+                .get(i + 1)
+                .map_or(seconds, |next| next.at.floor() as usize)
+                .max(from + 1);
+            (from..to)
+                .rev()
+                .find(|s| failed_per_second.get(*s).copied().unwrap_or(0) > 0)
+                .map_or(0.0, |s| (s as f64 + 1.0 - fault.at).max(0.0))
+        })
+        .collect()
+}
+
+pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    let (opens_tx, opens_rx) = tokio::sync::oneshot::channel();
+    let load = load::run_with(&args.load, Some(opens_tx));
+    let faults = async {
+        let Ok(opens) = opens_rx.await else {
+            return Vec::new();
+        };
+        inject(&args, opens, opens + args.load.duration()).await
+    };
+    let (outcome, faults) = tokio::join!(load, faults);
+    let outcome = outcome?;
+
+    let seconds = args.load.duration().as_secs() as usize;
+    let ok = outcome.result.iterations;
+    let failed = outcome.result.errors;
+    let success = if ok + failed == 0 {
+        0.0
+    } else {
+        100.0 * ok as f64 / (ok + failed) as f64
+    };
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for (s, h) in outcome.per_second.iter().enumerate().take(seconds) {
+        if during(s, &faults, args.stop_for) {
+            inside.push(h);
+        } else {
+            outside.push(h);
+        }
+    }
+    let show = |p: Option<f64>| p.map_or("-".to_owned(), |p| format!("{p:.1} ms"));
+    println!();
+    println!("chaos: {} faults, one every {:?}", faults.len(), args.every);
+    for (fault, recovered) in
+        faults
+            .iter()
+            .zip(recovery_secs(&faults, &outcome.failed_per_second, seconds))
+    {
+        println!(
+            "  +{:>5.1}s  {:<4}  {:<16} errors for {recovered:.1} s",
+            fault.at,
+            fault.fault.name(),
+            fault.instance
+        );
+    }
+    println!(
+        "journeys: {ok} succeeded, {failed} failed: {success:.2}% success (no client retries)"
+    );
+    println!(
+        "p99: {} within {:?} of a fault ({} s), {} otherwise ({} s)",
+        show(p99_ms(&inside)),
+        args.stop_for,
+        inside.len(),
+        show(p99_ms(&outside)),
+        outside.len()
+    );
+
+    // The books, once the saga has settled what the faults interrupted.
+    let verify_args = verify::VerifyArgs::of_data_dir(args.load_data_dir().cloned());
+    let started = Instant::now();
+    let findings = loop {
+        let findings = match verify::findings(&verify_args).await {
+            Ok(findings) => findings,
+            Err(e) => vec![format!("cannot check: {e:#}")],
+        };
+        if findings.is_empty() || started.elapsed() >= args.settle {
+            break findings;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    if findings.is_empty() {
+        println!(
+            "verify: ok {:.1} s after the load (every order paid, cancelled, expired or payable; stock and captures balance)",
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        for finding in &findings {
+            println!("verify FAIL: {finding}");
+        }
+        anyhow::bail!(
+            "{} finding(s) {:?} after the load: the books do not balance",
+            findings.len(),
+            args.settle
+        );
+    }
+    if let Some(min) = args.min_success
+        && success < min
+    {
+        anyhow::bail!("{success:.2}% of journeys succeeded, under --min-success {min}%");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(name: &str, service: &str) -> Instance {
+        Instance {
+            name: name.into(),
+            service: service.into(),
+            pid: 1,
+            addr: "127.0.0.1:1".into(),
+        }
+    }
+
+    #[test]
+    fn faults_hit_an_instance_only_while_another_of_its_service_is_ready() {
+        let ready = [
+            instance("gateway", "gateway"),
+            instance("orders", "orders"),
+            instance("orders-2", "orders"),
+            instance("cart", "cart"),
+            instance("inventory-2", "inventory"),
+            instance("inventory-3", "inventory"),
+        ];
+        let names = |v: Vec<Instance>| v.into_iter().map(|i| i.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(eligible(&ready, &[])),
+            ["orders", "orders-2", "inventory-2", "inventory-3"]
+        );
+        assert_eq!(
+            names(eligible(
+                &ready,
+                &["orders".into(), "cart".into(), "gateway".into()]
+            )),
+            ["orders", "orders-2"]
+        );
+        // orders-2 is restarting: orders is its service's last ready instance.
+        assert_eq!(
+            names(eligible(&ready[..2], &["orders".into()])),
+            Vec::<String>::new()
+        );
+    }
+
+    fn at(at: f64) -> Injected {
+        Injected {
+            at,
+            fault: Fault::Kill,
+            instance: "orders".into(),
+        }
+    }
+
+    #[test]
+    fn a_fault_costs_errors_until_the_last_failing_second_before_the_next() {
+        let faults = [at(5.5), at(10.2)];
+        // Errors in seconds 5, 6 and 7 after the first fault; none after the second.
+        let failed = [0, 0, 0, 0, 0, 3, 1, 2, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(recovery_secs(&faults, &failed, 15), [2.5, 0.0]);
+    }
+
+    #[test]
+    fn seconds_within_the_span_of_a_fault_count_as_during() {
+        let faults = [at(5.5)];
+        let span = Duration::from_secs(3);
+        let during: Vec<usize> = (0..12).filter(|s| during(*s, &faults, span)).collect();
+        assert_eq!(during, [5, 6, 7, 8]);
+    }
+}
