@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shopmesh_problem::Invalid;
@@ -58,6 +58,29 @@ pub struct Saga {
     services: Arc<dyn Downstream>,
     ttl: Duration,
     failpoint: Option<Failpoint>,
+    /// Orders whose step a request or the worker of this process is running right now (how
+    /// many runs: one may call another, as a payment finding its order expired expires it).
+    running: Arc<Mutex<HashMap<Uuid, usize>>>,
+}
+
+/// Marks an order's step as being run in this process until dropped (also when the request
+/// running it is abandoned at its deadline).
+struct Running {
+    order_id: Uuid,
+    running: Arc<Mutex<HashMap<Uuid, usize>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock()
+            && let Some(runs) = running.get_mut(&self.order_id)
+        {
+            *runs -= 1;
+            if *runs == 0 {
+                running.remove(&self.order_id);
+            }
+        }
+    }
 }
 
 /// A test-only switch that freezes the process at one point of the saga, so a test can kill it
@@ -98,7 +121,28 @@ impl Saga {
             services,
             ttl,
             failpoint,
+            running: Arc::default(),
         }
+    }
+
+    fn run(&self, order_id: Uuid) -> Running {
+        if let Ok(mut running) = self.running.lock() {
+            *running.entry(order_id).or_default() += 1;
+        }
+        Running {
+            order_id,
+            running: self.running.clone(),
+        }
+    }
+
+    /// Whether a request or the worker of this process is running `order_id`'s step now. A
+    /// step of this process's that is not, and has not moved for a while, was abandoned (its
+    /// request gave up at its deadline, say after the process was frozen): the worker
+    /// finishes it.
+    pub fn is_running(&self, order_id: Uuid) -> bool {
+        self.running
+            .lock()
+            .map_or(true, |running| running.contains_key(&order_id))
     }
 
     /// The customer's cart lines, as `items` would give them.
@@ -141,6 +185,16 @@ impl Saga {
 
     /// Prices the request from the catalog, stores the order and reserves its stock.
     pub async fn place(
+        &self,
+        user: Uuid,
+        order_id: Uuid,
+        request: &Request,
+    ) -> Result<Order, Error> {
+        let _running = self.run(order_id);
+        self.place_steps(user, order_id, request).await
+    }
+
+    async fn place_steps(
         &self,
         user: Uuid,
         order_id: Uuid,
@@ -269,6 +323,11 @@ impl Saga {
 
     /// Charges the card and commits the stock.
     pub async fn pay(&self, order: Order, card: Card) -> Result<Order, Error> {
+        let _running = self.run(order.id);
+        self.pay_steps(order, card).await
+    }
+
+    async fn pay_steps(&self, order: Order, card: Card) -> Result<Order, Error> {
         // Another attempt at this payment is in flight: the first try of a request the gateway
         // retries (its connection broke), or a double click. Wait briefly for it to settle and
         // answer with the outcome (paid; or payable again, then pay) rather than "busy".
@@ -412,6 +471,11 @@ impl Saga {
 
     /// Cancels: gives the stock back, refunds a capture.
     pub async fn cancel(&self, order: Order) -> Result<Order, Error> {
+        let _running = self.run(order.id);
+        self.cancel_steps(order).await
+    }
+
+    async fn cancel_steps(&self, order: Order) -> Result<Order, Error> {
         match (order.status, order.step) {
             (Status::Cancelled, _) => return Ok(order),
             (Status::AwaitingPayment | Status::Paid, Step::Idle) => {}
@@ -453,6 +517,11 @@ impl Saga {
 
     /// Expires an unpaid order past its time: its stock goes back.
     pub async fn expire(&self, order_id: Uuid) -> Result<(), Error> {
+        let _running = self.run(order_id);
+        self.expire_steps(order_id).await
+    }
+
+    async fn expire_steps(&self, order_id: Uuid) -> Result<(), Error> {
         if !self
             .store
             .transition(
@@ -520,6 +589,11 @@ impl Saga {
 
     /// Finishes whatever step the order was in when its request or process died.
     pub async fn resume(&self, order_id: Uuid) -> Result<(), Error> {
+        let _running = self.run(order_id);
+        self.resume_steps(order_id).await
+    }
+
+    async fn resume_steps(&self, order_id: Uuid) -> Result<(), Error> {
         let order = self.load(order_id).await?;
         match order.step {
             Step::Idle => Ok(()),

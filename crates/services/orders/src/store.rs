@@ -626,6 +626,23 @@ impl Store {
             .collect())
     }
 
+    /// This process's own steps in flight that have not moved since `before` (the worker
+    /// finishes those that nothing in the process runs any more: see `Saga::is_running`).
+    pub async fn own_steps_idle_since(&self, before: OffsetDateTime) -> Result<Vec<Uuid>, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM orders WHERE step <> 'idle' AND owner = $1 AND updated_at < $2 \
+             ORDER BY id LIMIT 100",
+        )
+        .bind(&self.instance)
+        .bind(micros(before))
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s,)| Uuid::parse_str(&s).ok())
+            .collect())
+    }
+
     /// Takes over the step in flight of `order_id` if nobody alive runs it (as
     /// [`Store::in_flight`] decides, again, now): `true` if it is now this process's to finish.
     /// Two replicas resuming the same dead process's steps, or a step that a customer's new

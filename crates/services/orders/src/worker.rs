@@ -18,6 +18,9 @@ use crate::store::{LEASE_RENEW_EVERY, Store};
 
 /// Longest wait between retries of a step this process took over.
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A step of this process that nothing in it runs, untouched this long, was abandoned by its
+/// request.
+const ABANDONED_AFTER: Duration = Duration::from_secs(2);
 /// Idempotency keys are kept at least this long.
 const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -87,6 +90,29 @@ pub async fn run(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "looking for interrupted orders failed"),
+        }
+        // Its own steps that nothing here runs any more: a request abandoned at its deadline
+        // (after the process was frozen, say) leaves its step; finish it now, not after
+        // `stale_after`, so a retry waiting for it gets the outcome.
+        match store
+            .own_steps_idle_since(
+                now - time::Duration::try_from(ABANDONED_AFTER).unwrap_or_default(),
+            )
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    if taken.contains_key(&id) || saga.is_running(id) {
+                        continue;
+                    }
+                    tracing::info!(order_id = %id, "finishing a step its request abandoned");
+                    if let Err(e) = saga.resume(id).await {
+                        tracing::warn!(order_id = %id, error = %e, "cannot finish an abandoned step yet");
+                        taken.insert(id, (tokio::time::Instant::now() + interval, interval));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "looking for abandoned steps failed"),
         }
         match store.overdue().await {
             Ok(ids) => {

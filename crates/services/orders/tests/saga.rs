@@ -29,6 +29,7 @@ shopmesh_db::test_on_both_backends!(
     an_interrupted_commit_pays_refunds_when_the_hold_ran_out_and_waits_if_unknown,
     an_interrupted_cancel_or_expiry_finishes_once_inventory_and_payments_answer,
     a_declined_card_leaves_the_order_payable_and_an_unanswered_charge_leaves_it_charging,
+    a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing_runs_it,
 );
 
 /// How the played service answers a call.
@@ -46,6 +47,8 @@ enum Outcome {
 struct Script {
     outcomes: Mutex<HashMap<&'static str, Outcome>>,
     calls: Mutex<Vec<&'static str>>,
+    /// When set, `charge` waits for a permit (a card network taking its time).
+    charge_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Script {
@@ -66,7 +69,15 @@ impl Script {
             .get(call)
             .copied()
             .unwrap_or(Outcome::Done);
+        let gate = if call == "charge" {
+            self.charge_gate.lock().expect("gate").clone()
+        } else {
+            None
+        };
         Box::pin(async move {
+            if let Some(gate) = gate {
+                gate.acquire().await.expect("gate").forget();
+            }
             match outcome {
                 Outcome::Done => Ok(value),
                 Outcome::Fails(code) => Err(tonic::Status::new(code, format!("{call}: scripted"))),
@@ -365,4 +376,63 @@ async fn a_declined_card_leaves_the_order_payable_and_an_unanswered_charge_leave
     // The resumer finds the capture: paid.
     h.saga.resume(order).await.expect("resume");
     assert_eq!(h.state(order).await, (Status::Paid, Step::Idle));
+}
+
+async fn a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing_runs_it(
+    db: TestDb,
+) {
+    let h = Harness::new(&db).await;
+    let order = h.order_in(Status::AwaitingPayment, Step::Idle).await;
+    let later = OffsetDateTime::now_utc() + Duration::from_secs(60);
+
+    // A payment in progress (the card network slow): its step is this process's, and running.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *h.script.charge_gate.lock().expect("gate") = Some(gate.clone());
+    let paying = {
+        let (saga, order) = (
+            h.saga.clone(),
+            h.store.order(order).await.expect("read").expect("order"),
+        );
+        tokio::spawn(async move { saga.pay(order, Card::default()).await })
+    };
+    while h.state(order).await.1 != Step::Charging {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        h.store.own_steps_idle_since(later).await.expect("own"),
+        [order]
+    );
+    assert!(h.saga.is_running(order), "a request runs it");
+    // Another process never lists it as its own.
+    let replica = Store::new(h.store.db().clone());
+    assert!(
+        replica
+            .own_steps_idle_since(later)
+            .await
+            .expect("own")
+            .is_empty()
+    );
+
+    // The request is abandoned (its deadline passed): nothing runs the step any more, so the
+    // worker may finish it.
+    paying.abort();
+    let _ = paying.await;
+    assert!(
+        !h.saga.is_running(order),
+        "an abandoned request runs nothing"
+    );
+    assert_eq!(
+        h.state(order).await,
+        (Status::AwaitingPayment, Step::Charging)
+    );
+    gate.add_permits(1);
+    h.saga.resume(order).await.expect("resume");
+    assert_eq!(h.state(order).await, (Status::Paid, Step::Idle));
+    assert!(
+        h.store
+            .own_steps_idle_since(later)
+            .await
+            .expect("own")
+            .is_empty()
+    );
 }
