@@ -7,7 +7,10 @@
 //!   `--services`, if given; never the gateway): `kill` (SIGKILL; `up`
 //!   restarts it), `stop` (SIGSTOP, SIGCONT after `--stop-for`: a frozen process, as in a long
 //!   GC pause or a host stall) and `term` (SIGTERM: a rolling restart; the instance leaves the
-//!   registry, drains, and `up` starts it again). Each is logged with its time in the run.
+//!   registry, drains, and `up` starts it again), and `latency` (every request to the
+//!   instance waits `--latency` for `--latency-for`, through the fault switch a process has
+//!   only when started with `SHOPMESH_SERVER__FAULT_INJECTION=true` on a loopback address).
+//!   Each is logged with its time in the run.
 //! - **Load**: the `shopmesh load` closed or open loop, with the same options; a fault is
 //!   first injected one `--every` into its measured window.
 //! - **Report**: journeys that succeeded (no client retries), p99 in the seconds within
@@ -15,8 +18,8 @@
 //!   costing errors; then `verify` until the books balance, for at most `--settle` (the saga
 //!   settles steps the faults interrupted). `--min-success` turns the report into a verdict.
 //!
-//! Latency injection is not here yet (it needs a fault switch inside the services that is off
-//! unless configured); see the README.
+//! Set `--faults kill,stop,term,latency` for the whole schedule; latency is not in the default
+//! set because it needs the switch.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +53,12 @@ pub struct ChaosArgs {
     /// How long a stopped instance stays frozen; also what counts as "during a fault".
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     stop_for: Duration,
+    /// The delay the `latency` fault adds to every request of the instance.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    latency: Duration,
+    /// How long the `latency` fault lasts.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    latency_for: Duration,
     /// How long, after the load, `verify` may wait for the books to balance.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     settle: Duration,
@@ -67,6 +76,9 @@ pub enum Fault {
     Stop,
     /// SIGTERM: the process leaves the registry, drains and exits (a rolling restart).
     Term,
+    /// Every request waits `--latency` first, for `--latency-for` (needs the process's
+    /// fault switch: `SHOPMESH_SERVER__FAULT_INJECTION=true`).
+    Latency,
 }
 
 impl Fault {
@@ -75,6 +87,7 @@ impl Fault {
             Fault::Kill => "kill",
             Fault::Stop => "stop",
             Fault::Term => "term",
+            Fault::Latency => "latency",
         }
     }
 }
@@ -94,6 +107,8 @@ struct Injected {
     at: f64,
     fault: Fault,
     instance: String,
+    /// How long it counts as going on: its length (stop, latency), else `--stop-for`.
+    lasts: Duration,
 }
 
 fn instances(data_dir: Option<&PathBuf>) -> anyhow::Result<Vec<Instance>> {
@@ -146,6 +161,31 @@ async fn ready(all: Vec<Instance>, client: &reqwest::Client) -> Vec<Instance> {
     probes.join_all().await.into_iter().flatten().collect()
 }
 
+/// Asks `target`'s fault switch to delay its requests.
+async fn slow_down(
+    client: &reqwest::Client,
+    target: &Instance,
+    delay: Duration,
+    lasting: Duration,
+) -> Result<(), String> {
+    let asked = client
+        .post(format!("http://{}/internal/faults", target.addr))
+        .json(&serde_json::json!({
+            "delay_ms": delay.as_millis() as u64,
+            "for_ms": lasting.as_millis() as u64,
+        }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    match asked.status() {
+        status if status.is_success() => Ok(()),
+        reqwest::StatusCode::NOT_FOUND => {
+            Err("no fault switch: start `up` with SHOPMESH_SERVER__FAULT_INJECTION=true".to_owned())
+        }
+        status => Err(format!("the fault switch answered {status}")),
+    }
+}
+
 fn signal(pid: u32, signal: Signal) -> Result<(), String> {
     let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
     kill(Pid::from_raw(pid), signal).map_err(|e| e.to_string())
@@ -193,6 +233,7 @@ async fn inject(args: &ChaosArgs, opens: Instant, until: Instant) -> Vec<Injecte
                     let _ = signal(pid, Signal::SIGCONT);
                 });
             }),
+            Fault::Latency => slow_down(&client, &target, args.latency, args.latency_for).await,
         };
         match sent {
             Ok(()) => {
@@ -206,6 +247,10 @@ async fn inject(args: &ChaosArgs, opens: Instant, until: Instant) -> Vec<Injecte
                     at,
                     fault,
                     instance: target.name,
+                    lasts: match fault {
+                        Fault::Latency => args.latency_for,
+                        _ => args.stop_for,
+                    },
                 });
             }
             Err(e) => eprintln!("chaos: +{at:.1}s {} {}: {e}", fault.name(), target.name),
@@ -221,12 +266,12 @@ impl ChaosArgs {
     }
 }
 
-/// Whether second `s` of the run lies within `span` of a fault.
-fn during(s: usize, faults: &[Injected], span: Duration) -> bool {
+/// Whether second `s` of the run overlaps a fault while it lasts.
+fn during(s: usize, faults: &[Injected]) -> bool {
     let (from, to) = (s as f64, s as f64 + 1.0);
     faults
         .iter()
-        .any(|f| from < f.at + span.as_secs_f64() && to > f.at)
+        .any(|f| from < f.at + f.lasts.as_secs_f64() && to > f.at)
 }
 
 fn p99_ms(histograms: &[&Histogram<u64>]) -> Option<f64> {
@@ -279,7 +324,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     };
     let (mut inside, mut outside) = (Vec::new(), Vec::new());
     for (s, h) in outcome.per_second.iter().enumerate().take(seconds) {
-        if during(s, &faults, args.stop_for) {
+        if during(s, &faults) {
             inside.push(h);
         } else {
             outside.push(h);
@@ -294,7 +339,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             .zip(recovery_secs(&faults, &outcome.failed_per_second, seconds))
     {
         println!(
-            "  +{:>5.1}s  {:<4}  {:<16} errors for {recovered:.1} s",
+            "  +{:>5.1}s  {:<7}  {:<16} errors for {recovered:.1} s",
             fault.at,
             fault.fault.name(),
             fault.instance
@@ -304,10 +349,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         "journeys: {ok} succeeded, {failed} failed: {success:.2}% success (no client retries)"
     );
     println!(
-        "p99: {} within {:?} of a fault ({} s), {} otherwise ({} s)",
+        "p99: {} during faults ({} s: a stop or latency while it lasts, {:?} after a kill or term), {} otherwise ({} s)",
         show(p99_ms(&inside)),
-        args.stop_for,
         inside.len(),
+        args.stop_for,
         show(p99_ms(&outside)),
         outside.len()
     );
@@ -395,6 +440,7 @@ mod tests {
             at,
             fault: Fault::Kill,
             instance: "orders".into(),
+            lasts: Duration::from_secs(3),
         }
     }
 
@@ -407,10 +453,11 @@ mod tests {
     }
 
     #[test]
-    fn seconds_within_the_span_of_a_fault_count_as_during() {
-        let faults = [at(5.5)];
-        let span = Duration::from_secs(3);
-        let during: Vec<usize> = (0..12).filter(|s| during(*s, &faults, span)).collect();
-        assert_eq!(during, [5, 6, 7, 8]);
+    fn seconds_while_a_fault_lasts_count_as_during() {
+        let mut slow = at(10.0);
+        slow.lasts = Duration::from_secs(5);
+        let faults = [at(2.5), slow];
+        let during: Vec<usize> = (0..20).filter(|s| during(*s, &faults)).collect();
+        assert_eq!(during, [2, 3, 4, 5, 10, 11, 12, 13, 14]);
     }
 }

@@ -547,7 +547,7 @@ fn success_rate(report: &str) -> f64 {
 }
 
 /// Issue 11's scenario, shortened for CI: two instances of every service, customers buying
-/// while `shopmesh chaos` kills, freezes or restarts one instance every 4 s: almost every
+/// while `shopmesh chaos` kills, freezes, slows or restarts one instance every 4 s: almost every
 /// journey succeeds with no client retry, and the books balance afterwards. Then rolling
 /// restarts alone: not one journey fails.
 #[tokio::test(flavor = "multi_thread")]
@@ -567,6 +567,8 @@ async fn chaos_against_two_instances_of_every_service_fails_almost_no_purchase()
                 "SHOPMESH_GATEWAY__RATE_LIMIT__LOGIN_PER_MINUTE_PER_ACCOUNT",
                 "0",
             ),
+            // The latency fault's switch (every process listens on 127.0.0.1).
+            ("SHOPMESH_SERVER__FAULT_INJECTION", "true"),
         ],
     );
     let client = reqwest::Client::new();
@@ -583,12 +585,14 @@ async fn chaos_against_two_instances_of_every_service_fails_almost_no_purchase()
             "20s",
             "--every",
             "4s",
+            "--faults",
+            "kill,stop,term,latency",
             "--min-success",
             "99",
         ],
     )
     .await;
-    assert!(ok, "kill, stop and term: {report}");
+    assert!(ok, "kill, stop, term and latency: {report}");
     assert_eq!(
         report.matches(" errors for ").count(),
         4,

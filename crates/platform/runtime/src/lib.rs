@@ -11,6 +11,8 @@
 //! - [`server`]: binds the port and serves until a shutdown signal, then drains within a grace
 //!   period. A server takes its listener and its shutdown future from the caller, so tests run
 //!   it on port 0 and stop it when they like.
+//! - [`faults`]: an injected delay for local fault testing, only when `server.fault_injection`
+//!   is on (never on a non-loopback address).
 //! - [`service`]: [`Service`], the skeleton of every service: the server, its background tasks
 //!   and what to close, stopped in one order (drain, tasks last-added first, closers).
 //!
@@ -18,6 +20,7 @@
 //! tasks and closers, serve.
 
 pub mod app;
+pub mod faults;
 pub mod grpc;
 pub mod paging;
 pub mod server;

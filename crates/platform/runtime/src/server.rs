@@ -26,6 +26,22 @@ impl Server {
         settings: &ServerSettings,
         router: Router,
     ) -> anyhow::Result<Server> {
+        let router = if settings.fault_injection {
+            if !settings.host.is_loopback() {
+                anyhow::bail!(
+                    "invalid configuration: server.fault_injection (SHOPMESH_SERVER__FAULT_INJECTION) \
+                     is for local fault testing and is refused on {}: listen on a loopback address",
+                    settings.host
+                );
+            }
+            tracing::warn!(
+                service,
+                "fault injection is on: POST /internal/faults delays requests"
+            );
+            crate::faults::install(router)
+        } else {
+            router
+        };
         Ok(Server {
             service,
             listener: bind(settings).await?,

@@ -15,6 +15,10 @@ pub struct ServerSettings {
     pub port: u16,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
+    /// For local fault testing (`shopmesh chaos`) only: serves `POST /internal/faults`, which
+    /// delays every request for a while. Off by default; refused unless `host` is a loopback
+    /// address, so a deployed service can never have it.
+    pub fault_injection: bool,
 }
 
 impl Default for ServerSettings {
@@ -23,6 +27,7 @@ impl Default for ServerSettings {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 8080,
             shutdown_grace_secs: 10,
+            fault_injection: false,
         }
     }
 }
