@@ -1,7 +1,7 @@
 //! One router per process: the service's HTTP routes and gRPC services, plus what every process
 //! serves and does for every request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +60,9 @@ pub struct App {
     checks: Vec<ReadinessCheck>,
     openapi: Option<utoipa::openapi::OpenApi>,
     mesh: Option<shopmesh_mesh::Mesh>,
+    /// The routes of the gRPC services added (`/pkg.Service/{*method}`): the only ones whose
+    /// concrete path may label a metric.
+    grpc_routes: BTreeSet<String>,
 }
 
 impl App {
@@ -71,6 +74,7 @@ impl App {
             checks: Vec::new(),
             openapi: None,
             mesh: None,
+            grpc_routes: BTreeSet::new(),
         }
     }
 
@@ -92,9 +96,9 @@ impl App {
         S::Response: IntoResponse,
         S::Future: Send + 'static,
     {
-        self.router = self
-            .router
-            .route_service(&format!("/{}/{{*method}}", S::NAME), service);
+        let route = format!("/{}/{{*method}}", S::NAME);
+        self.router = self.router.route_service(&route, service);
+        self.grpc_routes.insert(route);
         self
     }
 
@@ -168,7 +172,10 @@ impl App {
                 )
             })
             .layer(middleware::from_fn(enforce_deadline))
-            .layer(middleware::from_fn(track_metrics))
+            .layer(middleware::from_fn_with_state(
+                Arc::new(self.grpc_routes),
+                track_metrics,
+            ))
             .layer(
                 // Outermost first: the id is set before the span opens, so the span carries it.
                 ServiceBuilder::new()
@@ -286,23 +293,68 @@ async fn enforce_deadline(req: Request, next: Next) -> Response {
 
 /// Counts requests and records their latency per route template (never per raw path, which
 /// would let clients create unbounded label values).
-async fn track_metrics(req: Request, next: Next) -> Response {
+/// A request method as a metric label: the standard ones, else `other` (a label per made-up
+/// method would grow the series without bound).
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Counts and times each request by method, route and status. Every label comes from a closed
+/// set: a standard method or `other`, a route template or `unmatched`, and for a gRPC service's
+/// route the concrete method only when the service has it (an unknown one answers
+/// `UNIMPLEMENTED` and counts as `<route> unimplemented`). Series are never removed, so a label
+/// taken from what a client sends would let anyone grow this process's memory.
+async fn track_metrics(
+    axum::extract::State(grpc_routes): axum::extract::State<Arc<BTreeSet<String>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let is_grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let route = match req.extensions().get::<MatchedPath>() {
-        // A gRPC route is `/pkg.Service/{*method}`; the concrete method is the useful label and
-        // the set of methods is fixed by the service.
-        Some(_) if is_grpc => req.uri().path().to_owned(),
-        Some(path) => path.as_str().to_owned(),
-        None => "unmatched".to_owned(),
+    let (template, path) = match req.extensions().get::<MatchedPath>() {
+        Some(matched) => (
+            matched.as_str().to_owned(),
+            (is_grpc && grpc_routes.contains(matched.as_str()))
+                .then(|| req.uri().path().to_owned()),
+        ),
+        None => ("unmatched".to_owned(), None),
     };
     let response = next.run(req).await;
+    let route = match path {
+        // Trailers-only answers carry the status in the headers; 12 is UNIMPLEMENTED.
+        Some(_)
+            if response
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|s| s == "12") =>
+        {
+            format!("{template} unimplemented")
+        }
+        Some(path) => path,
+        None => template,
+    };
     let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route),
+        ("status", status),
+    ];
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels)
         .record(start.elapsed().as_secs_f64());
