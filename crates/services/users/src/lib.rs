@@ -171,13 +171,25 @@ async fn bootstrap_admin(
     };
     let parsed = Email::parse(email)
         .map_err(|e| anyhow::anyhow!("invalid configuration: users.bootstrap_admin_email: {e}"))?;
-    if store
-        .promote_to_admin(&parsed)
+    // Created only if absent; an admin already there keeps its password (the operator may
+    // have changed it). A customer's account is never promoted: whoever registered the address
+    // first would become admin with their own password.
+    match store
+        .credentials(&parsed)
         .await
-        .map_err(|e| anyhow::anyhow!("promoting the bootstrap admin: {e}"))?
+        .map_err(|e| anyhow::anyhow!("looking up the bootstrap admin: {e}"))?
     {
-        tracing::info!(email = %parsed, "bootstrap admin present");
-        return Ok(());
+        Some((user, _)) if user.role == shopmesh_auth::Role::Admin => {
+            tracing::info!(email = %parsed, "bootstrap admin present");
+            return Ok(());
+        }
+        Some(_) => anyhow::bail!(
+            "invalid configuration: users.bootstrap_admin_email ({parsed}) is a customer's \
+             account; it is not made an admin (whoever registered it would become one with \
+             their own password). Configure another address, or make this one an admin with a \
+             new password: shopmesh admin create-admin --email {parsed}"
+        ),
+        None => {}
     }
     upsert_admin(
         store,

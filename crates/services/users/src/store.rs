@@ -212,16 +212,6 @@ impl Store {
         }
     }
 
-    /// Makes the account with this e-mail an admin; `false` if there is no such account.
-    pub async fn promote_to_admin(&self, email: &Email) -> Result<bool, Error> {
-        let done = sqlx::query("UPDATE users SET role = 'admin', updated_at = $1 WHERE email = $2")
-            .bind(micros(OffsetDateTime::now_utc()))
-            .bind(email.as_str())
-            .execute(self.db.pool())
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
     /// Stored signing keys `(kid, base64 private key)`, oldest first.
     pub async fn signing_keys(&self) -> Result<Vec<(String, String)>, Error> {
         Ok(

@@ -29,6 +29,7 @@ shopmesh_db::test_on_both_backends!(
     the_jwks_verifies_issued_tokens,
     accounts_and_the_signing_key_survive_a_restart,
     the_bootstrap_admin_is_created_from_configuration,
+    a_customer_who_registered_the_bootstrap_address_first_is_not_made_admin,
     readyz_reports_the_database,
 );
 
@@ -405,6 +406,39 @@ async fn the_bootstrap_admin_is_created_from_configuration(db: TestDb) {
         .await
         .expect("json");
     assert_eq!(list["items"].as_array().expect("items").len(), 1);
+}
+
+async fn a_customer_who_registered_the_bootstrap_address_first_is_not_made_admin(db: TestDb) {
+    // Someone registers the address the operator is about to configure.
+    let app = TestApp::start(db).await;
+    let registered = app
+        .post_json(
+            "/api/v1/register",
+            &serde_json::json!({"email": "ops@example.com", "name": "Mallory", "password": "mallory's own password"}),
+        )
+        .await;
+    assert_eq!(registered.status(), 201);
+    let db = app.stop().await;
+
+    let config = config(
+        &db,
+        &[
+            ("SHOPMESH_USERS__BOOTSTRAP_ADMIN_EMAIL", "ops@example.com"),
+            (
+                "SHOPMESH_USERS__BOOTSTRAP_ADMIN_PASSWORD",
+                "bootstrap secret 1",
+            ),
+        ],
+    );
+    let refused = shopmesh_users::Application::build(config).await;
+    let error = format!("{:#}", refused.err().expect("the service refuses to start"));
+    assert!(error.contains("is a customer's account"), "{error}");
+    assert!(error.contains("admin create-admin"), "{error}");
+
+    // The account is untouched: still a customer, with Mallory's password.
+    let app = TestApp::start(db).await;
+    let token = app.token("ops@example.com", "mallory's own password").await;
+    assert_eq!(app.get("/api/v1/users", Some(&token)).await.status(), 403);
 }
 
 async fn readyz_reports_the_database(db: TestDb) {
