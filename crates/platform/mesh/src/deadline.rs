@@ -68,16 +68,21 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Writes the time left until `deadline` as the header a callee reads.
+/// Writes the time left until `deadline` as the header a callee reads, and removes the other
+/// kind: a proxied request may carry a client's own `grpc-timeout` or `x-deadline-ms`, which
+/// the callee would otherwise read (gRPC's first) instead of ours: a client could set its own
+/// deadline past the gateway's.
 pub(crate) fn set_headers(headers: &mut HeaderMap, deadline: Instant, grpc: bool) {
     let left = deadline.saturating_duration_since(Instant::now());
     // Whole milliseconds, at least one: zero would read as "no time" or be ignored.
     let ms = left.as_millis().clamp(1, 99_999_999) as u64;
     if grpc {
+        headers.remove(DEADLINE_HEADER);
         if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
             headers.insert(GRPC_TIMEOUT, v);
         }
     } else {
+        headers.remove(GRPC_TIMEOUT);
         headers.insert(DEADLINE_HEADER, HeaderValue::from(ms));
     }
 }
@@ -124,10 +129,25 @@ mod tests {
         );
         set_headers(&mut headers, now + Duration::from_millis(700), true);
         assert_eq!(headers[&GRPC_TIMEOUT], "700m");
-        // gRPC's header wins when both are present.
+        assert!(!headers.contains_key(DEADLINE_HEADER), "one kind only");
         assert_eq!(
             from_headers(&headers, now),
             Some(now + Duration::from_millis(700))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clients_own_deadline_headers_are_replaced_by_ours() {
+        let now = Instant::now();
+        let mut headers = HeaderMap::new();
+        // A client through the gateway asks for an hour (gRPC's header is read first).
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("1H"));
+        headers.insert(DEADLINE_HEADER, HeaderValue::from_static("3600000"));
+        set_headers(&mut headers, now + Duration::from_secs(5), false);
+        assert!(!headers.contains_key(GRPC_TIMEOUT));
+        assert_eq!(
+            from_headers(&headers, now),
+            Some(now + Duration::from_secs(5))
         );
     }
 }
