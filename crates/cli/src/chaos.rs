@@ -22,7 +22,9 @@
 //! set because it needs the switch.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -191,9 +193,45 @@ fn signal(pid: u32, signal: Signal) -> Result<(), String> {
     kill(Pid::from_raw(pid), signal).map_err(|e| e.to_string())
 }
 
+/// The instances SIGSTOPped and not yet continued: whatever ends the run, they are thawed.
+#[derive(Clone, Default)]
+struct Frozen(Arc<Mutex<BTreeSet<u32>>>);
+
+impl Frozen {
+    fn add(&self, pid: u32) {
+        if let Ok(mut frozen) = self.0.lock() {
+            frozen.insert(pid);
+        }
+    }
+
+    /// SIGCONTs `pid` if it is still frozen.
+    fn thaw(&self, pid: u32) {
+        let was_frozen = self.0.lock().is_ok_and(|mut frozen| frozen.remove(&pid));
+        if was_frozen && let Err(e) = signal(pid, Signal::SIGCONT) {
+            eprintln!("chaos: cannot continue pid {pid}: {e}");
+        }
+    }
+
+    fn thaw_all(&self) {
+        let pids: Vec<u32> = self
+            .0
+            .lock()
+            .map(|frozen| frozen.iter().copied().collect())
+            .unwrap_or_default();
+        for pid in pids {
+            self.thaw(pid);
+        }
+    }
+}
+
 /// Injects one fault every `every` from `opens + every` until `until`; SIGCONTs every frozen
 /// instance before it returns.
-async fn inject(args: &ChaosArgs, opens: Instant, until: Instant) -> Vec<Injected> {
+async fn inject(
+    args: &ChaosArgs,
+    opens: Instant,
+    until: Instant,
+    frozen: &Frozen,
+) -> Vec<Injected> {
     let mut done = Vec::new();
     let mut thaws = tokio::task::JoinSet::new();
     let client = reqwest::Client::builder()
@@ -227,10 +265,11 @@ async fn inject(args: &ChaosArgs, opens: Instant, until: Instant) -> Vec<Injecte
             Fault::Kill => signal(target.pid, Signal::SIGKILL),
             Fault::Term => signal(target.pid, Signal::SIGTERM),
             Fault::Stop => signal(target.pid, Signal::SIGSTOP).map(|()| {
-                let (pid, stop_for) = (target.pid, args.stop_for);
+                frozen.add(target.pid);
+                let (pid, stop_for, frozen) = (target.pid, args.stop_for, frozen.clone());
                 thaws.spawn(async move {
                     tokio::time::sleep(stop_for).await;
-                    let _ = signal(pid, Signal::SIGCONT);
+                    frozen.thaw(pid);
                 });
             }),
             Fault::Latency => slow_down(&client, &target, args.latency, args.latency_for).await,
@@ -305,13 +344,23 @@ fn recovery_secs(faults: &[Injected], failed_per_second: &[u64], seconds: usize)
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let (opens_tx, opens_rx) = tokio::sync::oneshot::channel();
     let load = load::run_with(&args.load, Some(opens_tx));
+    let frozen = Frozen::default();
     let faults = async {
         let Ok(opens) = opens_rx.await else {
             return Vec::new();
         };
-        inject(&args, opens, opens + args.load.duration()).await
+        inject(&args, opens, opens + args.load.duration(), &frozen).await
     };
-    let (outcome, faults) = tokio::join!(load, faults);
+    // Interrupted (Ctrl-C), it never leaves an instance frozen: `up` would not notice one.
+    let interrupted = shopmesh_runtime::shutdown_signal();
+    let (outcome, faults) = tokio::select! {
+        both = async { tokio::join!(load, faults) } => both,
+        () = interrupted => {
+            frozen.thaw_all();
+            anyhow::bail!("interrupted; every instance it froze was continued");
+        }
+    };
+    frozen.thaw_all();
     let outcome = outcome?;
 
     let seconds = args.load.duration().as_secs() as usize;

@@ -68,7 +68,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A child that stayed up this long is healthy again: its next crash restarts it quickly.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a child may take to stop after SIGTERM before it is killed: its drain grace
+/// (`server.shutdown_grace_secs`, 10 s) and its background tasks' (5 s), with a margin.
+const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// Runs every shopmesh service on this machine.
 #[derive(Debug, Args)]

@@ -359,7 +359,6 @@ async fn snapshot(args: &VerifyArgs) -> anyhow::Result<Snapshot> {
     Ok(snapshot)
 }
 
-/// Runs the checks and reports; an error (non-zero exit) when anything does not add up.
 impl VerifyArgs {
     /// Checks the `shopmesh up` whose `up.json` is in `data_dir`, with the default grace.
     pub fn of_data_dir(data_dir: Option<PathBuf>) -> Self {
@@ -381,6 +380,7 @@ pub async fn findings(args: &VerifyArgs) -> anyhow::Result<Vec<String>> {
     ))
 }
 
+/// Runs the checks and reports; an error (non-zero exit) when anything does not add up.
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let snapshot = snapshot(&args).await?;
     let findings = check(&snapshot, Duration::from_secs(args.grace_secs));

@@ -139,6 +139,9 @@ fn default_routes() -> Vec<RouteConfig> {
             // Paying is idempotent per order (one capture, whoever asks again), so a payment
             // whose orders instance died mid-request is retried on another.
             retry_safe_posts: vec!["/api/v1/orders/*/pay".to_owned()],
+            // Long enough for a retry on another instance to wait out a dead instance's lease
+            // (5 s) and the takeover of its key or payment step, instead of failing.
+            timeout_ms: Some(10_000),
             ..route("/api/v1/orders", "orders", AuthPolicy::Required)
         },
         route("/api/v1/cart", "cart", AuthPolicy::Required),

@@ -84,8 +84,11 @@ impl Registration {
     }
 
     /// Stops renewing and revokes the lease, so clients drop the instance at once.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        // Stopped before the lease is read: a grant or put in progress then has either
+        // recorded its lease (revoked below) or never happened.
         self.task.abort();
+        let _ = (&mut self.task).await;
         if let Some(lease) = *self.lease.lock().await {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.etcd.revoke(lease)).await;
         }

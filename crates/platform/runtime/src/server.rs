@@ -106,8 +106,8 @@ pub async fn serve(
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
-/// the future is first polled: a process that calls it first thing stops cleanly on a SIGTERM
+/// Completes on Ctrl-C or SIGTERM. On Unix the handlers are installed when this is called, not
+/// when the future is first polled (elsewhere, Ctrl-C's on the first poll): a process that calls it first thing stops cleanly on a SIGTERM
 /// that arrives while it is still starting (the default action would kill it outright).
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]

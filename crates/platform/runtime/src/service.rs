@@ -4,9 +4,11 @@
 //!
 //! On shutdown: the server stops accepting and drains; then each task is told to stop, in the
 //! reverse order it was added (a task added first, such as a lease, outlives the ones added
-//! after it, such as the worker whose steps the lease covers), and is waited for up to
-//! [`TASK_GRACE`] before it is aborted; then the closers run, in the order added, whether the
-//! server failed or not.
+//! after it, such as the worker whose steps the lease covers), all of them within
+//! [`TASK_GRACE`] together, past which the rest are aborted; then the closers run, in the order
+//! added, whether the server failed or not. A process thus stops within the server's drain
+//! grace plus [`TASK_GRACE`] plus its closers (`shopmesh up` waits longer than that before it
+//! kills a child).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,8 +19,8 @@ use tokio::sync::watch;
 
 use crate::server::Server;
 
-/// How long a background task may take to stop once told to, before it is aborted.
-pub const TASK_GRACE: Duration = Duration::from_secs(10);
+/// How long the background tasks may take, together, to stop once told to.
+pub const TASK_GRACE: Duration = Duration::from_secs(5);
 
 /// What a background task is given: it changes to `true` when the task must stop (finish what
 /// it is doing, then return).
@@ -83,7 +85,7 @@ impl Service {
         self
     }
 
-    /// How long each task may take to stop (tests shorten it).
+    /// How long the tasks may take to stop, together (tests shorten it).
     pub fn task_grace(mut self, grace: Duration) -> Self {
         self.task_grace = grace;
         self
@@ -109,9 +111,10 @@ impl Service {
             })
             .collect();
         let result = self.server.run_until(shutdown).await;
+        let deadline = tokio::time::Instant::now() + self.task_grace;
         for (name, stop, mut task) in running.into_iter().rev() {
             let _ = stop.send(true);
-            match tokio::time::timeout(self.task_grace, &mut task).await {
+            match tokio::time::timeout_at(deadline, &mut task).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(task = name, error = %e, "background task failed"),
                 Err(_) => {

@@ -96,6 +96,8 @@ impl Application {
         store.renew_lease().await?;
         let interval = Duration::from_millis(config.orders.worker_interval_ms.max(10));
         let stale_after = Duration::from_secs(config.orders.stale_after_secs);
+        // A step's calls each end within their deadline: past it and a margin, none can land.
+        let abandoned_after = config.orders.call_timeout() + Duration::from_secs(1);
         // Numbers the outbox for consumers, and relays it to RabbitMQ when configured.
         let publishing = shopmesh_events::Publishing::start(
             &db,
@@ -109,7 +111,14 @@ impl Application {
                 move |stopping| worker::keep_lease(store, stopping)
             })
             .task("worker", move |stopping| {
-                worker::run(store, saga, interval, stale_after, stopping)
+                worker::run(
+                    store,
+                    saga,
+                    interval,
+                    stale_after,
+                    abandoned_after,
+                    stopping,
+                )
             })
             .on_stop(async move { publishing.stop() })
             .on_stop(async move { db.close().await }))

@@ -38,8 +38,9 @@ use crate::store::{Order, Store};
 /// The longest a request waits for another attempt at the same thing (a payment of the same
 /// order, an order under the same key) to finish: that attempt's process may be frozen for a
 /// few seconds, or dead until its lease ([`LEASE`](crate::store::LEASE), 5 s) runs out and a
-/// replica takes its work over. Never past the caller's deadline (see [`patience`]).
-pub const SETTLE_WAIT: Duration = Duration::from_secs(7);
+/// replica takes its work over (within a worker tick, 1 s, or a key's reclaim, 1 s). The
+/// gateway's deadline for orders routes (10 s) leaves room for it. Never past the caller's deadline (see [`patience`]).
+pub const SETTLE_WAIT: Duration = Duration::from_secs(8);
 
 /// Until when a request may wait for another attempt to settle: [`SETTLE_WAIT`] from now, or
 /// a moment before the caller's deadline if that comes first (the answer must still reach it).
@@ -123,6 +124,19 @@ impl Saga {
             failpoint,
             running: Arc::default(),
         }
+    }
+
+    /// Marks `order_id` as running here unless it already is (the check and the mark are one).
+    pub fn try_run(&self, order_id: Uuid) -> Option<impl Drop + use<>> {
+        let mut running = self.running.lock().ok()?;
+        if running.contains_key(&order_id) {
+            return None;
+        }
+        running.insert(order_id, 1);
+        Some(Running {
+            order_id,
+            running: self.running.clone(),
+        })
     }
 
     fn run(&self, order_id: Uuid) -> Running {
@@ -321,13 +335,10 @@ impl Saga {
         self.store.order(order_id).await?.ok_or(Error::NotFound)
     }
 
-    /// Charges the card and commits the stock.
+    /// Charges the card and commits the stock. The order counts as running here (see
+    /// [`Saga::is_running`]) from its step's start, not while this waits for another attempt:
+    /// a wait must not keep the worker from finishing the step it waits for.
     pub async fn pay(&self, order: Order, card: Card) -> Result<Order, Error> {
-        let _running = self.run(order.id);
-        self.pay_steps(order, card).await
-    }
-
-    async fn pay_steps(&self, order: Order, card: Card) -> Result<Order, Error> {
         // Another attempt at this payment is in flight: the first try of a request the gateway
         // retries (its connection broke), or a double click. Wait briefly for it to settle and
         // answer with the outcome (paid; or payable again, then pay) rather than "busy".
@@ -347,6 +358,7 @@ impl Saga {
             self.expire(order.id).await?;
             return Err(Error::Expired);
         }
+        let running = self.run(order.id);
         if !self
             .store
             .transition(
@@ -358,6 +370,7 @@ impl Saga {
             .await?
         {
             // Another attempt got there first: its outcome is this one's when it is paid.
+            drop(running);
             let now = self.settled(self.load(order.id).await?).await?;
             return match now.status {
                 Status::Paid => Ok(now),

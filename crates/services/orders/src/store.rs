@@ -240,6 +240,19 @@ impl Store {
         &self.db
     }
 
+    /// Whether `user`'s `key` is still unanswered (a read: what a request waiting for the
+    /// key's first attempt polls, instead of trying to claim it again and again).
+    pub async fn key_pending(&self, user: Uuid, key: &str) -> Result<bool, Error> {
+        let row: Option<(Option<i64>,)> = sqlx::query_as(
+            "SELECT response_status FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2",
+        )
+        .bind(id(user))
+        .bind(key)
+        .fetch_optional(self.db.reader())
+        .await?;
+        Ok(matches!(row, Some((None,))))
+    }
+
     /// Claims `(user, key)` for a request with this body hash.
     pub async fn claim_key(&self, user: Uuid, key: &str, hash: &str) -> Result<Claim, Error> {
         let order_id = Uuid::now_v7();
@@ -631,7 +644,7 @@ impl Store {
     pub async fn own_steps_idle_since(&self, before: OffsetDateTime) -> Result<Vec<Uuid>, Error> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT id FROM orders WHERE step <> 'idle' AND owner = $1 AND updated_at < $2 \
-             ORDER BY id LIMIT 100",
+             ORDER BY updated_at LIMIT 100",
         )
         .bind(&self.instance)
         .bind(micros(before))
@@ -641,6 +654,27 @@ impl Store {
             .into_iter()
             .filter_map(|(s,)| Uuid::parse_str(&s).ok())
             .collect())
+    }
+
+    /// Claims this process's own step of `order_id` for the worker if it is still in flight
+    /// and still untouched since `before` (touching it): `false` if it moved meanwhile (a new
+    /// request may have started another step since the list was read).
+    pub async fn claim_abandoned_step(
+        &self,
+        order_id: Uuid,
+        before: OffsetDateTime,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE orders SET updated_at = $1 WHERE id = $2 AND owner = $3 AND step <> 'idle' \
+             AND updated_at < $4",
+        )
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(id(order_id))
+        .bind(&self.instance)
+        .bind(micros(before))
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Takes over the step in flight of `order_id` if nobody alive runs it (as

@@ -18,18 +18,20 @@ use crate::store::{LEASE_RENEW_EVERY, Store};
 
 /// Longest wait between retries of a step this process took over.
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// A step of this process that nothing in it runs, untouched this long, was abandoned by its
-/// request.
-const ABANDONED_AFTER: Duration = Duration::from_secs(2);
 /// Idempotency keys are kept at least this long.
 const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Runs until `stop` fires.
+///
+/// A step of this process that nothing in it runs any more, untouched for `abandoned_after`,
+/// was abandoned by its request: the caller passes a call's deadline and a margin, so that no
+/// call the step made can still land when the worker looks at it.
 pub async fn run(
     store: Store,
     saga: Saga,
     interval: Duration,
     stale_after: Duration,
+    abandoned_after: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -48,6 +50,11 @@ pub async fn run(
         for (id, (due, wait)) in std::mem::take(&mut taken) {
             if tokio::time::Instant::now() < due {
                 taken.insert(id, (due, wait));
+                continue;
+            }
+            // A request of this process runs it right now: not now.
+            if saga.is_running(id) {
+                taken.insert(id, (tokio::time::Instant::now() + wait, wait));
                 continue;
             }
             // Still ours and still in flight? (Someone may have finished it, and a customer's
@@ -94,16 +101,26 @@ pub async fn run(
         // Its own steps that nothing here runs any more: a request abandoned at its deadline
         // (after the process was frozen, say) leaves its step; finish it now, not after
         // `stale_after`, so a retry waiting for it gets the outcome.
-        match store
-            .own_steps_idle_since(
-                now - time::Duration::try_from(ABANDONED_AFTER).unwrap_or_default(),
-            )
-            .await
-        {
+        let abandoned = now - time::Duration::try_from(abandoned_after).unwrap_or_default();
+        match store.own_steps_idle_since(abandoned).await {
             Ok(ids) => {
                 for id in ids {
-                    if taken.contains_key(&id) || saga.is_running(id) {
+                    if taken.contains_key(&id) {
                         continue;
+                    }
+                    // Nothing here runs it (checked and marked at once), and it has not moved
+                    // since the list was read (claimed in the database): only then is it ours
+                    // to finish.
+                    let Some(_running) = saga.try_run(id) else {
+                        continue;
+                    };
+                    match store.claim_abandoned_step(id, abandoned).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(order_id = %id, error = %e, "cannot claim an abandoned step yet");
+                            continue;
+                        }
                     }
                     tracing::info!(order_id = %id, "finishing a step its request abandoned");
                     if let Err(e) = saga.resume(id).await {

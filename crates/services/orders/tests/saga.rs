@@ -425,8 +425,31 @@ async fn a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing
         h.state(order).await,
         (Status::AwaitingPayment, Step::Charging)
     );
-    gate.add_permits(1);
+
+    // A retry waiting for that step to settle does not count as running it: the worker must
+    // still finish what it waits for.
+    let waiting = {
+        let (saga, order) = (
+            h.saga.clone(),
+            h.store.order(order).await.expect("read").expect("order"),
+        );
+        tokio::spawn(async move { saga.pay(order, Card::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!h.saga.is_running(order), "a wait runs nothing");
+
+    // The worker's way in: nothing runs it here, and it claims the step in the database only
+    // while it is still in flight and untouched.
+    let running = h.saga.try_run(order).expect("nothing runs it");
+    assert!(h.saga.try_run(order).is_none(), "one run at a time");
+    assert!(
+        h.store
+            .claim_abandoned_step(order, later)
+            .await
+            .expect("claim")
+    );
     h.saga.resume(order).await.expect("resume");
+    drop(running);
     assert_eq!(h.state(order).await, (Status::Paid, Step::Idle));
     assert!(
         h.store
@@ -435,4 +458,14 @@ async fn a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing
             .expect("own")
             .is_empty()
     );
+    assert!(
+        !h.store
+            .claim_abandoned_step(order, later)
+            .await
+            .expect("claim"),
+        "a step no longer in flight is not claimed"
+    );
+    // And the waiting retry answers with the outcome.
+    let paid = waiting.await.expect("join").expect("paid");
+    assert_eq!(paid.status, Status::Paid);
 }

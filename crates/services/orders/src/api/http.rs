@@ -21,8 +21,10 @@ use crate::domain::{IdempotencyKey, Request, Status};
 use crate::error::Error;
 use crate::store::{Claim, Order, StoredResponse};
 
-/// How often a request looks again at a key whose first attempt is in flight.
+/// How often a request looks again at a key whose first attempt is in flight (a read).
 const KEY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often such a request tries to claim the key again (a write), to notice a dead owner.
+const KEY_RECLAIM: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The orders' HTTP routes, with their OpenAPI document.
 pub fn routes(state: AppState) -> OpenApiRouter {
@@ -223,10 +225,21 @@ async fn create(
                 },
             },
         };
-        if tokio::time::Instant::now() + KEY_POLL >= until {
-            return Err(in_flight);
+        // Read until the key is answered (or released), claiming again at least every
+        // KEY_RECLAIM, which is when a dead first attempt is noticed: a waiter costs reads,
+        // not a write every poll.
+        let reclaim = tokio::time::Instant::now() + KEY_RECLAIM;
+        loop {
+            if tokio::time::Instant::now() + KEY_POLL >= until {
+                return Err(in_flight);
+            }
+            tokio::time::sleep(KEY_POLL).await;
+            if tokio::time::Instant::now() >= reclaim
+                || !state.store.key_pending(caller.id, key.as_str()).await?
+            {
+                break;
+            }
         }
-        tokio::time::sleep(KEY_POLL).await;
     };
     let from_cart = explicit.is_none();
     let outcome = match explicit {
