@@ -94,6 +94,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // before it drains (new calls go elsewhere while the ones it has finish).
     let registration = Arc::new(tokio::sync::Mutex::new(Announcement::default()));
     if common.mesh.etcd_url.is_some() {
+        if common.server.port == 0 {
+            anyhow::bail!(
+                "invalid configuration: server.port (SHOPMESH_SERVER__PORT) must be set to \
+                 register in etcd (port 0 picks one that others could not be told)"
+            );
+        }
         let registrar = Registrar::new(&common.mesh, args.service.name(), &advertise_url(&common)?)
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         if let Some(registrar) = registrar {
@@ -207,18 +213,6 @@ async fn stdin_closed() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A SIGTERM that arrives before anything awaits the shutdown signal (a service still
-    /// migrating its database when a rolling restart reaches it) is seen, not fatal: without
-    /// handlers installed up front, its default action would end this test process.
-    #[tokio::test]
-    async fn a_sigterm_during_start_up_is_caught_by_the_shutdown_signal() {
-        let signal = shopmesh_runtime::shutdown_signal();
-        nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).expect("raise SIGTERM");
-        tokio::time::timeout(std::time::Duration::from_secs(10), signal)
-            .await
-            .expect("the shutdown signal completes");
-    }
 
     #[test]
     fn readiness_is_probed_on_the_loopback_when_every_address_is_bound() {

@@ -99,23 +99,31 @@ async fn concurrent_producers_get_gapless_positions(test: TestDb) {
             }
         }));
     }
+    // A reader follows the stream while the writers append: it never sees a gap.
+    let reader = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            let mut ids = BTreeSet::new();
+            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < give_up {
+                for e in outbox::read_after(&db, seen, 50).await.expect("read") {
+                    assert_eq!(e.position, seen + 1, "positions are gapless and in order");
+                    seen = e.position;
+                    ids.insert(e.id);
+                }
+                if seen == 200 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (seen, ids)
+        })
+    };
     for writer in writers {
         writer.await.expect("writer");
     }
-    // A reader following the stream meanwhile never sees a gap.
-    let mut seen = 0;
-    let mut ids = BTreeSet::new();
-    for _ in 0..200 {
-        for e in outbox::read_after(&db, seen, 50).await.expect("read") {
-            assert_eq!(e.position, seen + 1, "positions are gapless and in order");
-            seen = e.position;
-            ids.insert(e.id);
-        }
-        if seen == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (seen, ids) = reader.await.expect("reader");
     positioner.abort();
     replica.abort();
     assert_eq!(seen, 200);
