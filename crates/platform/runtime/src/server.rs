@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use http::Request;
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::Semaphore;
 
 use crate::settings::ServerSettings;
 
@@ -17,6 +20,21 @@ pub struct Server {
     listener: TcpListener,
     router: Router,
     grace: Duration,
+    limits: Limits,
+}
+
+/// What one client may hold of a server (from [`ServerSettings`]): a connection that sends no
+/// complete request head within `header_read_timeout` (a slow client, or an idle kept-alive
+/// one) is closed; a body that takes longer than `body_read_timeout` fails its request; past
+/// `max_connections` new connections are closed at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Time to send a request's body.
+    pub body_read_timeout: Duration,
+    /// Connections at once.
+    pub max_connections: usize,
 }
 
 impl Server {
@@ -47,6 +65,7 @@ impl Server {
             listener: bind(settings).await?,
             router,
             grace: settings.grace(),
+            limits: settings.limits(),
         })
     }
 
@@ -62,7 +81,14 @@ impl Server {
     ) -> std::io::Result<()> {
         let addr = self.local_addr()?;
         tracing::info!(service = self.service, %addr, "listening");
-        serve(self.listener, self.router, shutdown, self.grace).await
+        serve(
+            self.listener,
+            self.router,
+            shutdown,
+            self.grace,
+            self.limits,
+        )
+        .await
     }
 }
 
@@ -74,32 +100,77 @@ pub async fn bind(settings: &ServerSettings) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
-/// Serves `router` on `listener` (HTTP/1.1 and HTTP/2, so gRPC too) until `shutdown` completes,
-/// then stops accepting, lets in-flight requests finish for at most `grace`, and returns.
+/// Serves `router` on `listener` (HTTP/1.1 and HTTP/2, so gRPC too) within `limits`, until
+/// `shutdown` completes; then stops accepting, lets in-flight requests finish for at most
+/// `grace`, and returns. Written on hyper-util's connection builder rather than `axum::serve`,
+/// which has no header-read timeout and no connection bound.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    limits: Limits,
 ) -> std::io::Result<()> {
-    let stopping = Arc::new(Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining in-flight requests");
-            stopping.notify_one();
-        }
-    };
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal);
-    let server = std::future::IntoFuture::into_future(server);
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+
+    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.body_read_timeout,
+    ));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    // HTTP/2 has no header timeout: an idle or silent peer is pinged, and dropped if it does
+    // not answer in time.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors, say: wait a little rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("http_connections_shed_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            tower::ServiceExt::oneshot(router.clone(), request.map(axum::body::Body::new))
+        });
+        let connection = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            // An error here is the client's doing (gone, too slow): nothing to report.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
     tokio::select! {
-        result = server => result,
-        () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+        () = graceful.shutdown() => Ok(()),
+        () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping remaining connections");
             Ok(())
         }
@@ -155,6 +226,7 @@ mod tests {
                 let _ = rx.await;
             },
             Duration::from_secs(1),
+            ServerSettings::default().limits(),
         ));
         (addr, tx)
     }
@@ -266,6 +338,7 @@ mod tests {
                 let _ = rx.await;
             },
             Duration::from_secs(1),
+            ServerSettings::default().limits(),
         ));
         tx.send(()).expect("send");
         let result = tokio::time::timeout(Duration::from_secs(5), handle).await;

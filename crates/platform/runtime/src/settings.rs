@@ -19,6 +19,15 @@ pub struct ServerSettings {
     /// delays every request for a while. Off by default; refused unless `host` is a loopback
     /// address, so a deployed service can never have it.
     pub fault_injection: bool,
+    /// A client must send a request's headers within this many seconds of the connection
+    /// becoming ready for one (also the longest a kept-alive connection may sit idle), or the
+    /// connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// A request's body must arrive within this many seconds, or the request fails (408).
+    pub body_read_timeout_secs: u64,
+    /// Connections held at once; beyond, a new one is closed at once (shed) rather than
+    /// queued. Keep it under the process's descriptor limit (`ulimit -n`).
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -28,6 +37,9 @@ impl Default for ServerSettings {
             port: 8080,
             shutdown_grace_secs: 10,
             fault_injection: false,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            max_connections: 4096,
         }
     }
 }
@@ -36,6 +48,15 @@ impl ServerSettings {
     /// The address to bind.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.host, self.port)
+    }
+
+    /// What one client may hold.
+    pub fn limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+        }
     }
 
     /// The shutdown grace period.
