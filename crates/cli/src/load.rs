@@ -175,7 +175,8 @@ impl Shop {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Under the servers' idle close (their header timeout, 10 s by default).
+            .pool_idle_timeout(Duration::from_secs(5))
             .build(connector);
         Shop {
             client,

@@ -71,8 +71,10 @@ fn client(settings: &MeshSettings, http2: bool) -> HttpClient {
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(settings.connect_timeout()));
     let mut builder = Client::builder(TokioExecutor::new());
+    // Idle connections are given up before a server closes them (it does after its header
+    // timeout, 10 s by default): a call sent on one just as the server closes it would fail.
     builder
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(256);
     if http2 {
         builder.http2_only(true);

@@ -111,3 +111,23 @@ async fn past_the_connection_bound_new_connections_are_shed() {
         .expect("ping");
     assert_eq!(answer.status(), 200);
 }
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
+    let addr = serve(1, 1_000).await;
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /ping HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).await.expect("answer");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Kept alive, then silent: closed once the next request's head is overdue.
+    let waited = closed_within(&mut stream, Duration::from_secs(10)).await;
+    assert!(waited.is_some(), "an idle connection was kept open");
+}
