@@ -85,8 +85,8 @@ impl Registration {
 
     /// Stops renewing and revokes the lease, so clients drop the instance at once.
     pub async fn stop(mut self) {
-        // Stopped before the lease is read: a grant or put in progress then has either
-        // recorded its lease (revoked below) or never happened.
+        // Stopped before the lease is read: a lease granted and recorded is revoked below; one
+        // granted but not yet recorded has no key under it and runs out by itself.
         self.task.abort();
         let _ = (&mut self.task).await;
         if let Some(lease) = *self.lease.lock().await {

@@ -9,6 +9,7 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use http::Request;
 use hyper::body::Incoming;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -114,7 +115,9 @@ pub async fn serve(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
 
-    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+    // One timer for the whole body (not one per chunk: a byte every so often would never
+    // trip that).
+    let router = router.layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
         limits.body_read_timeout,
     ));
     let mut builder = Builder::new(TokioExecutor::new());
@@ -132,15 +135,25 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
+    // Every connection's task, so those still running when the grace runs out are ended.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
+                // A connection that failed before we took it: nothing to do.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                ) => continue,
                 Err(e) => {
-                    // Out of descriptors, say: wait a little rather than spin.
+                    // Out of descriptors, say: wait rather than spin.
                     tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
@@ -151,18 +164,36 @@ pub async fn serve(
             continue;
         };
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            tower::ServiceExt::oneshot(router.clone(), request.map(axum::body::Body::new))
-        });
+        let spoke = Arc::new(AtomicBool::new(false));
+        let service = {
+            let spoke = spoke.clone();
+            hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                spoke.store(true, Ordering::Relaxed);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router.clone(), request.map(axum::body::Body::new))
+            })
+        };
         let connection = graceful.watch(
             builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned(),
         );
-        tokio::spawn(async move {
-            // An error here is the client's doing (gone, too slow): nothing to report.
-            let _ = connection.await;
+        let header_read_timeout = limits.header_read_timeout;
+        connections.spawn(async move {
+            // A connection that has not made one request within the header timeout is
+            // dropped: hyper's own timer starts only once it knows the protocol, so a client
+            // that connects and stays silent would otherwise hold its slot for good.
+            let silent = async {
+                tokio::time::sleep(header_read_timeout).await;
+                if spoke.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                // An error here is the client's doing (gone, too slow): nothing to report.
+                _ = connection => {}
+                () = silent => {}
+            }
             drop(slot);
         });
     }
@@ -172,6 +203,7 @@ pub async fn serve(
         () = graceful.shutdown() => Ok(()),
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over; dropping remaining connections");
+            connections.abort_all();
             Ok(())
         }
     }

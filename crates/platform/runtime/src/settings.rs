@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The longest a timeout may be set to, in seconds.
+const DAY: u64 = 24 * 60 * 60;
+
 /// `[server]`: where the process listens and how it stops.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -23,7 +26,8 @@ pub struct ServerSettings {
     /// becoming ready for one (also the longest a kept-alive connection may sit idle), or the
     /// connection is closed.
     pub header_read_timeout_secs: u64,
-    /// A request's body must arrive within this many seconds, or the request fails (408).
+    /// A request's whole body must arrive within this many seconds, or reading it fails (the
+    /// request is refused, or the connection reset).
     pub body_read_timeout_secs: u64,
     /// Connections held at once; beyond, a new one is closed at once (shed) rather than
     /// queued. Keep it under the process's descriptor limit (`ulimit -n`).
@@ -39,7 +43,7 @@ impl Default for ServerSettings {
             fault_injection: false,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 30,
-            max_connections: 4096,
+            max_connections: 768,
         }
     }
 }
@@ -53,9 +57,11 @@ impl ServerSettings {
     /// What one client may hold.
     pub fn limits(&self) -> crate::server::Limits {
         crate::server::Limits {
-            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
-            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.max(1)),
-            max_connections: self.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.clamp(1, DAY)),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs.clamp(1, DAY)),
+            max_connections: self
+                .max_connections
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         }
     }
 

@@ -88,7 +88,7 @@ async fn trickling_connections_are_closed_within_the_header_timeout_and_others_a
 #[tokio::test]
 async fn past_the_connection_bound_new_connections_are_shed() {
     let addr = serve(30, 3).await;
-    // Three idle connections hold every slot (the header timeout, 30 s, has not run out).
+    // Three silent connections hold every slot (the header timeout, 30 s, has not run out).
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(TcpStream::connect(addr).await.expect("connect"));
@@ -130,4 +130,13 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
     // Kept alive, then silent: closed once the next request's head is overdue.
     let waited = closed_within(&mut stream, Duration::from_secs(10)).await;
     assert!(waited.is_some(), "an idle connection was kept open");
+}
+
+#[tokio::test]
+async fn a_connection_that_never_speaks_is_closed_after_the_header_timeout() {
+    let addr = serve(1, 1_000).await;
+    // Not a byte: the server cannot even tell HTTP/1 from HTTP/2.
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let waited = closed_within(&mut silent, Duration::from_secs(10)).await;
+    assert!(waited.is_some(), "a silent connection was kept open");
 }
