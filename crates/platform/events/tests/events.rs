@@ -185,9 +185,10 @@ async fn a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbou
     assert_eq!(recorder.outside.load(Ordering::SeqCst), 20);
 }
 
-async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
-    // One database plays both sides here: the producer's outbox and the consumer's tables.
-    let db = connect(&test).await;
+/// One database playing both sides: the producer's outbox and the consumer's tables, with an
+/// `effects` table for handlers to write to.
+async fn both_sides(test: &TestDb) -> Db {
+    let db = connect(test).await;
     outbox::install(&db).await.expect("install");
     shopmesh_events::consumer::install(&db)
         .await
@@ -196,6 +197,22 @@ async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
         .execute(db.pool())
         .await
         .expect("effects");
+    db
+}
+
+/// Serves `db`'s outbox at `/internal/outbox` on a free port.
+async fn serve_outbox(db: &Db) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = outbox::routes(db.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
+    let db = both_sides(&test).await;
     for n in 0..20 {
         let mut tx = db.begin_write().await.expect("tx");
         outbox::append(&mut tx, &event(n), None)
@@ -205,12 +222,7 @@ async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
     }
     outbox::assign_positions(&db).await.expect("number");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = outbox::routes(db.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve_outbox(&db).await;
     let mesh = Mesh::new(MeshSettings::default());
     let subscription = Subscription {
         producer: "test".to_owned(),
@@ -289,27 +301,14 @@ impl Handler for Gate {
 }
 
 async fn a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short(test: TestDb) {
-    let db = connect(&test).await;
-    outbox::install(&db).await.expect("install");
-    shopmesh_events::consumer::install(&db)
-        .await
-        .expect("install");
-    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
-        .execute(db.pool())
-        .await
-        .expect("effects");
+    let db = both_sides(&test).await;
     let mut tx = db.begin_write().await.expect("tx");
     outbox::append(&mut tx, &event(1), None)
         .await
         .expect("append");
     tx.commit().await.expect("commit");
     outbox::assign_positions(&db).await.expect("number");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = outbox::routes(db.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve_outbox(&db).await;
     let mesh = Mesh::new(MeshSettings::default());
     let subscription = || Subscription {
         producer: "test".to_owned(),

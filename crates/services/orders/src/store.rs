@@ -170,6 +170,13 @@ const TAKE_OVER_STEP: &str = concat!(
     orphaned_step!()
 );
 
+/// Order ids as rows of one text column.
+fn order_ids(rows: Vec<(String,)>) -> Vec<Uuid> {
+    rows.into_iter()
+        .filter_map(|(s,)| Uuid::parse_str(&s).ok())
+        .collect()
+}
+
 /// The orders database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -633,10 +640,7 @@ impl Store {
             .bind(&self.instance)
             .fetch_all(self.db.pool())
             .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(s,)| Uuid::parse_str(&s).ok())
-            .collect())
+        Ok(order_ids(rows))
     }
 
     /// This process's own steps in flight that have not moved since `before` (the worker
@@ -650,10 +654,7 @@ impl Store {
         .bind(micros(before))
         .fetch_all(self.db.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(s,)| Uuid::parse_str(&s).ok())
-            .collect())
+        Ok(order_ids(rows))
     }
 
     /// Claims this process's own step of `order_id` for the worker if it is still in flight
@@ -719,9 +720,6 @@ impl Store {
         .bind(micros(OffsetDateTime::now_utc()))
         .fetch_all(self.db.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(s,)| Uuid::parse_str(&s).ok())
-            .collect())
+        Ok(order_ids(rows))
     }
 }
