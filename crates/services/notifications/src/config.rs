@@ -14,7 +14,7 @@ use shopmesh_runtime::{LogSettings, ServerSettings};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Where SQLite files and the mail directory live.
+    /// Where SQLite files live.
     pub data_dir: DataDir,
     /// `[server]`.
     pub server: ServerSettings,
@@ -41,8 +41,9 @@ pub struct NotificationsSettings {
     pub users_url: String,
     /// The orders service (an upstream spec): `order.*`.
     pub orders_url: String,
-    /// Where messages are written, one `.eml` file each [default: `<data_dir>/mail`], when no
-    /// SMTP server is configured.
+    /// Also write each message as `<mail_dir>/<event id>.eml` when no SMTP server is configured
+    /// [default: unset, messages are kept in the database only and read through
+    /// `GET /api/v1/admin/notifications/{event_id}/message`].
     pub mail_dir: Option<PathBuf>,
     /// Send through this SMTP server instead, e.g. `smtp://mail.internal:25` or
     /// `smtp://user:password@relay:587` (plain SMTP to a relay; no TLS).
@@ -84,14 +85,6 @@ impl Config {
     pub fn database_url(&self) -> SecretString {
         self.database
             .url_or_default(&self.data_dir, "notifications")
-    }
-
-    /// The mail directory.
-    pub fn mail_dir(&self) -> PathBuf {
-        self.notifications
-            .mail_dir
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("mail"))
     }
 
     /// The idle poll interval.

@@ -1,16 +1,18 @@
 //! The notifications service: one e-mail per user and order event, exactly once.
 //!
 //! # Layout
-//! - [`mail`]: the message for each event, written as `<mail_dir>/<event id>.eml` (the event id
-//!   names the file, so a redelivered event rewrites the same one), and the consumer's handler.
-//! - [`config`]: `[notifications]`: where the producers are, the mail directory, attempts.
+//! - [`mail`]: the message for each event (its RFC 5322 text, kept in the database; sent over
+//!   SMTP or also written as `<mail_dir>/<event id>.eml` when configured), and the consumer's
+//!   handler.
+//! - [`config`]: `[notifications]`: where the producers are, SMTP or a mail directory, attempts.
 //! - this file: the consumer (pulling `user.registered` from users and `order.*` from orders
-//!   over the embedded transport), `GET /api/v1/admin/notifications`, and the dead letters at
-//!   `/internal/dlq` (`shopmesh events dlq list|redrive`).
+//!   over the embedded transport), `GET /api/v1/admin/notifications` and each message's text
+//!   at `…/{event_id}/message`, and the dead letters at `/internal/dlq`
+//!   (`shopmesh events dlq list|redrive`).
 //!
 //! Exactly one message per event: the consumer records the event in its inbox, the message in
 //! `notifications` and its cursor in one transaction; a crash before that commit redelivers the
-//! event, whose message file is simply written again under the same name.
+//! event, whose message file, if any, is simply written again under the same name.
 
 pub mod config;
 pub mod mail;
@@ -18,7 +20,7 @@ pub mod mail;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -68,8 +70,12 @@ pub struct NotificationView {
     to: String,
     /// The subject.
     subject: String,
-    /// The `.eml` file.
-    file: String,
+    /// Where it went besides this list: the `.eml` file (with `notifications.mail_dir`) or
+    /// `smtp:<Message-ID>`; absent when it is only kept here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    /// The message itself (`message/rfc822`): `/api/v1/admin/notifications/{event_id}/message`.
+    message_url: String,
     /// When it was written (RFC 3339).
     created_at: String,
 }
@@ -123,11 +129,12 @@ async fn list(
     let items = rows
         .into_iter()
         .map(|(event_id, kind, to, subject, file, at)| NotificationView {
+            message_url: format!("/api/v1/admin/notifications/{event_id}/message"),
             event_id,
             kind,
             to,
             subject,
-            file,
+            file: Some(file).filter(|f| !f.is_empty()),
             created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000)
                 .ok()
                 .and_then(|t| t.format(&Rfc3339).ok())
@@ -137,8 +144,51 @@ async fn list(
     Ok(Json(NotificationList { items }))
 }
 
+/// One message's text, as it was composed (admins): save it as a `.eml` file to open it in a
+/// mail reader.
+#[utoipa::path(get, path = "/api/v1/admin/notifications/{event_id}/message", tag = "notifications",
+    security(("bearer" = [])),
+    params(("event_id" = String, Path, description = "The event the message answers")),
+    responses(
+        (status = 200, description = "The message (RFC 5322)", body = String, content_type = "message/rfc822"),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such message (or one recorded before texts were kept)", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+async fn message(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(event_id): Path<String>,
+) -> Result<Response, Problem> {
+    let text: Option<Option<String>> =
+        sqlx::query_scalar("SELECT message FROM notifications WHERE event_id = $1")
+            .bind(&event_id)
+            .fetch_optional(state.db.reader())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading a message failed");
+                Problem::internal()
+            })?;
+    match text.flatten() {
+        Some(text) => Ok((
+            [(axum::http::header::CONTENT_TYPE, "message/rfc822")],
+            text,
+        )
+            .into_response()),
+        None => Err(Problem::new(
+            shopmesh_problem::Kind::NotFound,
+            "message_not_found",
+            "Message not found",
+        )
+        .with_detail("no message with its text kept answers this event id")),
+    }
+}
+
 fn routes(state: AppState) -> OpenApiRouter {
-    OpenApiRouter::new().routes(routes!(list)).with_state(state)
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(message))
+        .with_state(state)
 }
 
 /// Where dead letters are: the consumer's table (embedded transport) or the broker's
@@ -250,7 +300,7 @@ impl Application {
             .transpose()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let mailer = mail::Mailer {
-            dir: config.mail_dir(),
+            dir: config.notifications.mail_dir.clone(),
             smtp,
             from: config.notifications.from.clone(),
             failpoint: config.notifications.failpoint.as_ref().map(|name| {
