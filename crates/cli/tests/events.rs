@@ -226,7 +226,10 @@ async fn purchase(env: &[(&str, &str)]) {
         assert!(text.contains(&format!("To: {to}\r\n")), "{text}");
         assert!(text.contains(&format!("Subject: {subject}\r\n")), "{text}");
         let event = item["event_id"].as_str().expect("event_id");
-        assert!(text.contains(&format!("Message-ID: <{event}@shopmesh.local>")), "{text}");
+        assert!(
+            text.contains(&format!("Message-ID: <{event}@shopmesh.local>")),
+            "{text}"
+        );
         // Customers cannot read each other's mail.
         let denied = client
             .get(shop.url(url))
@@ -257,7 +260,10 @@ async fn purchase(env: &[(&str, &str)]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_killed_between_sending_and_recording_sends_the_message_once() {
-    let env = [("SHOPMESH_NOTIFICATIONS__FAILPOINT", "pause_after_mail"), MAIL_DIR];
+    let env = [
+        ("SHOPMESH_NOTIFICATIONS__FAILPOINT", "pause_after_mail"),
+        MAIL_DIR,
+    ];
     let shop = Shop::start_with(&env);
     let client = reqwest::Client::new();
     let admin = admin_token(&shop, &client, &env).await;

@@ -45,6 +45,19 @@ static APPENDED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::
 static NUMBERED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
 /// Most rows numbered per transaction.
 const BATCH: i64 = 500;
+
+/// The numbering statement, its batch size written in: SQLite reads a bound `LIMIT` while
+/// planning this statement, so every new binding made it prepare the statement again (3.5% of
+/// payments' CPU under the purchase load, issue 9).
+static NUMBER_BATCH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE outbox SET position = numbered.position \
+         FROM (SELECT id, (SELECT COALESCE(MAX(position), 0) FROM outbox) \
+                          + ROW_NUMBER() OVER (ORDER BY id) AS position \
+               FROM outbox WHERE position IS NULL ORDER BY id LIMIT {BATCH}) AS numbered \
+         WHERE outbox.id = numbered.id AND outbox.position IS NULL"
+    )
+});
 /// Most events served per request.
 const MAX_PAGE: i64 = 500;
 
@@ -110,16 +123,9 @@ pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
     }
     // One statement (no transaction around several): the rows in id order, numbered from the
     // highest position on. The scalar subquery is evaluated once, before any row changes.
-    let numbered = sqlx::query(
-        "UPDATE outbox SET position = numbered.position \
-         FROM (SELECT id, (SELECT COALESCE(MAX(position), 0) FROM outbox) \
-                          + ROW_NUMBER() OVER (ORDER BY id) AS position \
-               FROM outbox WHERE position IS NULL ORDER BY id LIMIT $1) AS numbered \
-         WHERE outbox.id = numbered.id AND outbox.position IS NULL",
-    )
-    .bind(BATCH)
-    .execute(db.pool())
-    .await?;
+    let numbered = sqlx::query(NUMBER_BATCH.as_str())
+        .execute(db.pool())
+        .await?;
     Ok(numbered.rows_affected())
 }
 

@@ -170,11 +170,9 @@ async fn message(
                 Problem::internal()
             })?;
     match text.flatten() {
-        Some(text) => Ok((
-            [(axum::http::header::CONTENT_TYPE, "message/rfc822")],
-            text,
-        )
-            .into_response()),
+        Some(text) => {
+            Ok(([(axum::http::header::CONTENT_TYPE, "message/rfc822")], text).into_response())
+        }
         None => Err(Problem::new(
             shopmesh_problem::Kind::NotFound,
             "message_not_found",
