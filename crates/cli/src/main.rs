@@ -15,6 +15,7 @@
 
 mod admin;
 mod chaos;
+mod cores;
 mod events;
 mod load;
 mod serve;
@@ -65,6 +66,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the runtime starts its threads, so that all of them inherit it; and the runtime
+    // then sizes itself to the cores it may use.
+    if let Command::Serve(args) = &cli.command
+        && let Err(e) = cores::confine_self(&args.cpus)
+    {
+        eprintln!("error: cannot run on cores {:?}: {e}", args.cpus);
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

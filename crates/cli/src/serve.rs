@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// outlive it, even if it is killed with SIGKILL).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
+    /// Run only on these cores, e.g. `--cpus 0` or `--cpus 2,3` (the launcher's share for
+    /// this process, `launcher.pin_cores`); applied before any thread starts.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub cpus: Vec<usize>,
 }
 
 /// The sections `serve` itself reads (each service checks its whole configuration).

@@ -5,6 +5,8 @@
 //!
 //! - runs `--replicas` instances of a service if asked (`--replicas inventory=3,catalog=2`, or
 //!   `launcher.replicas.<service>`), the first before the others (it migrates the database);
+//! - confines each instance to its share of the cores (`launcher.pin_cores`, see
+//!   [`crate::cores`]), passed as `serve --cpus` so the child applies it before its threads start;
 //! - picks a free loopback port per instance (the gateway gets `--port`, default 8080); an
 //!   instance that restarts gets a new one;
 //! - keeps `<data-dir>/registry.json` true: the ready instances of every service, which every
@@ -115,6 +117,9 @@ struct LauncherSettings {
     database_url_template: Option<String>,
     /// Instances per service, e.g. `replicas.inventory = 3`.
     replicas: BTreeMap<String, u32>,
+    /// Confine each process to its own share of the cores (Linux; see `cores.rs`): its threads
+    /// then hand work to each other on one core instead of waking each other across cores.
+    pin_cores: bool,
 }
 
 impl Default for LauncherSettings {
@@ -124,6 +129,7 @@ impl Default for LauncherSettings {
             ready_timeout_secs: 60,
             database_url_template: None,
             replicas: BTreeMap::new(),
+            pin_cores: true,
         }
     }
 }
@@ -208,6 +214,8 @@ struct Spec {
     first_ready: Option<watch::Sender<bool>>,
     /// Started after the first instance is ready.
     after: Option<watch::Receiver<bool>>,
+    /// The cores it may run on (empty: any).
+    cores: Vec<usize>,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -239,6 +247,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for spec in &mut specs {
         if spec.service == Service::Gateway {
             spec.after = Some(gate.clone());
+        }
+    }
+    if config.launcher.pin_cores {
+        let allowed = crate::cores::allowed();
+        let processes: Vec<(Service, u32)> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.service,
+                    replicas.get(s.service.name()).copied().unwrap_or(1),
+                )
+            })
+            .collect();
+        for (spec, cores) in specs
+            .iter_mut()
+            .zip(crate::cores::assign(&processes, &allowed))
+        {
+            spec.cores = cores;
+        }
+        if !allowed.is_empty() {
+            println!(
+                "shopmesh up: each process confined to its share of {} cores \
+                 (SHOPMESH_LAUNCHER__PIN_CORES=false: any)",
+                allowed.len()
+            );
         }
     }
     let exe = std::env::current_exe().context("cannot find the shopmesh binary")?;
@@ -459,6 +492,7 @@ fn plan(
                 env: instance_env,
                 first_ready: (n == 1).then(|| first_tx.clone()),
                 after: (n > 1).then(|| first_rx.clone()),
+                cores: Vec::new(),
             });
         }
     }
@@ -481,6 +515,7 @@ fn plan(
         env: gateway_env,
         first_ready: None,
         after: None,
+        cores: Vec::new(),
     });
     Ok(specs)
 }
@@ -617,6 +652,7 @@ fn spawn(exe: &Path, spec: &Spec) -> anyhow::Result<Child> {
         .arg("serve")
         .arg(spec.service.name())
         .arg("--exit-with-parent")
+        .args(crate::cores::args(&spec.cores))
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

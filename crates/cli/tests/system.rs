@@ -228,6 +228,63 @@ async fn the_shop_survives_a_killed_users_process_and_stops_cleanly() {
     assert!(!shop.dir.path().join("data/up.json").exists());
 }
 
+/// The cores a process's threads may run on: every thread's `Cpus_allowed_list`, parsed.
+#[cfg(target_os = "linux")]
+fn cores_of(pid: i32) -> Vec<Vec<usize>> {
+    let parse = |status: String| -> Vec<usize> {
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim()
+            .to_owned();
+        list.split(',')
+            .flat_map(|part| match part.split_once('-') {
+                Some((a, b)) => (a.parse::<usize>().expect("core")
+                    ..=b.parse::<usize>().expect("core"))
+                    .collect::<Vec<_>>(),
+                None => vec![part.parse().expect("core")],
+            })
+            .collect()
+    };
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(parse)
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread")]
+async fn every_process_runs_on_its_own_share_of_the_cores() {
+    let shop = Shop::start();
+    let allowed = cores_of(std::process::id() as i32).swap_remove(0);
+    let services = [
+        "users",
+        "catalog",
+        "inventory",
+        "payments",
+        "cart",
+        "orders",
+        "notifications",
+        "gateway",
+    ];
+    for service in services {
+        let threads = cores_of(shop.pid_of(service));
+        let cores = &threads[0];
+        assert!(
+            !cores.is_empty() && cores.iter().all(|c| allowed.contains(c)),
+            "{service}: {cores:?} of {allowed:?}"
+        );
+        // Every thread: the set was taken before the runtime started any.
+        assert!(threads.iter().all(|t| t == cores), "{service}: {threads:?}");
+        if allowed.len() > 1 && allowed.len() <= services.len() {
+            assert_eq!(cores.len(), 1, "{service}: one core each of {allowed:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn children_stop_when_the_launcher_is_killed() {
     let shop = Shop::start();
