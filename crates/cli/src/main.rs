@@ -68,11 +68,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime starts its threads, so that all of them inherit it; and the runtime
     // then sizes itself to the cores it may use.
+    // A set that cannot be had (cores gone since the launcher planned) costs speed, not service.
     if let Command::Serve(args) = &cli.command
         && let Err(e) = cores::confine_self(&args.cpus)
     {
-        eprintln!("error: cannot run on cores {:?}: {e}", args.cpus);
-        return ExitCode::FAILURE;
+        eprintln!(
+            "warning: cannot confine this process to cores {:?} ({e}); running on any",
+            args.cpus
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -119,7 +119,8 @@ struct LauncherSettings {
     replicas: BTreeMap<String, u32>,
     /// Confine each process to its own share of the cores (Linux; see `cores.rs`): its threads
     /// then hand work to each other on one core instead of waking each other across cores.
-    pin_cores: bool,
+    /// Unset: on when `up` may use two cores (where it was measured), off otherwise.
+    pin_cores: Option<bool>,
 }
 
 impl Default for LauncherSettings {
@@ -129,7 +130,7 @@ impl Default for LauncherSettings {
             ready_timeout_secs: 60,
             database_url_template: None,
             replicas: BTreeMap::new(),
-            pin_cores: true,
+            pin_cores: None,
         }
     }
 }
@@ -249,8 +250,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             spec.after = Some(gate.clone());
         }
     }
-    if config.launcher.pin_cores {
-        let allowed = crate::cores::allowed();
+    let allowed = crate::cores::allowed();
+    if allowed.len() > 1
+        && config
+            .launcher
+            .pin_cores
+            .unwrap_or_else(|| crate::cores::pin_by_default(&allowed))
+    {
         let processes: Vec<(Service, u32)> = specs
             .iter()
             .map(|s| {
@@ -266,13 +272,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         {
             spec.cores = cores;
         }
-        if !allowed.is_empty() {
-            println!(
-                "shopmesh up: each process confined to its share of {} cores \
-                 (SHOPMESH_LAUNCHER__PIN_CORES=false: any)",
-                allowed.len()
-            );
-        }
+        println!(
+            "shopmesh up: each process confined to its share of {} cores \
+             (SHOPMESH_LAUNCHER__PIN_CORES=false: any)",
+            allowed.len()
+        );
     }
     let exe = std::env::current_exe().context("cannot find the shopmesh binary")?;
     println!("shopmesh up: data in {}", data_dir.display());

@@ -1,9 +1,8 @@
 //! Events end to end with the real `shopmesh up` and its embedded transport: one message per
 //! event, even when the consumer is killed between sending and recording.
 
-/// What the tests that also write `.eml` files set (relative to the shop's folder, which is
-/// every process's working directory).
-const MAIL_DIR: (&str, &str) = ("SHOPMESH_NOTIFICATIONS__MAIL_DIR", "data/mail");
+/// What the tests that also write `.eml` files set (relative: under the data directory).
+const MAIL_DIR: (&str, &str) = ("SHOPMESH_NOTIFICATIONS__MAIL_DIR", "mail");
 
 mod common;
 
@@ -220,6 +219,7 @@ async fn purchase(env: &[(&str, &str)]) {
             .expect("message");
         assert_eq!(response.status(), 200, "{url}");
         assert_eq!(response.headers()["content-type"], "message/rfc822");
+        assert_eq!(response.headers()["cache-control"], "private, no-store");
         let text = response.text().await.expect("text");
         let to = item["to"].as_str().expect("to");
         let subject = item["subject"].as_str().expect("subject");
@@ -239,6 +239,47 @@ async fn purchase(env: &[(&str, &str)]) {
             .expect("message");
         assert_eq!(denied.status(), 403);
     }
+    // A message recorded before texts were kept: listed with its file, no link, no text.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        shop.dir.path().join("data/notifications.db").display()
+    ))
+    .await
+    .expect("notifications.db");
+    sqlx::query(
+        "INSERT INTO notifications (event_id, type, recipient, subject, file, created_at) \
+         VALUES ('from-before', 'order.paid', 'Old <old@example.com>', 'Old', \
+                 '/old/mail/from-before.eml', 1)",
+    )
+    .execute(&db)
+    .await
+    .expect("an old row");
+    db.close().await;
+    let list: Value = client
+        .get(shop.url("/api/v1/admin/notifications?limit=500"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let old = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|item| item["event_id"] == "from-before")
+        .expect("the old row listed")
+        .clone();
+    assert_eq!(old["file"], "/old/mail/from-before.eml", "{old}");
+    assert!(old.get("message_url").is_none(), "{old}");
+    let unknown = client
+        .get(shop.url("/api/v1/admin/notifications/from-before/message"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("message");
+    assert_eq!(unknown.status(), 404);
     let unknown = client
         .get(shop.url("/api/v1/admin/notifications/no-such-event/message"))
         .bearer_auth(&admin)

@@ -258,7 +258,6 @@ fn cores_of(pid: i32) -> Vec<Vec<usize>> {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread")]
 async fn every_process_runs_on_its_own_share_of_the_cores() {
-    let shop = Shop::start();
     let allowed = cores_of(std::process::id() as i32).swap_remove(0);
     let services = [
         "users",
@@ -270,17 +269,38 @@ async fn every_process_runs_on_its_own_share_of_the_cores() {
         "notifications",
         "gateway",
     ];
+    let shop = Shop::start_with(&[("SHOPMESH_LAUNCHER__PIN_CORES", "true")]);
+    let mut used = Vec::new();
     for service in services {
         let threads = cores_of(shop.pid_of(service));
-        let cores = &threads[0];
+        let cores = threads[0].clone();
         assert!(
             !cores.is_empty() && cores.iter().all(|c| allowed.contains(c)),
             "{service}: {cores:?} of {allowed:?}"
         );
         // Every thread: the set was taken before the runtime started any.
-        assert!(threads.iter().all(|t| t == cores), "{service}: {threads:?}");
+        assert!(
+            threads.iter().all(|t| *t == cores),
+            "{service}: {threads:?}"
+        );
         if allowed.len() > 1 && allowed.len() <= services.len() {
             assert_eq!(cores.len(), 1, "{service}: one core each of {allowed:?}");
+        }
+        used.extend(cores);
+    }
+    used.sort_unstable();
+    if allowed.len() > services.len() {
+        assert_eq!(used, allowed, "disjoint shares of every core");
+    } else {
+        used.dedup();
+        assert_eq!(used, allowed, "every core has a process");
+    }
+    drop(shop);
+
+    let shop = Shop::start_with(&[("SHOPMESH_LAUNCHER__PIN_CORES", "false")]);
+    for service in services {
+        for cores in cores_of(shop.pid_of(service)) {
+            assert_eq!(cores, allowed, "{service} left on any core");
         }
     }
 }

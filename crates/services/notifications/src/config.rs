@@ -41,8 +41,8 @@ pub struct NotificationsSettings {
     pub users_url: String,
     /// The orders service (an upstream spec): `order.*`.
     pub orders_url: String,
-    /// Also write each message as `<mail_dir>/<event id>.eml` when no SMTP server is configured
-    /// [default: unset, messages are kept in the database only and read through
+    /// Also write each message as `<mail_dir>/<event id>.eml` (relative: under `data_dir`) when
+    /// no SMTP server is configured [default: unset, messages are kept in the database only and read through
     /// `GET /api/v1/admin/notifications/{event_id}/message`].
     pub mail_dir: Option<PathBuf>,
     /// Send through this SMTP server instead, e.g. `smtp://mail.internal:25` or
@@ -85,6 +85,14 @@ impl Config {
     pub fn database_url(&self) -> SecretString {
         self.database
             .url_or_default(&self.data_dir, "notifications")
+    }
+
+    /// Where `.eml` files also go, if anywhere (a relative path is under the data directory).
+    pub fn mail_dir(&self) -> Option<PathBuf> {
+        self.notifications
+            .mail_dir
+            .as_ref()
+            .map(|dir| self.data_dir.join(dir))
     }
 
     /// The idle poll interval.

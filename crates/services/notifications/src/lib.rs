@@ -74,8 +74,10 @@ pub struct NotificationView {
     /// `smtp:<Message-ID>`; absent when it is only kept here.
     #[serde(skip_serializing_if = "Option::is_none")]
     file: Option<String>,
-    /// The message itself (`message/rfc822`): `/api/v1/admin/notifications/{event_id}/message`.
-    message_url: String,
+    /// The message itself (`message/rfc822`): `/api/v1/admin/notifications/{event_id}/message`;
+    /// absent for messages recorded before their text was kept (see `file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_url: Option<String>,
     /// When it was written (RFC 3339).
     created_at: String,
 }
@@ -115,12 +117,13 @@ async fn list(
         )
         .into());
     }
-    let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
-        "SELECT event_id, type, recipient, subject, file, created_at FROM notifications \
+    let rows: Vec<(String, String, String, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT event_id, type, recipient, subject, file, created_at, \
+                CASE WHEN message IS NULL THEN 0 ELSE 1 END FROM notifications \
          ORDER BY created_at DESC, event_id DESC LIMIT $1",
     )
     .bind(limit)
-    .fetch_all(state.db.pool())
+    .fetch_all(state.db.reader())
     .await
     .map_err(|e| {
         tracing::error!(error = %e, "listing notifications failed");
@@ -128,18 +131,21 @@ async fn list(
     })?;
     let items = rows
         .into_iter()
-        .map(|(event_id, kind, to, subject, file, at)| NotificationView {
-            message_url: format!("/api/v1/admin/notifications/{event_id}/message"),
-            event_id,
-            kind,
-            to,
-            subject,
-            file: Some(file).filter(|f| !f.is_empty()),
-            created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000)
-                .ok()
-                .and_then(|t| t.format(&Rfc3339).ok())
-                .unwrap_or_default(),
-        })
+        .map(
+            |(event_id, kind, to, subject, file, at, kept)| NotificationView {
+                message_url: (kept != 0)
+                    .then(|| format!("/api/v1/admin/notifications/{event_id}/message")),
+                event_id,
+                kind,
+                to,
+                subject,
+                file: Some(file).filter(|f| !f.is_empty()),
+                created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000)
+                    .ok()
+                    .and_then(|t| t.format(&Rfc3339).ok())
+                    .unwrap_or_default(),
+            },
+        )
         .collect();
     Ok(Json(NotificationList { items }))
 }
@@ -171,7 +177,19 @@ async fn message(
             })?;
     match text.flatten() {
         Some(text) => {
-            Ok(([(axum::http::header::CONTENT_TYPE, "message/rfc822")], text).into_response())
+            use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
+            // Personal data: never kept by a cache. The event id matched a row, so it is one
+            // of ours (a UUID): safe inside the quotes.
+            let disposition = format!("attachment; filename=\"{event_id}.eml\"");
+            Ok((
+                [
+                    (CONTENT_TYPE, "message/rfc822".to_owned()),
+                    (CACHE_CONTROL, "private, no-store".to_owned()),
+                    (CONTENT_DISPOSITION, disposition),
+                ],
+                text,
+            )
+                .into_response())
         }
         None => Err(Problem::new(
             shopmesh_problem::Kind::NotFound,
@@ -298,7 +316,7 @@ impl Application {
             .transpose()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let mailer = mail::Mailer {
-            dir: config.notifications.mail_dir.clone(),
+            dir: config.mail_dir(),
             smtp,
             from: config.notifications.from.clone(),
             failpoint: config.notifications.failpoint.as_ref().map(|name| {

@@ -157,12 +157,13 @@ pub fn smtp(url: &str) -> Result<Smtp, String> {
 
 /// Sends `message` through SMTP. Its `Message-ID` is the event's, so a message sent again for a
 /// redelivered event (a crash between sending and recording) is recognisably the same one.
+/// Returns the `Message-ID` and the message exactly as it went out.
 pub async fn send_smtp(
     smtp: &Smtp,
     from: &str,
     event: &Envelope,
     message: &Message,
-) -> Result<String, String> {
+) -> Result<(String, String), String> {
     use lettre::AsyncTransport;
     let id = format!("<{}@shopmesh.local>", event.id.hyphenated());
     let email = lettre::Message::builder()
@@ -177,10 +178,11 @@ pub async fn send_smtp(
         .header(lettre::message::header::ContentType::TEXT_PLAIN)
         .body(message.body.clone())
         .map_err(|e| format!("building the message: {e}"))?;
+    let text = String::from_utf8_lossy(&email.formatted()).into_owned();
     smtp.send(email)
         .await
         .map_err(|e| format!("sending through SMTP: {e}"))?;
-    Ok(id)
+    Ok((id, text))
 }
 
 /// The consumer's handler: keeps the customer directory, makes one message per event, sends it
@@ -252,18 +254,20 @@ impl Handler for Mailer {
             let Some(message) = self.message_for(tx, event).await? else {
                 return Ok(());
             };
-            let text = render(&self.from, event, &message);
-            // Where it went besides the database: `smtp:<Message-ID>`, a file, or nowhere ("").
-            let went = match (&self.smtp, &self.dir) {
-                (Some(smtp), _) => format!(
-                    "smtp:{}",
-                    send_smtp(smtp, &self.from, event, &message).await?
-                ),
-                (None, Some(dir)) => write_eml(dir, event, &text)
-                    .map_err(|e| format!("writing the message: {e}"))?
-                    .display()
-                    .to_string(),
-                (None, None) => String::new(),
+            // Where it went besides the database (`smtp:<Message-ID>`, a file, or nowhere: ""),
+            // and its text as it went.
+            let (went, text) = match (&self.smtp, &self.dir) {
+                (Some(smtp), _) => {
+                    let (id, text) = send_smtp(smtp, &self.from, event, &message).await?;
+                    (format!("smtp:{id}"), text)
+                }
+                (None, Some(dir)) => {
+                    let text = render(&self.from, event, &message);
+                    let path = write_eml(dir, event, &text)
+                        .map_err(|e| format!("writing the message: {e}"))?;
+                    (path.display().to_string(), text)
+                }
+                (None, None) => (String::new(), render(&self.from, event, &message)),
             };
             if let Some(marker) = &self.failpoint
                 && !marker.exists()
@@ -363,10 +367,17 @@ mod tests {
             payload: json!({}),
         };
         let message = welcome("cat@example.com", "Cat");
-        let id = send_smtp(&smtp, "shopmesh <shop@shopmesh.local>", &event, &message)
+        let (id, text) = send_smtp(&smtp, "shopmesh <shop@shopmesh.local>", &event, &message)
             .await
             .expect("sent");
         let data = received.recv().await.expect("a message");
+        // What is kept is what went out (the server sees it line by line, without the CRs, and
+        // the client ends the data with a line break of its own).
+        assert_eq!(
+            text.replace("\r\n", "\n").trim_end(),
+            data.trim_end(),
+            "kept: {text}"
+        );
         assert!(data.contains("To: Cat <cat@example.com>"), "{data}");
         assert!(data.contains("Subject: Welcome to shopmesh"), "{data}");
         assert!(data.contains(&format!("Message-ID: {id}")), "{data}");
