@@ -5,7 +5,8 @@
 //!
 //! - runs `--replicas` instances of a service if asked (`--replicas inventory=3,catalog=2`, or
 //!   `launcher.replicas.<service>`), the first before the others (it migrates the database);
-//! - confines each instance to its share of the cores (`launcher.pin_cores`, see
+//! - confines each instance to its share of the cores when `launcher.pin_cores` is true (unset:
+//!   only when `up` may use exactly 2 cores; see
 //!   [`crate::cores`]), passed as `serve --cpus` so the child applies it before its threads start;
 //! - picks a free loopback port per instance (the gateway gets `--port`, default 8080); an
 //!   instance that restarts gets a new one;

@@ -220,12 +220,16 @@ async fn purchase(env: &[(&str, &str)]) {
         assert_eq!(response.status(), 200, "{url}");
         assert_eq!(response.headers()["content-type"], "message/rfc822");
         assert_eq!(response.headers()["cache-control"], "private, no-store");
+        let event = item["event_id"].as_str().expect("event_id");
+        assert_eq!(
+            response.headers()["content-disposition"],
+            format!("attachment; filename=\"{event}.eml\"").as_str()
+        );
         let text = response.text().await.expect("text");
         let to = item["to"].as_str().expect("to");
         let subject = item["subject"].as_str().expect("subject");
         assert!(text.contains(&format!("To: {to}\r\n")), "{text}");
         assert!(text.contains(&format!("Subject: {subject}\r\n")), "{text}");
-        let event = item["event_id"].as_str().expect("event_id");
         assert!(
             text.contains(&format!("Message-ID: <{event}@shopmesh.local>")),
             "{text}"

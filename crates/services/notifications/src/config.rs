@@ -92,6 +92,7 @@ impl Config {
         self.notifications
             .mail_dir
             .as_ref()
+            .filter(|dir| !dir.as_os_str().is_empty())
             .map(|dir| self.data_dir.join(dir))
     }
 
