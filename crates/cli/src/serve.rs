@@ -128,14 +128,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         withdraw.lock().await.withdraw().await;
     };
     let result = match args.service {
-        Service::Users => shopmesh_users::run(sources, shutdown).await,
-        Service::Catalog => shopmesh_catalog::run(sources, shutdown).await,
-        Service::Inventory => shopmesh_inventory::run(sources, shutdown).await,
-        Service::Payments => shopmesh_payments::run(sources, shutdown).await,
-        Service::Orders => shopmesh_orders::run(sources, shutdown).await,
-        Service::Cart => shopmesh_cart::run(sources, shutdown).await,
-        Service::Notifications => shopmesh_notifications::run(sources, shutdown).await,
-        Service::Gateway => shopmesh_gateway::run(sources, shutdown).await,
+        Service::Users => {
+            shopmesh_service::run(sources, shutdown, shopmesh_users::Application::build).await
+        }
+        Service::Catalog => {
+            shopmesh_service::run(sources, shutdown, shopmesh_catalog::Application::build).await
+        }
+        Service::Inventory => {
+            shopmesh_service::run(sources, shutdown, shopmesh_inventory::Application::build).await
+        }
+        Service::Payments => {
+            shopmesh_service::run(sources, shutdown, shopmesh_payments::Application::build).await
+        }
+        Service::Orders => {
+            shopmesh_service::run(sources, shutdown, shopmesh_orders::Application::build).await
+        }
+        Service::Cart => {
+            shopmesh_service::run(sources, shutdown, shopmesh_cart::Application::build).await
+        }
+        Service::Notifications => {
+            shopmesh_service::run(
+                sources,
+                shutdown,
+                shopmesh_notifications::Application::build,
+            )
+            .await
+        }
+        Service::Gateway => {
+            shopmesh_service::run(sources, shutdown, shopmesh_gateway::Application::build).await
+        }
     };
     // Stopped without a signal (a failure): withdraw now.
     registration.lock().await.withdraw().await;

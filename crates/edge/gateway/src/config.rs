@@ -55,6 +55,16 @@ impl Config {
     }
 }
 
+impl shopmesh_service::Configuration for Config {
+    fn load(sources: &Sources) -> anyhow::Result<Self> {
+        Config::load(sources)
+    }
+
+    fn log(&self) -> &LogSettings {
+        &self.log
+    }
+}
+
 /// `[gateway]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -25,7 +25,6 @@ pub mod fallback;
 pub mod proxy;
 pub mod ratelimit;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,7 +32,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{any, get};
 use shopmesh_auth::Verifier;
-use shopmesh_config::Sources;
 use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{Mesh, Protocol};
 use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
@@ -182,14 +180,4 @@ async fn load_keys(verifier: Verifier, loaded: Arc<AtomicBool>) {
         }
         backoff.wait().await;
     }
-}
-
-/// Runs the gateway configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

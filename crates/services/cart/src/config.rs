@@ -2,33 +2,9 @@
 
 use std::time::Duration;
 
-use secrecy::SecretString;
 use serde::Deserialize;
-use shopmesh_auth::AuthSettings;
-use shopmesh_config::{ConfigError, DataDir, Sources};
-use shopmesh_db::DatabaseSettings;
-use shopmesh_runtime::{LogSettings, ServerSettings};
 
-/// Everything the cart process reads.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Where SQLite files live when no database URL is set.
-    pub data_dir: DataDir,
-    /// `[server]`.
-    pub server: ServerSettings,
-    /// `[log]`.
-    pub log: LogSettings,
-    /// `[database]`.
-    pub database: DatabaseSettings,
-    /// `[auth]`; `jwks_url` is required.
-    pub auth: AuthSettings,
-    /// `[mesh]`: how calls to other services find and treat their instances, and the
-    /// registration of this one in etcd (`mesh.etcd_url`).
-    pub mesh: shopmesh_mesh::MeshSettings,
-    /// `[cart]`.
-    pub cart: CartSettings,
-}
+shopmesh_service::service_config!(cart: CartSettings);
 
 /// `[cart]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,16 +26,6 @@ impl Default for CartSettings {
 }
 
 impl Config {
-    /// Loads the cart configuration from these sources.
-    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
-        sources.load(Some("cart"))
-    }
-
-    /// The database URL (the configured one, or `<data_dir>/cart.db`).
-    pub fn database_url(&self) -> SecretString {
-        self.database.url_or_default(&self.data_dir, "cart")
-    }
-
     /// The catalog call deadline.
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.cart.call_timeout_ms)

@@ -13,11 +13,8 @@ pub mod domain;
 pub mod error;
 pub mod store;
 
-use std::future::Future;
-
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
-use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
@@ -73,14 +70,4 @@ impl Application {
         let server = Server::bind("cart", &config.server, router).await?;
         Ok(Service::new(server).on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the cart configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

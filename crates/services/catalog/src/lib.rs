@@ -24,11 +24,8 @@ pub mod seed;
 pub mod stock;
 pub mod store;
 
-use std::future::Future;
-
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
-use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
@@ -145,14 +142,4 @@ impl Application {
             })
             .on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the catalog configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

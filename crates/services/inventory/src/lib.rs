@@ -19,11 +19,8 @@ pub mod seed;
 pub mod store;
 pub mod sweeper;
 
-use std::future::Future;
-
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
-use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
@@ -91,14 +88,4 @@ impl Application {
             .on_stop(async move { publishing.stop() })
             .on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the inventory configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

@@ -3,35 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::SecretString;
 use serde::Deserialize;
-use shopmesh_auth::AuthSettings;
-use shopmesh_config::{ConfigError, DataDir, Sources};
-use shopmesh_db::DatabaseSettings;
-use shopmesh_runtime::{LogSettings, ServerSettings};
 
-/// Everything the notifications process reads.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Where SQLite files live.
-    pub data_dir: DataDir,
-    /// `[server]`.
-    pub server: ServerSettings,
-    /// `[log]`.
-    pub log: LogSettings,
-    /// `[database]`.
-    pub database: DatabaseSettings,
-    /// `[auth]`; `jwks_url` is required (the admin list needs a token).
-    pub auth: AuthSettings,
-    /// `[mesh]`: how the producers' instances are found.
-    pub mesh: shopmesh_mesh::MeshSettings,
-    /// `[events]`: the event transport (RabbitMQ when `events.rabbitmq_url` is set, else the
-    /// embedded one).
-    pub events: shopmesh_events::EventsSettings,
-    /// `[notifications]`.
-    pub notifications: NotificationsSettings,
-}
+shopmesh_service::service_config!(notifications: NotificationsSettings);
 
 /// `[notifications]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,17 +50,6 @@ impl Default for NotificationsSettings {
 }
 
 impl Config {
-    /// Loads the notifications configuration from these sources.
-    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
-        sources.load(Some("notifications"))
-    }
-
-    /// The database URL (the configured one, or `<data_dir>/notifications.db`).
-    pub fn database_url(&self) -> SecretString {
-        self.database
-            .url_or_default(&self.data_dir, "notifications")
-    }
-
     /// Where `.eml` files also go, if anywhere (a relative path is under the data directory).
     pub fn mail_dir(&self) -> Option<PathBuf> {
         self.notifications

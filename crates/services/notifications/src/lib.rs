@@ -17,7 +17,6 @@
 pub mod config;
 pub mod mail;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -27,7 +26,6 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use shopmesh_auth::Verifier;
 use shopmesh_auth::extract::AdminUser;
-use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_events::consumer::{Consumer, Subscription};
 use shopmesh_mesh::{Mesh, Protocol};
@@ -363,14 +361,4 @@ impl Application {
             })
             .on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the notifications service configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

@@ -23,12 +23,10 @@ pub mod saga;
 pub mod store;
 pub mod worker;
 
-use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
-use shopmesh_config::Sources;
 use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
@@ -123,14 +121,4 @@ impl Application {
             .on_stop(async move { publishing.stop() })
             .on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the orders service configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

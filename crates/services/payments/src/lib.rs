@@ -18,9 +18,6 @@ pub mod domain;
 pub mod error;
 pub mod store;
 
-use std::future::Future;
-
-use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
@@ -54,14 +51,4 @@ impl Application {
             .on_stop(async move { publishing.stop() })
             .on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the payments service configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }

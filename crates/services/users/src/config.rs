@@ -4,46 +4,8 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
-use shopmesh_auth::AuthSettings;
-use shopmesh_config::{ConfigError, DataDir, Sources};
-use shopmesh_db::DatabaseSettings;
-use shopmesh_runtime::{LogSettings, ServerSettings};
 
-/// Everything the users process reads.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Where SQLite files live when no database URL is set.
-    pub data_dir: DataDir,
-    /// `[server]`.
-    pub server: ServerSettings,
-    /// `[log]`.
-    pub log: LogSettings,
-    /// `[database]`.
-    pub database: DatabaseSettings,
-    /// `[auth]`.
-    pub auth: AuthSettings,
-    /// `[mesh]`: how calls to other services find and treat their instances, and the
-    /// registration of this one in etcd (`mesh.etcd_url`).
-    pub mesh: shopmesh_mesh::MeshSettings,
-    /// `[events]`: the event transport (RabbitMQ when `events.rabbitmq_url` is set, else the
-    /// embedded one).
-    pub events: shopmesh_events::EventsSettings,
-    /// `[users]`.
-    pub users: UsersSettings,
-}
-
-impl Config {
-    /// Loads the users configuration from these sources.
-    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
-        sources.load(Some("users"))
-    }
-
-    /// The database URL (the configured one, or `<data_dir>/users.db`).
-    pub fn database_url(&self) -> SecretString {
-        self.database.url_or_default(&self.data_dir, "users")
-    }
-}
+shopmesh_service::service_config!(users: UsersSettings);
 
 /// `[users]`.
 #[derive(Debug, Clone, Deserialize)]

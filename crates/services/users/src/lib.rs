@@ -21,13 +21,11 @@ pub mod keys;
 pub mod passwords;
 pub mod store;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
 use secrecy::ExposeSecret;
 use shopmesh_auth::{JwkSet, TokenSigner, Verifier};
-use shopmesh_config::Sources;
 use shopmesh_db::Db;
 use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
@@ -104,16 +102,6 @@ impl Application {
             .on_stop(async move { publishing.stop() })
             .on_stop(async move { db.close().await }))
     }
-}
-
-/// Runs the users service configured from `sources` until `shutdown` completes.
-pub async fn run(
-    sources: Sources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let config = Config::load(&sources)?;
-    shopmesh_runtime::telemetry::init_logging(&config.log)?;
-    Application::build(config).await?.run_until(shutdown).await
 }
 
 /// Makes `email` an admin with `password` (creating or promoting the account).
