@@ -70,6 +70,22 @@ impl DatabaseSettings {
     }
 }
 
+/// A time as stored: microseconds since the Unix epoch (an `i64` column on both backends, so
+/// times compare and index the same way everywhere). Saturates far in the future.
+pub fn micros(t: time::OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
+}
+
+/// A stored time back (see [`micros`]); `None` if it is out of `OffsetDateTime`'s range.
+pub fn from_micros(us: i64) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).ok()
+}
+
+/// Whether the statement broke a unique constraint (the same on SQLite and PostgreSQL).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
 /// The URL of an SQLite file, created when missing.
 pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
@@ -469,5 +485,17 @@ mod tests {
             .await
             .expect("insert");
         assert_eq!(rows(&db).await, 1);
+    }
+
+    #[test]
+    fn stored_times_round_trip_to_the_microsecond() {
+        let t = time::macros::datetime!(2026-11-28 13:05:06.123_456_789 UTC);
+        let back = from_micros(micros(t)).expect("in range");
+        assert_eq!(
+            back,
+            time::macros::datetime!(2026-11-28 13:05:06.123_456 UTC)
+        );
+        assert_eq!(micros(time::OffsetDateTime::UNIX_EPOCH), 0);
+        assert_eq!(from_micros(i64::MAX), None);
     }
 }

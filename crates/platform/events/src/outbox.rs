@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
-use shopmesh_db::Db;
+use shopmesh_db::{Db, micros};
 use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -60,10 +60,6 @@ static NUMBER_BATCH: LazyLock<String> = LazyLock::new(|| {
 });
 /// Most events served per request.
 const MAX_PAGE: i64 = 500;
-
-fn micros(t: OffsetDateTime) -> i64 {
-    (t.unix_timestamp_nanos() / 1_000) as i64
-}
 
 /// Creates the outbox table if it is missing.
 pub async fn install(db: &Db) -> Result<(), sqlx::Error> {

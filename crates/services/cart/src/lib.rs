@@ -26,17 +26,11 @@ pub use config::Config;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What handlers share.
-#[derive(Clone)]
+#[derive(Clone, FromRef)]
 pub struct AppState {
     store: store::Store,
     catalog: CatalogClient<GrpcChannel>,
     verifier: Verifier,
-}
-
-impl FromRef<AppState> for Verifier {
-    fn from_ref(state: &AppState) -> Self {
-        state.verifier.clone()
-    }
 }
 
 /// The cart service.

@@ -46,19 +46,13 @@ pub async fn migrate(db: &Db) -> Result<(), shopmesh_db::DbError> {
 }
 
 /// What handlers share.
-#[derive(Clone)]
+#[derive(Clone, FromRef)]
 pub struct AppState {
     store: store::Store,
     verifier: Verifier,
     inventory: InventoryClient<GrpcChannel>,
     /// `Cache-Control` of anonymous reads (`catalog.cache_max_age_secs`).
     cache_control: Option<axum::http::HeaderValue>,
-}
-
-impl FromRef<AppState> for Verifier {
-    fn from_ref(state: &AppState) -> Self {
-        state.verifier.clone()
-    }
 }
 
 /// The catalog service.

@@ -2,9 +2,10 @@
 //! is a static string; the product lists' are assembled once from fixed fragments
 //! (`build_list_sql`), and search uses an index each backend builds its own way.
 
-use shopmesh_db::{Backend, Db};
 use std::sync::LazyLock;
 
+use shopmesh_db::{Backend, Db};
+use shopmesh_db::{is_unique_violation, micros};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -173,13 +174,9 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
-
 fn from_micros(us: i64) -> Result<OffsetDateTime, Error> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .map_err(|_| Error::Internal(anyhow::anyhow!("stored timestamp out of range")))
+    shopmesh_db::from_micros(us)
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored timestamp out of range")))
 }
 
 /// The search text as an FTS5 query for the trigram index: each word of three characters or
@@ -243,10 +240,6 @@ impl ProductRow {
             available: self.available,
         })
     }
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 impl Store {

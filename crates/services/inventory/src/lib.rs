@@ -30,16 +30,10 @@ pub use config::Config;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What handlers share.
-#[derive(Clone)]
+#[derive(Clone, FromRef)]
 pub struct AppState {
     store: store::Store,
     verifier: Verifier,
-}
-
-impl FromRef<AppState> for Verifier {
-    fn from_ref(state: &AppState) -> Self {
-        state.verifier.clone()
-    }
 }
 
 /// The inventory service.

@@ -3,7 +3,8 @@
 //! concurrent reservations can never both take the last unit, on SQLite (one writer at a time,
 //! `BEGIN IMMEDIATE`) or PostgreSQL (the row lock makes the second re-check the condition).
 
-use shopmesh_db::Db;
+pub use shopmesh_db::micros;
+use shopmesh_db::{Db, is_unique_violation};
 use sqlx::{Any, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -47,15 +48,9 @@ struct ReservationRow {
     expires_at: i64,
 }
 
-/// Microseconds since the epoch.
-pub fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
-
 /// Back from microseconds.
 pub fn from_micros(us: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    shopmesh_db::from_micros(us).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 fn id(uuid: Uuid) -> String {
@@ -65,10 +60,6 @@ fn id(uuid: Uuid) -> String {
 /// How often a commit or release re-reads a reservation that changed under it before giving up
 /// (each retry means another writer finished a move; three in a row does not happen).
 const RACE_RETRIES: usize = 3;
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-}
 
 impl Store {
     /// A store over this database.

@@ -44,16 +44,10 @@ pub use config::Config;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What handlers share.
-#[derive(Clone)]
+#[derive(Clone, axum::extract::FromRef)]
 pub struct AppState {
     db: Db,
     verifier: Verifier,
-}
-
-impl axum::extract::FromRef<AppState> for Verifier {
-    fn from_ref(state: &AppState) -> Self {
-        state.verifier.clone()
-    }
 }
 
 /// One message sent.

@@ -35,17 +35,11 @@ pub use config::Config;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What handlers share.
-#[derive(Clone)]
+#[derive(Clone, FromRef)]
 pub struct AppState {
     store: store::Store,
     saga: saga::Saga,
     verifier: Verifier,
-}
-
-impl FromRef<AppState> for Verifier {
-    fn from_ref(state: &AppState) -> Self {
-        state.verifier.clone()
-    }
 }
 
 /// The orders service.

@@ -2,7 +2,8 @@
 //! updates (`… WHERE step = 'idle'`), so two requests never run steps of one order at once.
 
 use shopmesh_contracts::{OrderChange, OrderLine, OrderSnapshot};
-use shopmesh_db::Db;
+pub use shopmesh_db::micros;
+use shopmesh_db::{Db, is_unique_violation};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -94,14 +95,8 @@ pub enum Claim {
     Mismatch,
 }
 
-/// Microseconds since the epoch.
-pub fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
-
 fn from_micros(us: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    shopmesh_db::from_micros(us).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 fn id(uuid: Uuid) -> String {
@@ -145,10 +140,6 @@ impl OrderRow {
 /// A key whose first request has not answered after this long belongs to a dead process (every
 /// downstream call has a deadline of a few seconds).
 const ABANDONED_AFTER: time::Duration = time::Duration::seconds(60);
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-}
 
 /// A step nobody alive runs: untouched since `$1`, or its owner (not this process, `$3`) has no
 /// lease running past now (`$2`). An unknown owner (a row from before leases) is only judged by

@@ -1,6 +1,7 @@
 //! SQL for payments. Portable between SQLite and PostgreSQL.
 
 use shopmesh_db::Db;
+use shopmesh_db::{is_unique_violation, micros};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -43,14 +44,6 @@ pub struct NewCapture<'a> {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
-}
-
-fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 impl Store {

@@ -37,19 +37,13 @@ pub use store::AdminOutcome;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What handlers share.
-#[derive(Clone)]
+#[derive(Clone, FromRef)]
 pub struct AppState {
     store: store::Store,
     hasher: passwords::Hasher,
     signer: Arc<TokenSigner>,
     verifier: Verifier,
     jwks: Arc<JwkSet>,
-}
-
-impl FromRef<AppState> for Verifier {
-    fn from_ref(state: &AppState) -> Self {
-        state.verifier.clone()
-    }
 }
 
 /// The users service.

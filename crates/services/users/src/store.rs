@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use shopmesh_db::Db;
+use shopmesh_db::{is_unique_violation, micros};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -37,12 +38,8 @@ macro_rules! user_columns {
     };
 }
 
-fn micros(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
-}
-
 fn from_micros(us: i64) -> Result<OffsetDateTime, Error> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+    shopmesh_db::from_micros(us)
         .context("stored timestamp out of range")
         .map_err(Error::Internal)
 }
@@ -67,10 +64,6 @@ pub enum AdminOutcome {
     Created,
     /// An existing account became admin (and took the given password).
     Promoted,
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 impl Store {
