@@ -197,8 +197,17 @@ pub struct Problem {
     title: Cow<'static, str>,
     detail: Option<String>,
     field: Option<String>,
-    retry_after_secs: Option<u64>,
+    retry_after_secs: Option<u32>,
+    /// Why an internal error happened: logged once where the answer leaves the process
+    /// ([`InternalCause`]), never sent.
+    cause: Option<InternalCause>,
 }
+
+/// The cause of a 500, put into the response's extensions by [`Problem::into_response`] so
+/// that the runtime logs it once, in the request's span (with its request id), and into the
+/// log by the gRPC conversion. Never part of what the client sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalCause(pub std::sync::Arc<String>);
 
 impl Problem {
     /// A problem of `kind` with a stable machine `code` and a short human `title`.
@@ -214,13 +223,29 @@ impl Problem {
             detail: None,
             field: None,
             retry_after_secs: None,
+            cause: None,
         }
     }
 
-    /// A 500 that tells the client nothing internal. Log the cause where it happened.
+    /// A 500 that tells the client nothing internal. Log the cause where it happened, or use
+    /// [`Problem::internal_caused_by`].
     pub fn internal() -> Self {
         Problem::new(Kind::Internal, "internal", "Internal server error")
             .with_detail("Something went wrong on our side. It has been logged.")
+    }
+
+    /// [`Problem::internal`] that keeps `cause` (its whole chain: `{:#}`) to be logged once
+    /// when the answer leaves: by the runtime's request middleware for HTTP, by the conversion
+    /// for gRPC. The client sees only the generic 500.
+    pub fn internal_caused_by(cause: impl std::fmt::Display) -> Self {
+        let mut problem = Problem::internal();
+        problem.cause = Some(InternalCause(std::sync::Arc::new(format!("{cause:#}"))));
+        problem
+    }
+
+    /// The cause kept by [`Problem::internal_caused_by`].
+    pub fn cause(&self) -> Option<&InternalCause> {
+        self.cause.as_ref()
     }
 
     /// A 404 for a route that does not exist.
@@ -242,7 +267,8 @@ impl Problem {
 
     /// Adds a `Retry-After` header (seconds) to the HTTP answer.
     pub fn with_retry_after(mut self, secs: u64) -> Self {
-        self.retry_after_secs = Some(secs);
+        // Stored narrow, so the problem stays small (it is the error type of most handlers).
+        self.retry_after_secs = Some(u32::try_from(secs).unwrap_or(u32::MAX));
         self
     }
 
@@ -335,6 +361,9 @@ impl IntoResponse for Problem {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Some(cause) = self.cause {
+            response.extensions_mut().insert(cause);
+        }
         response
     }
 }
@@ -364,6 +393,10 @@ fn kind_of_status(status: u16) -> Option<Kind> {
 
 impl From<Problem> for tonic::Status {
     fn from(problem: Problem) -> Self {
+        if let Some(InternalCause(cause)) = &problem.cause {
+            // A gRPC answer carries no extensions to log it from later: this is the one place.
+            tracing::error!(error = %cause, "internal error");
+        }
         let message = problem
             .detail
             .clone()

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde_json::json;
-use shopmesh_problem::{Kind, Problem};
+use shopmesh_problem::{InternalCause, Kind, Problem};
 use tonic::server::NamedService;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -171,6 +171,7 @@ impl App {
                     "Method not allowed",
                 )
             })
+            .layer(middleware::map_response(log_internal_cause))
             .layer(middleware::from_fn(enforce_deadline))
             .layer(middleware::from_fn_with_state(
                 Arc::new(self.grpc_routes),
@@ -205,6 +206,15 @@ impl App {
                     })),
             )
     }
+}
+
+/// Logs the cause of a 500 (`Problem::internal_caused_by`) once, inside the request's span,
+/// so the line carries the request id; handlers and error types never log it themselves.
+async fn log_internal_cause(response: Response) -> Response {
+    if let Some(InternalCause(cause)) = response.extensions().get::<InternalCause>() {
+        tracing::error!(error = %cause, "internal error");
+    }
+    response
 }
 
 async fn readyz(checks: Arc<Vec<ReadinessCheck>>) -> Response {

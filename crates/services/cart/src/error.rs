@@ -67,10 +67,7 @@ impl From<Error> for Problem {
             .with_detail("The catalog did not answer; retry shortly.")
             .with_retry_after(1),
             Error::Problem(problem) => problem,
-            Error::Internal(cause) => {
-                tracing::error!(error = %format!("{cause:#}"), "internal error");
-                Problem::internal()
-            }
+            Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
     }
 }

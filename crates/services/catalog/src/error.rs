@@ -39,10 +39,7 @@ impl From<Error> for Problem {
                 .with_field("cursor")
                 .with_detail("Use the next_cursor of the previous page, with the same sort."),
             Error::Problem(problem) => problem,
-            Error::Internal(cause) => {
-                tracing::error!(error = %format!("{cause:#}"), "internal error");
-                Problem::internal()
-            }
+            Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
     }
 }

@@ -73,10 +73,7 @@ impl From<Error> for Problem {
                 "No reservation for this order",
             ),
             Error::Problem(problem) => problem,
-            Error::Internal(cause) => {
-                tracing::error!(error = %format!("{cause:#}"), "internal error");
-                Problem::internal()
-            }
+            Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
     }
 }

@@ -117,10 +117,7 @@ async fn list(
     .bind(limit)
     .fetch_all(state.db.reader())
     .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "listing notifications failed");
-        Problem::internal()
-    })?;
+    .map_err(|e| Problem::internal_caused_by(format!("listing notifications failed: {e}")))?;
     let items = rows
         .into_iter()
         .map(
@@ -163,10 +160,7 @@ async fn message(
             .bind(&event_id)
             .fetch_optional(state.db.reader())
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "reading a message failed");
-                Problem::internal()
-            })?;
+            .map_err(|e| Problem::internal_caused_by(format!("reading a message failed: {e}")))?;
     match text.flatten() {
         Some(text) => {
             use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
@@ -244,8 +238,7 @@ async fn dead_letters(State(dlq): State<DeadLetters>) -> Response {
     match listed {
         Ok(letters) => Json(serde_json::json!({ "dead_letters": letters })).into_response(),
         Err(e) => {
-            tracing::error!(error = %e, "reading dead letters failed");
-            Problem::internal().into_response()
+            Problem::internal_caused_by(format!("reading dead letters failed: {e}")).into_response()
         }
     }
 }
@@ -265,10 +258,7 @@ async fn redrive(State(dlq): State<DeadLetters>) -> Response {
             Json(serde_json::json!({ "handled": handled, "still_failing": failing }))
                 .into_response()
         }
-        Err(e) => {
-            tracing::error!(error = %e, "redrive failed");
-            Problem::internal().into_response()
-        }
+        Err(e) => Problem::internal_caused_by(format!("redrive failed: {e}")).into_response(),
     }
 }
 

@@ -120,10 +120,7 @@ impl From<Error> for Problem {
                 .with_retry_after(1)
             }
             Error::Upstream(problem) | Error::Problem(problem) => problem,
-            Error::Internal(cause) => {
-                tracing::error!(error = %format!("{cause:#}"), "internal error");
-                Problem::internal()
-            }
+            Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
     }
 }

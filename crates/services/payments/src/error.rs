@@ -44,10 +44,7 @@ impl From<Error> for Problem {
                 "Order already captured with another amount",
             ),
             Error::NotFound => Problem::new(Kind::NotFound, "payment_not_found", "No payment"),
-            Error::Internal(cause) => {
-                tracing::error!(error = %format!("{cause:#}"), "internal error");
-                Problem::internal()
-            }
+            Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
     }
 }

@@ -44,11 +44,7 @@ impl From<Error> for Problem {
             .with_detail("The e-mail or password is wrong."),
             Error::NotFound => Problem::new(Kind::NotFound, "user_not_found", "User not found"),
             Error::Problem(problem) => problem,
-            Error::Internal(cause) => {
-                // The one place an internal error is logged, with its whole cause chain.
-                tracing::error!(error = %format!("{cause:#}"), "internal error");
-                Problem::internal()
-            }
+            Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
     }
 }
