@@ -18,8 +18,35 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::{Envelope, EventsSettings};
 
-/// What a handler returns: `Err` with a reason to try again later.
-pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+/// What a handler returns.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+
+/// Why a handler did not apply an event, which decides what happens to it.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// It may work later (our database, a mail server, an event that came before one it needs):
+    /// tried again, and set aside as a dead letter after `events.max_attempts` failures (the
+    /// broker's `delivery_limit` through RabbitMQ).
+    #[error("{0}")]
+    Retry(String),
+    /// It can never work as sent (a version this consumer does not know, a payload that does
+    /// not match its contract): set aside as a dead letter at once, with the reason, and the
+    /// stream flows on. Never a panic nor a default value.
+    #[error("rejected: {0}")]
+    Reject(String),
+}
+
+impl From<crate::DecodeError> for HandlerError {
+    fn from(e: crate::DecodeError) -> Self {
+        HandlerError::Reject(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::Retry(format!("database: {e}"))
+    }
+}
 
 /// Applies an event. Its database effects go through `tx`, committed with the inbox entry and
 /// the cursor; an effect outside the database must be idempotent by the event's id.
@@ -59,6 +86,10 @@ pub enum ConsumeError {
     /// A handler failed (will be retried).
     #[error("handling {0} failed: {1}")]
     Handler(String, String),
+    /// A handler refused the event for good ([`HandlerError::Reject`]): it goes to the dead
+    /// letters without further attempts.
+    #[error("{0} rejected: {1}")]
+    Rejected(String, String),
     /// The producer no longer keeps the events after our cursor (we were away longer than its
     /// retention window): nothing is skipped, the cursor stays; an operator re-seeds it.
     #[error("{0}'s events after our cursor were pruned: {1}")]
@@ -498,14 +529,23 @@ impl Consumer {
         .fetch_optional(&mut *tx)
         .await?;
         if seen.is_none() {
-            if let Err(why) = self.handler.handle(&mut tx, event).await {
-                drop(tx);
-                let attempts = self.record_failure(&id, &why).await?;
-                if attempts >= i64::from(self.max_attempts) {
-                    self.bury(producer, event, &why).await?;
+            match self.handler.handle(&mut tx, event).await {
+                Ok(()) => {}
+                Err(HandlerError::Reject(why)) => {
+                    drop(tx);
+                    self.bury(producer, event, &format!("rejected: {why}"))
+                        .await?;
                     return Ok(());
                 }
-                return Err(ConsumeError::Handler(format!("{} {id}", event.kind), why));
+                Err(HandlerError::Retry(why)) => {
+                    drop(tx);
+                    let attempts = self.record_failure(&id, &why).await?;
+                    if attempts >= i64::from(self.max_attempts) {
+                        self.bury(producer, event, &why).await?;
+                        return Ok(());
+                    }
+                    return Err(ConsumeError::Handler(format!("{} {id}", event.kind), why));
+                }
             }
             remember(&mut tx, &id, &event.kind).await?;
             record_delivery(producer, event);
@@ -540,7 +580,14 @@ impl Consumer {
         self.handler
             .handle(&mut tx, event)
             .await
-            .map_err(|why| ConsumeError::Handler(format!("{} {id}", event.kind), why))?;
+            .map_err(|e| match e {
+                HandlerError::Retry(why) => {
+                    ConsumeError::Handler(format!("{} {id}", event.kind), why)
+                }
+                HandlerError::Reject(why) => {
+                    ConsumeError::Rejected(format!("{} {id}", event.kind), why)
+                }
+            })?;
         remember(&mut tx, &id, &event.kind).await?;
         tx.commit().await?;
         record_delivery(source, event);
@@ -640,7 +687,7 @@ impl Consumer {
                 if let Err(why) = self.handler.handle(&mut tx, &letter.event).await {
                     drop(tx);
                     sqlx::query("UPDATE event_dead_letters SET error = $1 WHERE event_id = $2")
-                        .bind(&why)
+                        .bind(why.to_string())
                         .bind(&id)
                         .execute(self.db.pool())
                         .await?;

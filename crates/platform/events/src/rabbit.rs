@@ -408,6 +408,14 @@ async fn consume(
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 consumer.prune_if_due().await;
             }
+            Err(e @ crate::consumer::ConsumeError::Rejected(..)) => {
+                // It will never succeed: to the dead-letter queue now, not after the limit.
+                tracing::error!(event = %event.id, kind = %event.kind, error = %e, "event dead-lettered");
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
+            }
             Err(e) => {
                 tracing::warn!(event = %event.id, kind = %event.kind, error = %e, "handling failed; handing it back");
                 tokio::time::sleep(Duration::from_millis(settings.retry_delay_ms)).await;

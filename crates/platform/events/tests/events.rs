@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
-use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture, Subscription};
+use shopmesh_events::consumer::{Consumer, Handler, HandlerError, HandlerFuture, Subscription};
 use shopmesh_events::{Envelope, Event, outbox};
 use shopmesh_mesh::{Mesh, MeshSettings, Protocol};
 use sqlx::AnyConnection;
@@ -21,6 +21,7 @@ shopmesh_db::test_on_both_backends!(
     redelivered_events_have_no_second_effect_and_poison_is_set_aside,
     a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbour_fails,
     a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short,
+    an_event_its_handler_rejects_is_dead_lettered_at_once,
 );
 
 async fn connect(db: &TestDb) -> Db {
@@ -157,13 +158,12 @@ impl Handler for Recorder {
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" && self.poison.load(Ordering::SeqCst) {
-                return Err("poisoned".to_owned());
+                return Err(HandlerError::Retry("poisoned".to_owned()));
             }
             sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
                 .bind(event.id.hyphenated().to_string())
                 .execute(tx)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             self.outside.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
@@ -211,8 +211,10 @@ async fn serve_outbox(db: &Db) -> std::net::SocketAddr {
     addr
 }
 
-async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
-    let db = both_sides(&test).await;
+/// Twenty events in `test`'s outbox (7 and 17 are `test.poison`), numbered and served, and
+/// the subscription to them.
+async fn twenty_events(test: &TestDb) -> (Db, Subscription) {
+    let db = both_sides(test).await;
     for n in 0..20 {
         let mut tx = db.begin_write().await.expect("tx");
         outbox::append(&mut tx, &event(n), None)
@@ -230,6 +232,11 @@ async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
             .upstream("test", &format!("http://{addr}"), Protocol::Http)
             .expect("upstream"),
     };
+    (db, subscription)
+}
+
+async fn consume_with_poison(test: TestDb, repeatable: bool) -> Arc<Recorder> {
+    let (db, subscription) = twenty_events(&test).await;
     let recorder = Arc::new(Recorder::new(repeatable));
     let consumer = Consumer::new(db.clone(), recorder.clone(), 3, Duration::from_millis(10));
     let effects = || async {
@@ -288,13 +295,12 @@ impl Handler for Gate {
             self.release
                 .acquire()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| HandlerError::Retry(e.to_string()))?
                 .forget();
             sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
                 .bind(event.id.hyphenated().to_string())
                 .execute(tx)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             Ok(())
         })
     }
@@ -368,4 +374,55 @@ async fn a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short(
         "stopped after {:?}",
         asked.elapsed()
     );
+}
+
+/// Refuses `test.poison` for good, as a consumer refuses a version it does not know.
+struct Refuser;
+
+impl Handler for Refuser {
+    fn may_repeat(&self) -> bool {
+        true
+    }
+
+    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            if event.kind == "test.poison" {
+                return Err(HandlerError::Reject(
+                    "test.poison version 1 is not known here".to_owned(),
+                ));
+            }
+            sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
+                .bind(event.id.hyphenated().to_string())
+                .execute(tx)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+async fn an_event_its_handler_rejects_is_dead_lettered_at_once(test: TestDb) {
+    let (db, subscription) = twenty_events(&test).await;
+    let consumer = Consumer::new(db.clone(), Arc::new(Refuser), 3, Duration::from_millis(10));
+
+    // One pass over the stream: no attempts spent on what can never work, nothing held up.
+    consumer.pump(&subscription).await.expect("pump");
+    assert_eq!(consumer.cursor("test").await.expect("cursor"), 20);
+    let (effects,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+    assert_eq!(effects, 18);
+    let dead = consumer.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter().all(|d| d.event.kind == "test.poison"
+            && d.error == "rejected: test.poison version 1 is not known here"),
+        "{:?}",
+        dead.iter().map(|d| &d.error).collect::<Vec<_>>()
+    );
+    let (failures,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM event_failures")
+        .fetch_one(db.pool())
+        .await
+        .expect("failures");
+    assert_eq!(failures, 0);
 }

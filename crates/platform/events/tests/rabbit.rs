@@ -12,7 +12,7 @@ use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
-use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture};
+use shopmesh_events::consumer::{Consumer, Handler, HandlerError, HandlerFuture};
 use shopmesh_events::rabbit::{self, EventsSettings, Topology};
 
 const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
@@ -111,13 +111,12 @@ impl Handler for Recorder {
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" && !self.cured.load(Ordering::SeqCst) {
-                return Err("poisoned".to_owned());
+                return Err(HandlerError::Retry("poisoned".to_owned()));
             }
             sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
                 .bind(event.id.hyphenated().to_string())
                 .execute(&mut *tx)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             if self.freeze_once.swap(false, Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }

@@ -50,8 +50,7 @@ impl Handler for Recorder {
             sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
                 .bind(event.id.hyphenated().to_string())
                 .execute(tx)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             Ok(())
         })
     }

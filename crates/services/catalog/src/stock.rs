@@ -16,7 +16,7 @@ impl Handler for Availability {
 
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let Some(stock) = event.decode::<StockChanged>().map_err(|e| e.to_string())? else {
+            let Some(stock) = event.decode::<StockChanged>()? else {
                 return Ok(());
             };
             sqlx::query(
@@ -28,8 +28,7 @@ impl Handler for Availability {
             .bind(stock.available)
             .bind(event.position)
             .execute(tx)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             Ok(())
         })
     }

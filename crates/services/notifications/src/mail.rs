@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use shopmesh_contracts::{OrderChange, OrderSnapshot, UserRegistered};
 use shopmesh_events::Envelope;
-use shopmesh_events::consumer::{Handler, HandlerFuture};
+use shopmesh_events::consumer::{Handler, HandlerError, HandlerFuture};
 use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
@@ -163,25 +163,29 @@ pub async fn send_smtp(
     from: &str,
     event: &Envelope,
     message: &Message,
-) -> Result<(String, String), String> {
+) -> Result<(String, String), HandlerError> {
     use lettre::AsyncTransport;
     let id = format!("<{}@shopmesh.local>", event.id.hyphenated());
     let email = lettre::Message::builder()
         .from(
             header_safe(from)
                 .parse()
-                .map_err(|e| format!("sender: {e}"))?,
+                // Our configuration: fixable, so worth retrying.
+                .map_err(|e| HandlerError::Retry(format!("sender: {e}")))?,
         )
-        .to(message.to.parse().map_err(|e| format!("recipient: {e}"))?)
+        .to(message
+            .to
+            .parse()
+            .map_err(|e| HandlerError::Reject(format!("recipient: {e}")))?)
         .subject(header_safe(&message.subject))
         .message_id(Some(id.clone()))
         .header(lettre::message::header::ContentType::TEXT_PLAIN)
         .body(message.body.clone())
-        .map_err(|e| format!("building the message: {e}"))?;
+        .map_err(|e| HandlerError::Reject(format!("building the message: {e}")))?;
     let text = String::from_utf8_lossy(&email.formatted()).into_owned();
     smtp.send(email)
         .await
-        .map_err(|e| format!("sending through SMTP: {e}"))?;
+        .map_err(|e| HandlerError::Retry(format!("sending through SMTP: {e}")))?;
     Ok((id, text))
 }
 
@@ -209,11 +213,8 @@ impl Mailer {
         &self,
         tx: &mut AnyConnection,
         event: &Envelope,
-    ) -> Result<Option<Message>, String> {
-        if let Some(user) = event
-            .decode::<UserRegistered>()
-            .map_err(|e| e.to_string())?
-        {
+    ) -> Result<Option<Message>, HandlerError> {
+        if let Some(user) = event.decode::<UserRegistered>()? {
             sqlx::query(
                 "INSERT INTO customers (user_id, email, name) VALUES ($1, $2, $3) \
                  ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name",
@@ -222,11 +223,10 @@ impl Mailer {
             .bind(&user.email)
             .bind(&user.name)
             .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             return Ok(Some(welcome(&user.email, &user.name)));
         }
-        let Some((change, order)) = OrderSnapshot::decode(event).map_err(|e| e.to_string())? else {
+        let Some((change, order)) = OrderSnapshot::decode(event)? else {
             return Ok(None);
         };
         let user = order.user_id.hyphenated().to_string();
@@ -234,10 +234,10 @@ impl Mailer {
             sqlx::query_as("SELECT email, name FROM customers WHERE user_id = $1")
                 .bind(&user)
                 .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
         // The user's registration comes on another stream and may not be here yet: try later.
-        let (email, name) = customer.ok_or_else(|| format!("customer {user} is not known yet"))?;
+        let (email, name) = customer
+            .ok_or_else(|| HandlerError::Retry(format!("customer {user} is not known yet")))?;
         Ok(Some(order_message(change, &order, &email, &name)))
     }
 }
@@ -264,7 +264,7 @@ impl Handler for Mailer {
                 (None, Some(dir)) => {
                     let text = render(&self.from, event, &message);
                     let path = write_eml(dir, event, &text)
-                        .map_err(|e| format!("writing the message: {e}"))?;
+                        .map_err(|e| HandlerError::Retry(format!("writing the message: {e}")))?;
                     (path.display().to_string(), text)
                 }
                 (None, None) => (String::new(), render(&self.from, event, &message)),
@@ -288,8 +288,7 @@ impl Handler for Mailer {
             .bind(text)
             .bind(now_micros())
             .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             metrics::counter!("notifications_sent_total", "type" => event.kind.clone())
                 .increment(1);
             tracing::debug!(event = %event.id, kind = %event.kind, to = %message.to, "message written");
