@@ -19,6 +19,7 @@ pub mod clients;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod idempotency;
 pub mod saga;
 pub mod store;
 pub mod worker;

@@ -141,6 +141,10 @@ impl OrderRow {
 /// downstream call has a deadline of a few seconds).
 const ABANDONED_AFTER: time::Duration = time::Duration::seconds(60);
 
+/// The owner of a key whose request gave it up: no instance has this id, so its lease is never
+/// running and the key counts as abandoned.
+const ABANDONED_OWNER: &str = "abandoned";
+
 /// A step nobody alive runs: untouched since `$1`, or its owner (not this process, `$3`) has no
 /// lease running past now (`$2`). An unknown owner (a row from before leases) is only judged by
 /// age.
@@ -347,6 +351,24 @@ impl Store {
         .bind(&response.body)
         .bind(id(user))
         .bind(key)
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Marks `(user, key)`'s unanswered claim under `order_id` as given up by its request (a
+    /// dropped request, a failure after its order was placed): the next claim finds it
+    /// [`Claim::Abandoned`] at once, as if its owner had died, and answers with the order or
+    /// starts afresh. Nothing changes if it was answered or taken over meanwhile.
+    pub async fn abandon_key(&self, user: Uuid, key: &str, order_id: Uuid) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET owner = $1 \
+             WHERE user_id = $2 AND idem_key = $3 AND order_id = $4 AND response_status IS NULL",
+        )
+        .bind(ABANDONED_OWNER)
+        .bind(id(user))
+        .bind(key)
+        .bind(id(order_id))
         .execute(self.db.pool())
         .await?;
         Ok(())

@@ -4,7 +4,12 @@
 
 use shopmesh_db::Db;
 use shopmesh_db::testing::TestDb;
-use shopmesh_orders::store::{Claim, Store, StoredResponse};
+use std::time::Duration;
+
+use shopmesh_orders::domain::{Line, Status, Step};
+use shopmesh_orders::error::Error;
+use shopmesh_orders::idempotency::{self, Begun};
+use shopmesh_orders::store::{Claim, Order, Store, StoredResponse};
 use uuid::Uuid;
 
 shopmesh_db::test_on_both_backends!(
@@ -12,6 +17,8 @@ shopmesh_db::test_on_both_backends!(
     a_key_abandoned_by_a_dead_request_can_be_taken_over_once,
     a_key_whose_process_died_is_taken_over_at_once_a_live_ones_never,
     a_saga_step_is_resumed_when_its_process_died_never_while_it_lives,
+    a_key_its_live_request_dropped_is_taken_over_at_once,
+    a_key_given_up_after_its_order_was_placed_answers_with_that_order,
 );
 
 async fn store(db: &TestDb) -> Store {
@@ -252,5 +259,112 @@ async fn a_key_abandoned_by_a_dead_request_can_be_taken_over_once(db: TestDb) {
         store.claim_key(user, "k", "h").await.expect("claim"),
         Claim::InFlight,
         "fresh again"
+    );
+}
+
+/// The answer `POST /orders` gives for an order, reduced to its id for these tests.
+#[allow(clippy::result_large_err)] // the service's own error type, as `idempotency::begin` takes
+fn answer_of(order: Order) -> Result<StoredResponse, Error> {
+    Ok(StoredResponse {
+        status: 201,
+        body: order.id.to_string(),
+    })
+}
+
+fn patience(secs: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(secs)
+}
+
+async fn a_key_its_live_request_dropped_is_taken_over_at_once(db: TestDb) {
+    let store = store(&db).await;
+    let user = Uuid::now_v7();
+    let Begun::Claimed(claimed) =
+        idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+            .await
+            .expect("begin")
+    else {
+        panic!("a fresh key is ours");
+    };
+    let first = claimed.order_id();
+    // While its request runs, a retry waits and, past its patience, is told so.
+    let waited = idempotency::begin(&store, user, "k", "h", patience(1), answer_of).await;
+    assert!(matches!(waited, Err(Error::InFlight)), "{waited:?}");
+
+    // The request is dropped (its deadline passed) with nothing placed, on a process that
+    // lives on: a retry takes the key over within its patience, under a fresh order id,
+    // instead of a minute of 409s.
+    drop(claimed);
+    let Begun::Claimed(retry) = idempotency::begin(&store, user, "k", "h", patience(5), answer_of)
+        .await
+        .expect("begin")
+    else {
+        panic!("the retry runs");
+    };
+    assert_ne!(retry.order_id(), first);
+    let answer = StoredResponse {
+        status: 201,
+        body: "done".to_owned(),
+    };
+    retry.finish(&answer).await.expect("finish");
+    let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+        .await
+        .expect("begin");
+    assert!(
+        matches!(replay, Begun::Replay(ref r) if *r == answer),
+        "{replay:?}"
+    );
+}
+
+async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: TestDb) {
+    let store = store(&db).await;
+    let user = Uuid::now_v7();
+    let Begun::Claimed(claimed) =
+        idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+            .await
+            .expect("begin")
+    else {
+        panic!("a fresh key is ours");
+    };
+    let order_id = claimed.order_id();
+    let line = Line {
+        product_id: Uuid::now_v7(),
+        sku: "SKU-1".to_owned(),
+        name: "A thing".to_owned(),
+        unit_price: 1_000,
+        quantity: 1,
+    };
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::minutes(15);
+    store
+        .insert_pending(order_id, user, &[line], 1_000, "EUR", expires)
+        .await
+        .expect("insert");
+    assert!(
+        store
+            .transition(
+                order_id,
+                (Status::Pending, Step::Reserving),
+                (Status::AwaitingPayment, Step::Idle),
+                None,
+            )
+            .await
+            .expect("placed")
+    );
+    // A failure after the order was placed (a 5xx answering it): the key is given up, and the
+    // retry gets that order, not a second one.
+    claimed.abandon().await.expect("abandon");
+    let recovered = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+        .await
+        .expect("begin");
+    let Begun::Recovered(answer) = recovered else {
+        panic!("expected the placed order, got {recovered:?}");
+    };
+    assert_eq!(answer.body, order_id.to_string());
+    // Stored: from now on a replay.
+    let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+        .await
+        .expect("begin");
+    assert!(
+        matches!(replay, Begun::Replay(ref r) if *r == answer),
+        "{replay:?}"
     );
 }

@@ -19,12 +19,8 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::domain::{IdempotencyKey, Request, Status};
 use crate::error::Error;
-use crate::store::{Claim, Order, StoredResponse};
-
-/// How often a request looks again at a key whose first attempt is in flight (a read).
-const KEY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
-/// How often such a request tries to claim the key again (a write), to notice a dead owner.
-const KEY_RECLAIM: std::time::Duration = std::time::Duration::from_secs(1);
+use crate::idempotency::{self, Begun};
+use crate::store::{Order, StoredResponse};
 
 /// The orders' HTTP routes, with their OpenAPI document.
 pub fn routes(state: AppState) -> OpenApiRouter {
@@ -180,67 +176,35 @@ async fn create(
         }
     };
     // A first attempt still in flight (its process frozen, or dead but not yet known to be)
-    // is waited for: it finishes and its answer is replayed, or its process is found dead and
-    // the key taken over. A 409 only if neither happens within the caller's patience.
-    let until = crate::saga::patience();
-    let order_id = loop {
-        let in_flight = match state
-            .store
-            .claim_key(caller.id, key.as_str(), &hash)
-            .await?
-        {
-            Claim::Claimed(order_id) => break order_id,
-            Claim::Replay(response) => {
-                let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
-                let mut replay = stored(status, response.body);
-                replay
-                    .headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
-                return Ok(replay);
-            }
-            Claim::InFlight => Error::InFlight,
-            Claim::Mismatch => return Err(Error::KeyReused),
-            Claim::Abandoned(order_id) => match state.store.order(order_id).await? {
-                // The dead request placed its order: that is the answer, never a second order.
-                Some(order) if !matches!(order.status, Status::Pending | Status::Rejected) => {
-                    let body = serde_json::to_string(&OrderView::from(order))
-                        .map_err(|e| Error::Internal(e.into()))?;
-                    let answer = StoredResponse { status: 201, body };
-                    state
-                        .store
-                        .finish_key(caller.id, key.as_str(), &answer)
-                        .await?;
-                    return Ok(stored(StatusCode::CREATED, answer.body));
-                }
-                // Its reservation is being rolled back by the worker.
-                Some(order) if order.status == Status::Pending => Error::InFlight,
-                // It placed nothing (or was rejected): start afresh under a new order id.
-                _ => match state
-                    .store
-                    .retake_key(caller.id, key.as_str(), order_id)
-                    .await?
-                {
-                    Some(order_id) => break order_id,
-                    None => Error::InFlight,
-                },
-            },
-        };
-        // Read until the key is answered (or released), claiming again at least every
-        // KEY_RECLAIM, which is when a dead first attempt is noticed: a waiter costs reads,
-        // not a write every poll.
-        let reclaim = tokio::time::Instant::now() + KEY_RECLAIM;
-        loop {
-            if tokio::time::Instant::now() + KEY_POLL >= until {
-                return Err(in_flight);
-            }
-            tokio::time::sleep(KEY_POLL).await;
-            if tokio::time::Instant::now() >= reclaim
-                || !state.store.key_pending(caller.id, key.as_str()).await?
-            {
-                break;
-            }
-        }
+    // is waited for: it finishes and its answer is replayed, or it is found abandoned and the
+    // key taken over. A 409 only if neither happens within the caller's patience.
+    let answer_of = |order: Order| {
+        let body = serde_json::to_string(&OrderView::from(order))
+            .map_err(|e| Error::Internal(e.into()))?;
+        Ok(StoredResponse { status: 201, body })
     };
+    let claimed = match idempotency::begin(
+        &state.store,
+        caller.id,
+        key.as_str(),
+        &hash,
+        crate::saga::patience(),
+        answer_of,
+    )
+    .await?
+    {
+        Begun::Claimed(claimed) => claimed,
+        Begun::Replay(response) => {
+            let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+            let mut replay = stored(status, response.body);
+            replay
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(replay);
+        }
+        Begun::Recovered(response) => return Ok(stored(StatusCode::CREATED, response.body)),
+    };
+    let order_id = claimed.order_id();
     let from_cart = explicit.is_none();
     let outcome = match explicit {
         Some(request) => state
@@ -265,14 +229,16 @@ async fn create(
             let problem = Problem::from(error);
             if problem.status().is_server_error() {
                 // Worth retrying with the same key: forget it, unless an order was placed after
-                // all (the failure came later). Then the key stays, and a retry once it counts
-                // as abandoned answers with that order: never a second one.
+                // all (the failure came later). Then the key is left for the retry to take
+                // over, which answers with that order: never a second one.
                 let placed = matches!(
                     state.store.order(order_id).await,
                     Ok(Some(order)) if !matches!(order.status, Status::Pending | Status::Rejected)
                 );
-                if !placed {
-                    state.store.release_key(caller.id, key.as_str()).await?;
+                if placed {
+                    claimed.abandon().await?;
+                } else {
+                    claimed.release().await?;
                 }
                 return Ok(problem.into_response());
             }
@@ -282,16 +248,11 @@ async fn create(
             )
         }
     };
-    state
-        .store
-        .finish_key(
-            caller.id,
-            key.as_str(),
-            &StoredResponse {
-                status: status.as_u16(),
-                body: body.clone(),
-            },
-        )
+    claimed
+        .finish(&StoredResponse {
+            status: status.as_u16(),
+            body: body.clone(),
+        })
         .await?;
     let mut response = stored(status, body);
     if status == StatusCode::CREATED
