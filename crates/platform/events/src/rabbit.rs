@@ -9,7 +9,8 @@
 //! - **Consumer**: a durable quorum queue per consuming service, bound to the types it wants;
 //!   each delivery is handled in one database transaction with the inbox entry, then acked. A
 //!   failure is nacked back after a delay; the queue's `x-delivery-limit` sends an event that
-//!   keeps failing to a dead-letter exchange and its queue (`<queue>.dead`), so the rest flows.
+//!   keeps failing to a dead-letter exchange and its queue (`<queue>.dead`), so the rest flows;
+//!   one its handler rejects (`HandlerError::Reject`) is rejected without requeue: there at once.
 
 use std::future::Future;
 use std::pin::Pin;

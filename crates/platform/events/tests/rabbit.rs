@@ -3,7 +3,7 @@
 //! skip when it is down). Each test uses its own exchange and queues and deletes them after.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -105,13 +105,22 @@ async fn sqlite() -> (TestDb, Db) {
 struct Recorder {
     freeze_once: AtomicBool,
     cured: AtomicBool,
+    /// Refuse poison for good (`Reject`) instead of failing it for now (`Retry`).
+    reject: bool,
+    /// How many times poison reached the handler.
+    poison_seen: AtomicUsize,
 }
 
 impl Handler for Recorder {
     fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" && !self.cured.load(Ordering::SeqCst) {
-                return Err(HandlerError::Retry("poisoned".to_owned()));
+                self.poison_seen.fetch_add(1, Ordering::SeqCst);
+                return Err(if self.reject {
+                    HandlerError::Reject("test.poison is not read here".to_owned())
+                } else {
+                    HandlerError::Retry("poisoned".to_owned())
+                });
             }
             sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
                 .bind(event.id.hyphenated().to_string())
@@ -186,6 +195,8 @@ async fn every_committed_event_arrives_once_though_the_relay_is_killed_midway() 
         Arc::new(Recorder {
             freeze_once: AtomicBool::new(false),
             cured: AtomicBool::new(false),
+            reject: false,
+            poison_seen: AtomicUsize::new(0),
         }),
         3,
         Duration::from_millis(50),
@@ -247,6 +258,17 @@ async fn depth_or_none(url: &str, queue: &str) -> Option<u32> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_event_is_dead_lettered_after_the_limit_while_the_rest_flows() {
+    poison_is_dead_lettered(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_event_is_dead_lettered_at_its_first_delivery() {
+    poison_is_dead_lettered(true).await;
+}
+
+/// Twenty events, two of them poison that the handler fails for now (`reject` false: after
+/// `delivery_limit` deliveries each) or refuses for good (`reject`: at the first).
+async fn poison_is_dead_lettered(reject: bool) {
     let Some(url) = broker().await else {
         return;
     };
@@ -270,6 +292,8 @@ async fn a_poison_event_is_dead_lettered_after_the_limit_while_the_rest_flows() 
     let recorder = Arc::new(Recorder {
         freeze_once: AtomicBool::new(false),
         cured: AtomicBool::new(false),
+        reject,
+        poison_seen: AtomicUsize::new(0),
     });
     let consumer = Arc::new(Consumer::new(
         db.clone(),
@@ -293,6 +317,14 @@ async fn a_poison_event_is_dead_lettered_after_the_limit_while_the_rest_flows() 
     .await;
     assert_eq!(effects(&db).await, 18);
     assert_eq!(depth(&url, &settings.queue("test")).await, 0);
+    // Each poison reached the handler once when refused for good; failing for now, once per
+    // delivery until the broker's limit (which counts redeliveries: limit + 1 in all).
+    let seen = recorder.poison_seen.load(Ordering::SeqCst);
+    if reject {
+        assert_eq!(seen, 2);
+    } else {
+        assert!(seen >= 2 * settings.delivery_limit as usize, "{seen}");
+    }
 
     // Listed without being removed; once the cause is fixed, redriven and handled once.
     let dead = rabbit::dead_letters(&settings, "test").await.expect("list");
@@ -330,6 +362,8 @@ async fn a_consumer_killed_before_it_acks_gets_the_event_again_with_one_effect()
     let recorder = Arc::new(Recorder {
         freeze_once: AtomicBool::new(true),
         cured: AtomicBool::new(false),
+        reject: false,
+        poison_seen: AtomicUsize::new(0),
     });
     let first = Arc::new(Consumer::new(
         db.clone(),
@@ -395,6 +429,8 @@ async fn events_published_before_any_consumer_started_wait_in_its_queue() {
         Arc::new(Recorder {
             freeze_once: AtomicBool::new(false),
             cured: AtomicBool::new(false),
+            reject: false,
+            poison_seen: AtomicUsize::new(0),
         }),
         3,
         Duration::from_millis(50),

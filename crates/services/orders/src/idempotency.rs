@@ -31,8 +31,14 @@ pub enum Begun {
     /// The key was answered before: this is the answer, to send again as it was.
     Replay(StoredResponse),
     /// The key's first attempt placed its order but never answered: this is its answer now,
-    /// stored under the key.
-    Recovered(StoredResponse),
+    /// stored under the key. (Lines ordered from the cart stay in the cart: the first
+    /// attempt's request, which knew them, is gone.)
+    Recovered {
+        /// The order it placed.
+        order_id: Uuid,
+        /// Its answer.
+        answer: StoredResponse,
+    },
 }
 
 /// Begins a request with `user`'s `key` for a body hashing to `hash`. Waits, until `until`
@@ -58,9 +64,12 @@ pub async fn begin(
             Claim::Abandoned(order_id) => match store.order(order_id).await? {
                 // The abandoned attempt placed its order: that is the answer, never a second.
                 Some(order) if !matches!(order.status, Status::Pending | Status::Rejected) => {
+                    let order_id = order.id;
                     let answer = answer_of(order)?;
-                    store.finish_key(user, key, &answer).await?;
-                    return Ok(Begun::Recovered(answer));
+                    if store.finish_key(user, key, order_id, &answer).await? {
+                        return Ok(Begun::Recovered { order_id, answer });
+                    }
+                    // Answered or taken over by another retry meanwhile: look again.
                 }
                 // Its reservation is being settled by the worker: wait for it.
                 Some(order) if order.status == Status::Pending => {}
@@ -117,16 +126,24 @@ impl Claimed {
         self.order_id
     }
 
-    /// Stores the answer: retries replay it.
-    pub async fn finish(mut self, answer: &StoredResponse) -> Result<(), Error> {
-        self.store.finish_key(self.user, &self.key, answer).await?;
+    /// Stores the answer: retries replay it. `false` if the key is no longer this request's
+    /// (taken over while it ran: its process was frozen past its lease); nothing is written.
+    pub async fn finish(mut self, answer: &StoredResponse) -> Result<bool, Error> {
+        let kept = self
+            .store
+            .finish_key(self.user, &self.key, self.order_id, answer)
+            .await?;
         self.settled = true;
-        Ok(())
+        Ok(kept)
     }
 
-    /// Forgets the key (nothing was placed; a retry starts afresh).
+    /// Forgets the key (nothing was placed; a retry starts afresh). A key no longer this
+    /// request's (released by the saga's rollback and claimed again by a retry since) is left
+    /// alone.
     pub async fn release(mut self) -> Result<(), Error> {
-        self.store.release_key(self.user, &self.key).await?;
+        self.store
+            .release_key(self.user, &self.key, self.order_id)
+            .await?;
         self.settled = true;
         Ok(())
     }

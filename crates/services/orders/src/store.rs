@@ -336,24 +336,27 @@ impl Store {
         Ok((done.rows_affected() > 0).then_some(fresh))
     }
 
-    /// Stores the final answer for `(user, key)`.
+    /// Stores the final answer for `(user, key)` as claimed for `order_id`; `false` (nothing
+    /// written) if the key was answered, released or taken over under another order id since.
     pub async fn finish_key(
         &self,
         user: Uuid,
         key: &str,
+        order_id: Uuid,
         response: &StoredResponse,
-    ) -> Result<(), Error> {
-        sqlx::query(
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
             "UPDATE idempotency_keys SET response_status = $1, response_body = $2 \
-             WHERE user_id = $3 AND idem_key = $4",
+             WHERE user_id = $3 AND idem_key = $4 AND order_id = $5 AND response_status IS NULL",
         )
         .bind(i64::from(response.status))
         .bind(&response.body)
         .bind(id(user))
         .bind(key)
+        .bind(id(order_id))
         .execute(self.db.pool())
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Marks `(user, key)`'s unanswered claim under `order_id` as given up by its request (a
@@ -374,13 +377,18 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets `(user, key)` so a retry starts afresh (after a failure worth retrying).
-    pub async fn release_key(&self, user: Uuid, key: &str) -> Result<(), Error> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2")
-            .bind(id(user))
-            .bind(key)
-            .execute(self.db.pool())
-            .await?;
+    /// Forgets `(user, key)` as claimed for `order_id`, so a retry starts afresh (after a
+    /// failure worth retrying); a claim made since under another order id is left alone.
+    pub async fn release_key(&self, user: Uuid, key: &str, order_id: Uuid) -> Result<(), Error> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 \
+             AND order_id = $3 AND response_status IS NULL",
+        )
+        .bind(id(user))
+        .bind(key)
+        .bind(id(order_id))
+        .execute(self.db.pool())
+        .await?;
         Ok(())
     }
 

@@ -199,7 +199,7 @@ async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: T
 async fn a_key_is_claimed_once_then_replays_its_answer(db: TestDb) {
     let store = store(&db).await;
     let user = Uuid::now_v7();
-    let Claim::Claimed(_) = store.claim_key(user, "k", "hash-a").await.expect("claim") else {
+    let Claim::Claimed(first) = store.claim_key(user, "k", "hash-a").await.expect("claim") else {
         panic!("a fresh key is ours");
     };
     assert_eq!(
@@ -222,7 +222,19 @@ async fn a_key_is_claimed_once_then_replays_its_answer(db: TestDb) {
         status: 201,
         body: "{\"id\":1}".into(),
     };
-    store.finish_key(user, "k", &answer).await.expect("finish");
+    // Only the claim it was made for can answer the key.
+    assert!(
+        !store
+            .finish_key(user, "k", Uuid::now_v7(), &answer)
+            .await
+            .expect("finish")
+    );
+    assert!(
+        store
+            .finish_key(user, "k", first, &answer)
+            .await
+            .expect("finish")
+    );
     assert_eq!(
         store.claim_key(user, "k", "hash-a").await.expect("replay"),
         Claim::Replay(answer)
@@ -255,6 +267,8 @@ async fn a_key_abandoned_by_a_dead_request_can_be_taken_over_once(db: TestDb) {
         None,
         "taken over once"
     );
+    // The first attempt's late release leaves the new claim alone.
+    store.release_key(user, "k", first).await.expect("release");
     assert_eq!(
         store.claim_key(user, "k", "h").await.expect("claim"),
         Claim::InFlight,
@@ -355,9 +369,14 @@ async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: T
     let recovered = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
         .await
         .expect("begin");
-    let Begun::Recovered(answer) = recovered else {
+    let Begun::Recovered {
+        order_id: recovered_id,
+        answer,
+    } = recovered
+    else {
         panic!("expected the placed order, got {recovered:?}");
     };
+    assert_eq!(recovered_id, order_id);
     assert_eq!(answer.body, order_id.to_string());
     // Stored: from now on a replay.
     let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)

@@ -202,7 +202,13 @@ async fn create(
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             return Ok(replay);
         }
-        Begun::Recovered(response) => return Ok(stored(StatusCode::CREATED, response.body)),
+        Begun::Recovered { order_id, answer } => {
+            let mut response = stored(StatusCode::CREATED, answer.body);
+            if let Ok(location) = HeaderValue::try_from(format!("/api/v1/orders/{order_id}")) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            return Ok(response);
+        }
     };
     let order_id = claimed.order_id();
     let from_cart = explicit.is_none();
@@ -228,17 +234,23 @@ async fn create(
         Err(error) => {
             let problem = Problem::from(error);
             if problem.status().is_server_error() {
-                // Worth retrying with the same key: forget it, unless an order was placed after
-                // all (the failure came later). Then the key is left for the retry to take
-                // over, which answers with that order: never a second one.
-                let placed = matches!(
+                // Worth retrying with the same key: forget it when surely nothing was placed
+                // (no order, or a rejected one). Otherwise (placed after all, a rollback still
+                // pending, or the order could not be read) the key is left for the retry to
+                // take over: it answers with the order, or waits for the rollback, or starts
+                // afresh once there is nothing. Never a second order.
+                let nothing_placed = matches!(
                     state.store.order(order_id).await,
-                    Ok(Some(order)) if !matches!(order.status, Status::Pending | Status::Rejected)
+                    Ok(None)
+                        | Ok(Some(Order {
+                            status: Status::Rejected,
+                            ..
+                        }))
                 );
-                if placed {
-                    claimed.abandon().await?;
-                } else {
+                if nothing_placed {
                     claimed.release().await?;
+                } else {
+                    claimed.abandon().await?;
                 }
                 return Ok(problem.into_response());
             }
@@ -248,12 +260,18 @@ async fn create(
             )
         }
     };
-    claimed
+    let kept = claimed
         .finish(&StoredResponse {
             status: status.as_u16(),
             body: body.clone(),
         })
         .await?;
+    if !kept {
+        // Taken over while this request ran (its process was frozen past its lease): the key
+        // answers with the taker's outcome; so does a retry. Never two answers for one key.
+        tracing::warn!(%order_id, "idempotency key taken over while its request ran");
+        return Err(Error::InFlight);
+    }
     let mut response = stored(status, body);
     if status == StatusCode::CREATED
         && let Ok(location) = HeaderValue::try_from(format!("/api/v1/orders/{order_id}"))
