@@ -10,6 +10,9 @@
 #   CASES=closed bench/journey.sh                 # closed, open, postgres (space-separated)
 #   USERS=32 DURATION=60s RATE=800 bench/journey.sh
 #   PG_URL=postgres://postgres@127.0.0.1:5432 bench/journey.sh
+#   BINS="/tmp/before/shopmesh /tmp/after/shopmesh" ROUNDS=2 bench/journey.sh
+#                                                 # two builds side by side: each case runs
+#                                                 # once per binary in turn, ROUNDS times
 #
 # Results (JSON and an HTML report per case) are kept in bench/results/ (not committed).
 set -euo pipefail
@@ -24,12 +27,19 @@ warmup=${WARMUP:-5s}
 port=${PORT:-18482}
 pg_url=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 target_dir=${CARGO_TARGET_DIR:-target}
-bin="$target_dir/release/shopmesh"
+rounds=${ROUNDS:-1}
 results=bench/results
 mkdir -p "$results"
 
-cargo build --release --quiet -p shopmesh
-echo "machine: $(nproc) cores, $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
+if [ -n "${BINS:-}" ]; then
+    read -r -a bins <<< "$BINS"
+    echo "machine: $(nproc) cores; alternating ${bins[*]}, $rounds round(s)"
+else
+    cargo build --release --quiet -p shopmesh
+    bins=("$target_dir/release/shopmesh")
+    echo "machine: $(nproc) cores, $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
+fi
+bin=${bins[0]}
 
 admin_email=bench-admin@example.com
 admin_password='bench admin password 1'
@@ -78,7 +88,10 @@ load() {
 }
 
 for case in $cases; do
+for round in $(seq 1 "$rounds"); do
+for bin in "${bins[@]}"; do
     echo
+    [ "${#bins[@]}" -gt 1 ] || [ "$rounds" -gt 1 ] && echo "== $bin, round $round =="
     case $case in
         closed)
             echo "== closed loop, $users users, $duration, SQLite =="
@@ -107,4 +120,6 @@ for case in $cases; do
             exit 2
             ;;
     esac
+done
+done
 done

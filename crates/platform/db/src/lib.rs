@@ -14,8 +14,11 @@
 //! the PostgreSQL suite tests the very queries SQLite runs. The cost is that columns use the
 //! types both understand; DESIGN notes in ARCHITECTURE.md say so.
 
+mod inline;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use inline::{Pool, Tx, TxConn};
 
 use std::future::Future;
 use std::path::Path;
@@ -127,8 +130,13 @@ pub enum DbError {
 /// PostgreSQL both are the same pool.
 #[derive(Debug, Clone)]
 pub struct Db {
-    pool: AnyPool,
-    reader: AnyPool,
+    pool: Pool,
+    reader: Pool,
+    /// sqlx's pool to the same database: migrations (on SQLite, its one writing connection,
+    /// idle afterwards).
+    sqlx: AnyPool,
+    /// Reads that may run long, on threads of their own (sqlx's SQLite readers).
+    long_reader: AnyPool,
     backend: Backend,
 }
 
@@ -190,17 +198,18 @@ impl Db {
                 })
                 .connect_with(options.clone())
         };
-        let (pool, reader) = match backend {
+        let (pool, reader, sqlx, long_reader) = match backend {
             Backend::Sqlite if in_memory => {
-                // Another connection would be another database: one connection does all.
+                // Another connection would be another database: one sqlx connection does all.
                 let pool = connect(1, false)
                     .await
                     .map_err(|source| DbError::Connect { backend, source })?;
-                (pool.clone(), pool)
+                let shared = Pool(inline::PoolKind::Sqlx(pool.clone()));
+                (shared.clone(), shared, pool.clone(), pool)
             }
             Backend::Sqlite => {
-                // The writer first: it creates the file and switches it to WAL.
-                let pool = connect(1, false)
+                // sqlx's writer first: it creates the file and switches it to WAL.
+                let sqlx = connect(1, false)
                     .await
                     .map_err(|source| DbError::Connect { backend, source })?;
                 // Reads are CPU work on SQLite (no network to wait on): more readers than
@@ -209,21 +218,39 @@ impl Db {
                 let readers = settings
                     .max_connections
                     .min(u32::try_from(cores * 2).unwrap_or(u32::MAX));
-                let reader = connect(readers, true)
+                let long_reader = connect(readers, true)
                     .await
                     .map_err(|source| DbError::Connect { backend, source })?;
-                (pool, reader)
+                let path = Path::new(sqlite_path(url));
+                let connect_error = |source| DbError::Connect { backend, source };
+                let writer =
+                    inline::Writer::open(path, Duration::from_secs(settings.acquire_timeout_secs))
+                        .map_err(connect_error)?;
+                let inline_readers =
+                    inline::Readers::open(path, usize::try_from(readers).unwrap_or(1))
+                        .map_err(connect_error)?;
+                (
+                    Pool(inline::PoolKind::Writer(std::sync::Arc::new(writer))),
+                    Pool(inline::PoolKind::Readers(std::sync::Arc::new(
+                        inline_readers,
+                    ))),
+                    sqlx,
+                    long_reader,
+                )
             }
             Backend::Postgres => {
                 let pool = connect(settings.max_connections, false)
                     .await
                     .map_err(|source| DbError::Connect { backend, source })?;
-                (pool.clone(), pool)
+                let shared = Pool(inline::PoolKind::Sqlx(pool.clone()));
+                (shared.clone(), shared, pool.clone(), pool)
             }
         };
         Ok(Db {
             pool,
             reader,
+            sqlx,
+            long_reader,
             backend,
         })
     }
@@ -254,7 +281,7 @@ impl Db {
 
     /// Applies the service's migrations (idempotent; concurrent replicas serialise on a lock).
     pub async fn migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
-        migrator.run(&self.pool).await?;
+        migrator.run(&self.sqlx).await?;
         Ok(())
     }
 
@@ -282,24 +309,35 @@ impl Db {
     /// a deferred transaction that reads and then writes fails with `SQLITE_BUSY` when another
     /// writer committed in between, while an immediate one waits its turn (busy timeout). On
     /// PostgreSQL it is a plain `BEGIN`; row locks and guarded updates do the rest.
-    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+    pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
+        match (&self.pool.0, self.backend) {
+            (inline::PoolKind::Writer(writer), _) => writer.begin().await,
+            (_, Backend::Sqlite) => Ok(Tx::sqlx(self.sqlx.begin_with("BEGIN IMMEDIATE").await?)),
+            (_, Backend::Postgres) => Ok(Tx::sqlx(self.sqlx.begin().await?)),
         }
     }
 
-    /// The pool for writes and for reads that must see the process's own latest writes in
-    /// the same order (on SQLite, the one writer connection).
-    pub fn pool(&self) -> &AnyPool {
+    /// Where writes go, and reads that must see the process's own latest writes in the same
+    /// order (on SQLite, the one writer connection, run on the caller's thread: see
+    /// [`Pool`]). An executor for sqlx's queries: `sqlx::query(..).execute(db.pool())`.
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
     /// Read-only connections for reads that may run beside a write (on SQLite, WAL readers
     /// that see every committed transaction; on PostgreSQL, the same pool as [`Db::pool`]).
-    /// A write sent here fails on SQLite (`query_only`).
-    pub fn reader(&self) -> &AnyPool {
+    /// A write sent here fails on SQLite (`query_only`). SQLite reads here run on the caller's
+    /// thread: for reads that may take long (a search over a large table), use
+    /// [`Db::long_reader`].
+    pub fn reader(&self) -> &Pool {
         &self.reader
+    }
+
+    /// Read-only connections for reads that may run long (a scan, a full-text search over a
+    /// large catalogue): on SQLite each on a thread of its own (sqlx's), so a slow read never
+    /// holds up the requests sharing the caller's thread; on PostgreSQL the one pool.
+    pub fn long_reader(&self) -> &AnyPool {
+        &self.long_reader
     }
 
     /// Which backend this is.
@@ -317,8 +355,8 @@ impl Db {
 
     /// Closes the pools, waiting for checked-out connections.
     pub async fn close(&self) {
-        self.reader.close().await;
-        self.pool.close().await;
+        self.long_reader.close().await;
+        self.sqlx.close().await;
     }
 }
 
@@ -343,11 +381,16 @@ async fn ensure_postgres_database(url: &str) {
     }
 }
 
-fn ensure_sqlite_dir(url: &str) -> Result<(), DbError> {
+/// The file an `sqlite:` URL names.
+fn sqlite_path(url: &str) -> &str {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
-    let path = path.split('?').next().unwrap_or_default();
+    path.split('?').next().unwrap_or_default()
+}
+
+fn ensure_sqlite_dir(url: &str) -> Result<(), DbError> {
+    let path = sqlite_path(url);
     if path.is_empty() || path == ":memory:" {
         return Ok(());
     }
@@ -411,8 +454,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
         // One writer per process: writers queue here instead of on the file lock.
-        assert_eq!(db.pool().options().get_max_connections(), 1);
-        assert!(db.reader().options().get_max_connections() >= 1);
         let tasks: Vec<_> = (0..50)
             .map(|i| {
                 let db = db.clone();
@@ -431,6 +472,108 @@ mod tests {
             task.await.expect("task");
         }
         assert_eq!(rows(&db).await, 50);
+    }
+
+    #[tokio::test]
+    async fn numbered_parameters_bind_by_number_and_values_decode_as_sqlx_decodes_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let row: (String, i64, Option<String>, Option<i64>, String) =
+            sqlx::query_as("SELECT $2, $1, $3, NULL, $2 || 'x'")
+                .bind(7_i64)
+                .bind("two")
+                .bind(None::<String>)
+                .fetch_one(db.reader())
+                .await
+                .expect("select");
+        assert_eq!(row, ("two".into(), 7, None, None, "twox".into()));
+        let mut tx = db.begin_write().await.expect("begin");
+        let done = sqlx::query("INSERT INTO t (n) VALUES ($1), ($1), ($2)")
+            .bind(5_i64)
+            .bind(6_i64)
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        assert_eq!(done.rows_affected(), 3);
+        let (n,): (i64,) = sqlx::query_as("UPDATE t SET n = n + 1 WHERE n = $1 RETURNING n")
+            .bind(6_i64)
+            .fetch_one(&mut *tx)
+            .await
+            .expect("update returning");
+        assert_eq!(n, 7);
+        tx.commit().await.expect("commit");
+        let summed: (i64, i64) = sqlx::query_as("SELECT COUNT(*), SUM(n) FROM t")
+            .fetch_one(db.pool())
+            .await
+            .expect("sum");
+        assert_eq!(summed, (3, 17));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_transaction_is_rolled_back_and_the_writer_serves_the_next() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        sqlx::query("CREATE UNIQUE INDEX t_n ON t (n)")
+            .execute(db.pool())
+            .await
+            .expect("index");
+        {
+            let mut tx = db.begin_write().await.expect("begin");
+            sqlx::query("INSERT INTO t (n) VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            // Dropped: an error or a cancelled request.
+        }
+        assert_eq!(rows(&db).await, 0);
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(db.pool())
+            .await
+            .expect("insert");
+        let again = sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(db.pool())
+            .await
+            .expect_err("a duplicate");
+        assert!(is_unique_violation(&again), "{again:?}");
+        assert_eq!(rows(&db).await, 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waits_for_another_process_without_stopping_its_thread() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        // Another process's connection holds the write lock for 300 ms.
+        let other = rusqlite::Connection::open(dir.path().join("t.db")).expect("open");
+        other
+            .execute_batch("BEGIN IMMEDIATE; INSERT INTO t (n) VALUES (1);")
+            .expect("lock");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            other.execute_batch("COMMIT").expect("commit");
+        });
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        sqlx::query("INSERT INTO t (n) VALUES (2)")
+            .execute(db.pool())
+            .await
+            .expect("the write lands once the lock is free");
+        ticker.abort();
+        release.join().expect("other");
+        assert_eq!(rows(&db).await, 2);
+        // The one runtime thread kept running other tasks while the write waited.
+        assert!(
+            ticks.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+            "the runtime thread was blocked: {} ticks",
+            ticks.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
 
     #[tokio::test]

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use shopmesh_db::Db;
+use shopmesh_db::TxConn;
 use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{CallOptions, Upstream};
-use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -52,7 +52,7 @@ impl From<sqlx::Error> for HandlerError {
 /// the cursor; an effect outside the database must be idempotent by the event's id.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event.
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a>;
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a>;
 
     /// Whether running the handler again for an event whose transaction was rolled back is
     /// harmless: it has no effect outside `tx`, or only ones that a repeat leaves as they were
@@ -709,7 +709,7 @@ impl Consumer {
 }
 
 /// Records in the inbox that `id` was handled (in the handler's transaction).
-async fn remember(tx: &mut AnyConnection, id: &str, kind: &str) -> Result<(), sqlx::Error> {
+async fn remember(tx: &mut TxConn, id: &str, kind: &str) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
         .bind(id)
         .bind(kind)
@@ -730,7 +730,7 @@ fn record_delivery(source: &str, event: &Envelope) {
     }
 }
 
-async fn advance(tx: &mut AnyConnection, producer: &str, position: i64) -> Result<(), sqlx::Error> {
+async fn advance(tx: &mut TxConn, producer: &str, position: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO event_cursors (producer, position) VALUES ($1, $2) \
          ON CONFLICT (producer) DO UPDATE SET position = excluded.position",

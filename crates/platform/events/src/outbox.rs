@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
+use shopmesh_db::TxConn;
 use shopmesh_db::{Db, micros};
-use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
@@ -69,7 +69,7 @@ pub async fn install(db: &Db) -> Result<(), sqlx::Error> {
 /// Writes `event` into the outbox, inside the caller's transaction (pass `&mut *tx`), so it is
 /// committed with the change it reports or not at all. Returns its id.
 pub async fn append(
-    conn: &mut AnyConnection,
+    conn: &mut TxConn,
     event: &Event,
     trace_id: Option<&str>,
 ) -> Result<Uuid, sqlx::Error> {

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
+use shopmesh_db::TxConn;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_events::consumer::{Consumer, Handler, HandlerError, HandlerFuture, Subscription};
 use shopmesh_events::{Envelope, Event, outbox};
 use shopmesh_mesh::{Mesh, MeshSettings, Protocol};
-use sqlx::AnyConnection;
 
 shopmesh_db::test_on_both_backends!(
     only_committed_events_get_positions_in_order,
@@ -155,7 +155,7 @@ impl Handler for Recorder {
         self.repeatable
     }
 
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" && self.poison.load(Ordering::SeqCst) {
                 return Err(HandlerError::Retry("poisoned".to_owned()));
@@ -289,7 +289,7 @@ struct Gate {
 }
 
 impl Handler for Gate {
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             self.entered.notify_one();
             self.release
@@ -384,7 +384,7 @@ impl Handler for Refuser {
         true
     }
 
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" {
                 return Err(HandlerError::Reject(

@@ -16,8 +16,8 @@ use shopmesh_events::consumer::{Consumer, Handler, HandlerError, HandlerFuture};
 use shopmesh_events::rabbit::{self, EventsSettings, Topology};
 
 const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
+use shopmesh_db::TxConn;
 use shopmesh_events::{Envelope, Event, outbox};
-use sqlx::AnyConnection;
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -112,7 +112,7 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             if event.kind == "test.poison" && !self.cured.load(Ordering::SeqCst) {
                 self.poison_seen.fetch_add(1, Ordering::SeqCst);

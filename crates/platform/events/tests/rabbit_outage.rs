@@ -15,8 +15,8 @@ use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture};
 use shopmesh_events::rabbit::{self, EventsSettings, Topology};
 
 const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
+use shopmesh_db::TxConn;
 use shopmesh_events::{Envelope, Event, outbox};
-use sqlx::AnyConnection;
 
 /// Starts the broker's application again when dropped (also when the test fails).
 struct BrokerBack;
@@ -45,7 +45,7 @@ fn rabbitmqctl(args: &[&str]) {
 struct Recorder;
 
 impl Handler for Recorder {
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
                 .bind(event.id.hyphenated().to_string())

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
+use shopmesh_db::TxConn;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_events::consumer::{ConsumeError, Consumer, Handler, HandlerFuture, Subscription};
 use shopmesh_events::{Event, EventsSettings, outbox};
 use shopmesh_mesh::{Mesh, MeshSettings, Protocol};
-use sqlx::AnyConnection;
 
 shopmesh_db::test_on_both_backends!(
     the_event_log_stays_bounded_under_steady_traffic,
@@ -30,7 +30,7 @@ impl Handler for Counter {
 
     fn handle<'a>(
         &'a self,
-        _: &'a mut AnyConnection,
+        _: &'a mut TxConn,
         _: &'a shopmesh_events::Envelope,
     ) -> HandlerFuture<'a> {
         self.0.fetch_add(1, Ordering::SeqCst);

@@ -1,9 +1,9 @@
 //! The catalog's consumer of `stock.changed`: the latest availability per product, for lists.
 
 use shopmesh_contracts::StockChanged;
+use shopmesh_db::TxConn;
 use shopmesh_events::Envelope;
 use shopmesh_events::consumer::{Handler, HandlerFuture};
-use sqlx::AnyConnection;
 
 /// Keeps `availability` current.
 pub struct Availability;
@@ -14,7 +14,7 @@ impl Handler for Availability {
         true
     }
 
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             let Some(stock) = event.decode::<StockChanged>()? else {
                 return Ok(());

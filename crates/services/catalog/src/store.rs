@@ -290,7 +290,7 @@ impl Store {
     /// Inserts the products that are not there yet (by id or SKU); returns how many were new.
     pub async fn insert_missing(&self, products: &[(Uuid, ProductDraft)]) -> Result<u64, Error> {
         let now = micros(OffsetDateTime::now_utc());
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let mut added = 0;
         for (id, draft) in products {
             added += sqlx::query(
@@ -359,7 +359,7 @@ impl Store {
             )
             .bind(phrase)
             .bind(INDEXED_SEARCH_MAX_HITS + 1)
-            .fetch_one(self.db.reader())
+            .fetch_one(self.db.long_reader())
             .await?;
             if hits > INDEXED_SEARCH_MAX_HITS {
                 rows = self
@@ -403,8 +403,9 @@ impl Store {
             }
             (Some(_), _) => return Err(Error::BadCursor),
         };
+        // A page may scan (a search over a large catalogue): on a reader thread of its own.
         Ok(q.bind(i64::from(query.limit))
-            .fetch_all(self.db.reader())
+            .fetch_all(self.db.long_reader())
             .await?)
     }
 
@@ -451,11 +452,10 @@ impl Store {
 
     /// The products with these ids, deleted ones included (they are not purchasable).
     ///
-    /// One static query per id on one connection: `QueryBuilder`'s `IN (...)` emits `?`
+    /// One static query per id: `QueryBuilder`'s `IN (...)` emits `?`
     /// placeholders under `sqlx::Any`, which PostgreSQL rejects, and callers ask for a handful
     /// of ids (the lines of an order, at most 100).
     pub async fn by_ids(&self, ids: &[Uuid]) -> Result<Vec<Product>, Error> {
-        let mut conn = self.db.reader().acquire().await?;
         let mut products = Vec::with_capacity(ids.len());
         for id in ids {
             let row: Option<ProductRow> = sqlx::query_as(concat!(
@@ -464,7 +464,7 @@ impl Store {
                 " FROM products WHERE id = $1"
             ))
             .bind(id.hyphenated().to_string())
-            .fetch_optional(&mut *conn)
+            .fetch_optional(self.db.reader())
             .await?;
             if let Some(row) = row {
                 products.push(row.into_product()?);

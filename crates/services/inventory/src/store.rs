@@ -5,7 +5,7 @@
 
 pub use shopmesh_db::micros;
 use shopmesh_db::{Db, is_unique_violation};
-use sqlx::{Any, Transaction};
+
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -74,16 +74,14 @@ impl Store {
 
     /// One product's stock (zero if it was never stocked).
     pub async fn stock(&self, product_id: Uuid) -> Result<StockLevel, Error> {
-        let mut conn = self.db.reader().acquire().await?;
-        stock_in(&mut conn, product_id).await
+        stock_in(self.db.reader(), product_id).await
     }
 
     /// Several products' stock.
     pub async fn stocks(&self, product_ids: &[Uuid]) -> Result<Vec<StockLevel>, Error> {
-        let mut conn = self.db.reader().acquire().await?;
         let mut levels = Vec::with_capacity(product_ids.len());
         for product_id in product_ids {
-            levels.push(stock_in(&mut conn, *product_id).await?);
+            levels.push(stock_in(self.db.reader(), *product_id).await?);
         }
         Ok(levels)
     }
@@ -103,7 +101,7 @@ impl Store {
     pub async fn add(&self, product_id: Uuid, quantity: Quantity) -> Result<StockLevel, Error> {
         let mut tx = self.db.begin_write().await?;
         add_in(&mut tx, product_id, quantity.get()).await?;
-        let level = stock_in(&mut tx, product_id).await?;
+        let level = stock_in(&mut *tx, product_id).await?;
         stock_changed(&mut tx, &level).await?;
         tx.commit().await?;
         Ok(level)
@@ -122,7 +120,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() > 0 {
-            let level = stock_in(&mut tx, product_id).await?;
+            let level = stock_in(&mut *tx, product_id).await?;
             stock_changed(&mut tx, &level).await?;
         }
         tx.commit().await?;
@@ -141,7 +139,7 @@ impl Store {
         .bind(id(product_id))
         .execute(&mut *tx)
         .await?;
-        let level = stock_in(&mut tx, product_id).await?;
+        let level = stock_in(&mut *tx, product_id).await?;
         if done.rows_affected() == 0 {
             return Err(Error::InsufficientStock {
                 field: "quantity".to_owned(),
@@ -206,7 +204,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {
-                let available = stock_in(&mut tx, line.product_id).await?.available();
+                let available = stock_in(&mut *tx, line.product_id).await?.available();
                 // Dropping the transaction rolls back the lines already reserved.
                 return Err(Error::InsufficientStock {
                     field: format!("lines[{}].quantity", line.position),
@@ -237,7 +235,7 @@ impl Store {
             .await?;
         }
         for line in lines.iter() {
-            let level = stock_in(&mut tx, line.product_id).await?;
+            let level = stock_in(&mut *tx, line.product_id).await?;
             stock_changed(&mut tx, &level).await?;
         }
         tx.commit().await?;
@@ -385,12 +383,16 @@ fn expected(lines: &Lines) -> Vec<(String, i64)> {
         .collect()
 }
 
-async fn stock_in(conn: &mut sqlx::AnyConnection, product_id: Uuid) -> Result<StockLevel, Error> {
+/// One product's stock, read on `on` (a reader, or a transaction's connection).
+async fn stock_in<'e>(
+    on: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    product_id: Uuid,
+) -> Result<StockLevel, Error> {
     let row: Option<StockRow> = sqlx::query_as(
         "SELECT product_id, on_hand, reserved, added, removed, sold FROM stock WHERE product_id = $1",
     )
     .bind(id(product_id))
-    .fetch_optional(&mut *conn)
+    .fetch_optional(on)
     .await?;
     match row {
         Some(row) => row.into_level(),
@@ -398,11 +400,7 @@ async fn stock_in(conn: &mut sqlx::AnyConnection, product_id: Uuid) -> Result<St
     }
 }
 
-async fn add_in(
-    tx: &mut Transaction<'static, Any>,
-    product_id: Uuid,
-    quantity: i64,
-) -> Result<(), Error> {
+async fn add_in(tx: &mut shopmesh_db::Tx, product_id: Uuid, quantity: i64) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO stock (product_id, on_hand, reserved, added, removed, sold, updated_at) \
          VALUES ($1, $2, 0, $2, 0, 0, $3) \
@@ -418,7 +416,7 @@ async fn add_in(
 }
 
 async fn reservation_in(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut shopmesh_db::Tx,
     order_id: Uuid,
 ) -> Result<Option<(State, i64)>, Error> {
     let row: Option<ReservationRow> =
@@ -434,10 +432,7 @@ async fn reservation_in(
     .transpose()
 }
 
-async fn lines_in(
-    tx: &mut Transaction<'static, Any>,
-    order_id: Uuid,
-) -> Result<Vec<(String, i64)>, Error> {
+async fn lines_in(tx: &mut shopmesh_db::Tx, order_id: Uuid) -> Result<Vec<(String, i64)>, Error> {
     Ok(sqlx::query_as(
         "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 \
          ORDER BY product_id",
@@ -452,7 +447,7 @@ async fn lines_in(
 /// lock makes a second writer wait and then find the state changed (a plain SELECT of the state
 /// would let both go on and move the stock twice).
 async fn transition(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut shopmesh_db::Tx,
     order_id: Uuid,
     from: State,
     to: State,
@@ -473,7 +468,7 @@ async fn transition(
 /// Marks a held or committed reservation released and gives its stock back; `false` (and
 /// nothing done) if it was no longer in `from`.
 async fn finish_in(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut shopmesh_db::Tx,
     order_id: Uuid,
     from: State,
     now: i64,
@@ -506,7 +501,7 @@ async fn finish_in(
 
 /// Writes `stock.changed` with the product's levels after the change, in the change's
 /// transaction. Consumers keep the latest by position (the catalog shows availability in lists).
-async fn stock_changed(conn: &mut sqlx::AnyConnection, level: &StockLevel) -> Result<(), Error> {
+async fn stock_changed(conn: &mut shopmesh_db::TxConn, level: &StockLevel) -> Result<(), Error> {
     let event = shopmesh_events::Event::of(&shopmesh_contracts::StockChanged {
         product_id: level.product_id,
         available: level.available(),
@@ -520,14 +515,11 @@ async fn stock_changed(conn: &mut sqlx::AnyConnection, level: &StockLevel) -> Re
 }
 
 /// `stock.changed` for each product of a reservation's lines.
-async fn stock_changed_for(
-    tx: &mut Transaction<'static, Any>,
-    lines: &[(String, i64)],
-) -> Result<(), Error> {
+async fn stock_changed_for(tx: &mut shopmesh_db::Tx, lines: &[(String, i64)]) -> Result<(), Error> {
     for (product_id, _) in lines {
         let product_id = Uuid::parse_str(product_id)
             .map_err(|_| Error::Internal(anyhow::anyhow!("a stored product id is malformed")))?;
-        let level = stock_in(tx, product_id).await?;
+        let level = stock_in(&mut **tx, product_id).await?;
         stock_changed(tx, &level).await?;
     }
     Ok(())

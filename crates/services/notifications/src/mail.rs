@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use shopmesh_contracts::{OrderChange, OrderSnapshot, UserRegistered};
+use shopmesh_db::TxConn;
 use shopmesh_events::Envelope;
 use shopmesh_events::consumer::{Handler, HandlerError, HandlerFuture};
-use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
@@ -211,7 +211,7 @@ fn now_micros() -> i64 {
 impl Mailer {
     async fn message_for(
         &self,
-        tx: &mut AnyConnection,
+        tx: &mut TxConn,
         event: &Envelope,
     ) -> Result<Option<Message>, HandlerError> {
         if let Some(user) = event.decode::<UserRegistered>()? {
@@ -249,7 +249,7 @@ impl Handler for Mailer {
         self.smtp.is_none()
     }
 
-    fn handle<'a>(&'a self, tx: &'a mut AnyConnection, event: &'a Envelope) -> HandlerFuture<'a> {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
         Box::pin(async move {
             let Some(message) = self.message_for(tx, event).await? else {
                 return Ok(());

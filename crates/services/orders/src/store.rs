@@ -204,16 +204,17 @@ impl Store {
 
     /// Renews this process's lease (creating it on the first call).
     pub async fn renew_lease(&self) -> Result<(), Error> {
-        // The connection first, then the time: a wait for the writer must not shorten it.
-        let mut conn = self.db.pool().acquire().await?;
+        // The writer first, then the time: a wait for the writer must not shorten it.
+        let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO instances (id, lease_until) VALUES ($1, $2) \
              ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
         )
         .bind(&self.instance)
         .bind(micros(OffsetDateTime::now_utc() + LEASE))
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
