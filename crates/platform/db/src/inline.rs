@@ -38,7 +38,7 @@ use sqlx::error::{DatabaseError, ErrorKind};
 use sqlx::{Either, Execute};
 use sqlx_core::any::{AnyColumn, AnyValueKind};
 use sqlx_core::ext::ustr::UStr;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
 /// How long a statement waits for another process's write to end before failing as busy
 /// (what `busy_timeout` was on sqlx's connections).
@@ -47,10 +47,17 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// Statements each connection keeps prepared (a service has a few dozen).
 const STATEMENT_CACHE: usize = 128;
 
+/// Commits between two checkpoints of the WAL (a purchase's transaction writes a handful of
+/// pages; SQLite's own automatic checkpoint comes at 1,000 pages).
+const CHECKPOINT_EVERY: u32 = 128;
+
+/// Transactions one commit carries at most (see [`WriterConn`]).
+const GROUP_MAX: usize = 64;
+
 /// The one writing connection of a process.
 #[derive(Debug)]
 pub(crate) struct Writer {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<WriterConn>>,
     /// How long a caller waits for the writer before failing (`database.acquire_timeout_secs`,
     /// as for a pooled connection).
     acquire_timeout: Duration,
@@ -86,16 +93,254 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, sqlx::Error> {
     Ok(conn)
 }
 
+/// The writing connection, the transactions waiting for its next commit, and the commits
+/// since the checkpointer was last woken.
+///
+/// **Group commit.** A commit is most of a small transaction's cost (its pages written to the
+/// WAL, checksummed, the WAL index updated), and the transactions of one process mostly touch
+/// the same few pages (the outbox's last leaf, an index's). So one SQLite transaction (`BEGIN
+/// IMMEDIATE`) carries the transactions of several callers, each a savepoint in it: a caller's
+/// [`Tx::commit`] releases its savepoint into the shared transaction, lets go of the writer and
+/// waits; the first to commit schedules a task that, once the tasks ready to run have had their
+/// turn (their transactions join), commits them all at once and tells each. A caller hears
+/// "committed" only after that commit, so what it was told survives `kill -9`; a transaction
+/// dropped uncommitted rolls back to its savepoint and leaves the others' work alone; one that
+/// fails the shared commit fails every caller in it. After [`GROUP_MAX`] transactions the
+/// caller commits the group itself. While a group is open, the writer's own reads
+/// ([`crate::Db::pool`]) see its members' work before it is committed; readers never do.
+///
+/// **Checkpoints.** A checkpoint copies the WAL's pages into the database file and syncs it:
+/// with SQLite's automatic checkpoint it runs inside the commit that crosses the threshold, so
+/// here, on the caller's thread, a runtime thread would stop for the `fsync` (milliseconds on a
+/// virtual disk) with every request it carries. The writer runs with automatic checkpoints off
+/// (`wal_autocheckpoint = 0`) and wakes a thread of its own every [`CHECKPOINT_EVERY`] commits,
+/// which takes the writer (so that no write lands meanwhile and the checkpoint completes: a
+/// WAL written to during every checkpoint is never started over and grows without end),
+/// commits the open group and checkpoints. Writers wait for it; the runtime's threads do not.
+#[derive(Debug)]
+pub(crate) struct WriterConn {
+    conn: Connection,
+    /// The shared transaction, when one is open.
+    group: Option<Group>,
+    since_checkpoint: u32,
+    checkpointer: std::sync::mpsc::SyncSender<()>,
+    /// SQLite commits made (tests tell grouped commits by it).
+    commits: u64,
+}
+
+/// The open shared transaction: who waits for its commit.
+#[derive(Debug, Default)]
+struct Group {
+    waiting: Vec<oneshot::Sender<Result<(), Failure>>>,
+}
+
+/// Why a shared commit failed, for each transaction in it.
+#[derive(Debug, Clone)]
+struct Failure {
+    code: i32,
+    message: Arc<str>,
+}
+
+impl Failure {
+    fn of(e: &sqlx::Error) -> Failure {
+        let code = match e {
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<SqliteError>()
+                .map_or(rusqlite::ffi::SQLITE_ERROR, |e| e.code),
+            _ => rusqlite::ffi::SQLITE_ERROR,
+        };
+        Failure {
+            code,
+            message: e.to_string().into(),
+        }
+    }
+
+    fn error(&self) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(SqliteError {
+            code: self.code,
+            message: format!("the shared commit failed: {}", self.message),
+        }))
+    }
+}
+
+impl std::ops::Deref for WriterConn {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriterConn {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+/// Runs a statement without parameters or rows (the transaction control), prepared once.
+fn exec(conn: &Connection, sql: &str) -> Result<(), sqlx::Error> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.raw_execute())
+        .map(|_| ())
+        .map_err(error)
+}
+
+impl WriterConn {
+    /// Counts a commit; every [`CHECKPOINT_EVERY`], wakes the checkpointer (if it is already
+    /// due, once is enough), or checkpoints here should its thread be gone.
+    fn committed(&mut self) {
+        self.commits += 1;
+        self.since_checkpoint += 1;
+        if self.since_checkpoint < CHECKPOINT_EVERY {
+            return;
+        }
+        self.since_checkpoint = 0;
+        if let Err(std::sync::mpsc::TrySendError::Disconnected(())) = self.checkpointer.try_send(())
+        {
+            checkpoint(&self.conn);
+        }
+    }
+
+    /// If the shared transaction ended under the group (an I/O error or a full disk makes
+    /// SQLite roll back the whole transaction), tells everyone waiting in it.
+    fn check_group(&mut self) {
+        if self.group.is_some() && self.conn.is_autocommit() {
+            let failure = Failure {
+                code: rusqlite::ffi::SQLITE_ABORT,
+                message: "the shared transaction was rolled back by an error".into(),
+            };
+            for waiter in self.group.take().into_iter().flat_map(|g| g.waiting) {
+                let _ = waiter.send(Err(failure.clone()));
+            }
+        }
+    }
+
+    /// Ends a group no one waits in (its transactions rolled back, or none was released yet).
+    fn end_if_empty(&mut self) {
+        if self.group.as_ref().is_some_and(|g| g.waiting.is_empty()) {
+            self.group = None;
+            if let Err(e) = exec(&self.conn, "ROLLBACK") {
+                log::warn!("ending an empty write transaction failed: {e}");
+            }
+        }
+    }
+
+    /// Opens a transaction of the caller's own: a savepoint in the open group, or in a new one.
+    async fn begin(&mut self) -> Result<(), sqlx::Error> {
+        self.check_group();
+        if self.group.is_none() {
+            let conn = &mut self.conn;
+            retrying(move || exec(conn, "BEGIN IMMEDIATE")).await?;
+            self.group = Some(Group::default());
+        }
+        if let Err(e) = exec(&self.conn, "SAVEPOINT tx") {
+            self.end_if_empty();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Undoes the caller's transaction, not the group's.
+    fn roll_back(&mut self) -> Result<(), sqlx::Error> {
+        let undone =
+            exec(&self.conn, "ROLLBACK TO tx").and_then(|()| exec(&self.conn, "RELEASE tx"));
+        self.check_group();
+        self.end_if_empty();
+        undone
+    }
+
+    /// Commits the open group, telling everyone in it; returns the outcome.
+    fn commit_group(&mut self) -> Result<(), Failure> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        let outcome = exec(&self.conn, "COMMIT").map_err(|e| Failure::of(&e));
+        match &outcome {
+            Ok(()) => self.committed(),
+            Err(failure) => {
+                log::error!("a shared commit failed: {}", failure.message);
+                if !self.conn.is_autocommit() {
+                    let _ = exec(&self.conn, "ROLLBACK");
+                }
+            }
+        }
+        for waiter in group.waiting {
+            let _ = waiter.send(outcome.clone());
+        }
+        outcome
+    }
+}
+
+impl Drop for WriterConn {
+    fn drop(&mut self) {
+        // Transactions whose callers asked for their commit (the task that would have committed
+        // them went with its runtime): honour it.
+        self.check_group();
+        if self.group.is_some() {
+            let _ = self.commit_group();
+        }
+    }
+}
+
+fn checkpoint(conn: &Connection) {
+    // Busy only while another process checkpoints the same file: its checkpoint does the work.
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        log::debug!("WAL checkpoint: {e}");
+    }
+}
+
+/// The checkpointer's thread, with a connection of its own; it ends with the writer.
+fn spawn_checkpointer(
+    path: &Path,
+    writer: std::sync::Weak<Mutex<WriterConn>>,
+    due: std::sync::mpsc::Receiver<()>,
+) -> Result<(), sqlx::Error> {
+    let conn = open(path, false)?;
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".to_owned())
+        .spawn(move || {
+            while due.recv().is_ok() {
+                let Some(writer) = writer.upgrade() else {
+                    return;
+                };
+                let mut held = writer.blocking_lock();
+                let _ = held.commit_group();
+                checkpoint(&conn);
+            }
+        })
+        .map_err(sqlx::Error::Io)?;
+    Ok(())
+}
+
+/// Commits the open group once the tasks ready to run have had their turn.
+fn schedule_commit(writer: Arc<Mutex<WriterConn>>) {
+    tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        let _ = writer.lock().await.commit_group();
+    });
+}
+
 impl Writer {
     pub(crate) fn open(path: &Path, acquire_timeout: Duration) -> Result<Writer, sqlx::Error> {
+        let conn = open(path, false)?;
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .map_err(error)?;
+        let (wake, due) = std::sync::mpsc::sync_channel::<()>(1);
+        let conn = Arc::new(Mutex::new(WriterConn {
+            conn,
+            group: None,
+            since_checkpoint: 0,
+            checkpointer: wake,
+            commits: 0,
+        }));
+        spawn_checkpointer(path, Arc::downgrade(&conn), due)?;
         Ok(Writer {
-            conn: Arc::new(Mutex::new(open(path, false)?)),
+            conn,
             acquire_timeout,
         })
     }
 
     /// The writer, once the transaction or statement holding it is over.
-    async fn acquire(&self) -> Result<OwnedMutexGuard<Connection>, sqlx::Error> {
+    async fn acquire(&self) -> Result<OwnedMutexGuard<WriterConn>, sqlx::Error> {
         if let Ok(conn) = self.conn.clone().try_lock_owned() {
             return Ok(conn);
         }
@@ -104,12 +349,47 @@ impl Writer {
             .map_err(|_| sqlx::Error::PoolTimedOut)
     }
 
-    /// Begins a write transaction (`BEGIN IMMEDIATE`), holding the writer until it ends.
+    /// Begins a write transaction, holding the writer until it ends.
     pub(crate) async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let mut conn = self.acquire().await?;
-        let begin: &mut Connection = &mut conn;
-        retrying(move || begin.execute_batch("BEGIN IMMEDIATE").map_err(error)).await?;
+        Self::begin_on(self.acquire().await?).await
+    }
+
+    async fn begin_on(mut conn: OwnedMutexGuard<WriterConn>) -> Result<Tx, sqlx::Error> {
+        conn.begin().await?;
         Ok(Tx(TxConn(TxKind::Inline(InlineTx { conn, open: true }))))
+    }
+
+    /// Runs one statement: on its own when no group is open, else as a transaction in it.
+    async fn run(&self, sql: &str, args: Option<&AnyArguments>) -> Result<Outcome, sqlx::Error> {
+        let mut guard = self.acquire().await?;
+        guard.check_group();
+        if guard.group.is_none() {
+            // A unique borrow, so the future stays `Send` (a connection is not `Sync`).
+            let conn: &mut Connection = &mut guard;
+            let outcome = retrying(move || run(conn, sql, args)).await;
+            // A statement on its own commits when it is done (a read counts too: harmless).
+            guard.committed();
+            return outcome;
+        }
+        let tx = Self::begin_on(guard).await?;
+        let TxKind::Inline(inline) = &tx.0.0 else {
+            return Err(unsupported("a writer's statement on sqlx"));
+        };
+        // Dropped on an error: rolled back to its savepoint.
+        let outcome = run(&inline.conn, sql, args)?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Commits the open group now (closing the database).
+    pub(crate) async fn flush(&self) {
+        let _ = self.conn.lock().await.commit_group();
+    }
+
+    /// SQLite commits made so far.
+    #[cfg(test)]
+    pub(crate) async fn commits(&self) -> u64 {
+        self.conn.lock().await.commits
     }
 }
 
@@ -316,12 +596,7 @@ pub(crate) enum PoolKind {
 impl Pool {
     async fn run(&self, sql: &str, args: Option<&AnyArguments>) -> Result<Outcome, sqlx::Error> {
         match &self.0 {
-            PoolKind::Writer(writer) => {
-                let mut guard = writer.acquire().await?;
-                // A unique borrow, so the future stays `Send` (a connection is not `Sync`).
-                let conn: &mut Connection = &mut guard;
-                retrying(move || run(conn, sql, args)).await
-            }
+            PoolKind::Writer(writer) => writer.run(sql, args).await,
             PoolKind::Readers(readers) => retrying(|| readers.with(|c| run(c, sql, args))).await,
             // Not reached: `Executor` hands sqlx's pools their queries before this.
             PoolKind::Sqlx(_) => Err(unsupported("an inline run on sqlx's pool")),
@@ -424,7 +699,7 @@ pub(crate) enum TxKind {
 /// The SQLite writer, held for one transaction.
 #[derive(Debug)]
 pub(crate) struct InlineTx {
-    conn: OwnedMutexGuard<Connection>,
+    conn: OwnedMutexGuard<WriterConn>,
     /// Not yet committed or rolled back.
     open: bool,
 }
@@ -433,9 +708,48 @@ impl Drop for InlineTx {
     fn drop(&mut self) {
         if self.open {
             // A transaction dropped before its commit (an error, a cancelled request): undo.
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+            if let Err(e) = self.conn.roll_back() {
                 log::warn!("rolling back an abandoned transaction failed: {e}");
             }
+        }
+    }
+}
+
+impl InlineTx {
+    /// Releases the transaction into the group and waits for the group's commit (see
+    /// [`WriterConn`]).
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        self.open = false;
+        if let Err(e) = exec(&self.conn, "RELEASE tx") {
+            let _ = self.conn.roll_back();
+            return Err(e);
+        }
+        self.conn.check_group();
+        let Some(group) = self.conn.group.as_mut() else {
+            return Err(Failure {
+                code: rusqlite::ffi::SQLITE_ABORT,
+                message: "the shared transaction was rolled back by an error".into(),
+            }
+            .error());
+        };
+        if group.waiting.len() + 1 >= GROUP_MAX || tokio::runtime::Handle::try_current().is_err() {
+            return self.conn.commit_group().map_err(|f| f.error());
+        }
+        let (done, outcome) = oneshot::channel();
+        group.waiting.push(done);
+        if group.waiting.len() == 1 {
+            schedule_commit(OwnedMutexGuard::mutex(&self.conn).clone());
+        }
+        // Lets go of the writer: the next transactions join the group.
+        drop(self);
+        match outcome.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => Err(failure.error()),
+            Err(_) => Err(Failure {
+                code: rusqlite::ffi::SQLITE_ABORT,
+                message: "the writer closed before the commit".into(),
+            }
+            .error()),
         }
     }
 }
@@ -462,12 +776,7 @@ impl Tx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self.0.0 {
             TxKind::Sqlx(tx) => tx.commit().await,
-            TxKind::Inline(mut tx) => {
-                // In WAL mode a writer holding the lock commits without waiting on others.
-                tx.conn.execute_batch("COMMIT").map_err(error)?;
-                tx.open = false;
-                Ok(())
-            }
+            TxKind::Inline(tx) => tx.commit().await,
         }
     }
 
@@ -477,7 +786,7 @@ impl Tx {
             TxKind::Sqlx(tx) => tx.rollback().await,
             TxKind::Inline(mut tx) => {
                 tx.open = false;
-                tx.conn.execute_batch("ROLLBACK").map_err(error)
+                tx.conn.roll_back()
             }
         }
     }

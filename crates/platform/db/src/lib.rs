@@ -355,6 +355,10 @@ impl Db {
 
     /// Closes the pools, waiting for checked-out connections.
     pub async fn close(&self) {
+        if let inline::PoolKind::Writer(writer) = &self.pool.0 {
+            // Transactions waiting in a group for their commit are committed first.
+            writer.flush().await;
+        }
         self.long_reader.close().await;
         self.sqlx.close().await;
     }
@@ -536,6 +540,130 @@ mod tests {
             .expect_err("a duplicate");
         assert!(is_unique_violation(&again), "{again:?}");
         assert_eq!(rows(&db).await, 1);
+    }
+
+    async fn commits(db: &Db) -> u64 {
+        match &db.pool().0 {
+            inline::PoolKind::Writer(writer) => writer.commits().await,
+            _ => panic!("not the inline writer"),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_transactions_share_a_commit_and_each_hears_of_it_once_it_is_durable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        sqlx::query("CREATE UNIQUE INDEX t_n ON t (n)")
+            .execute(db.pool())
+            .await
+            .expect("index");
+        sqlx::query("INSERT INTO t (n) VALUES (-1)")
+            .execute(db.pool())
+            .await
+            .expect("insert");
+        let before = commits(&db).await;
+        let file = dir.path().join("t.db");
+        let tasks: Vec<_> = (0..40_i64)
+            .map(|i| {
+                let db = db.clone();
+                let file = file.clone();
+                tokio::spawn(async move {
+                    let mut tx = db.begin_write().await.expect("begin");
+                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(i)
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                    match i % 4 {
+                        // Given up: rolled back, the others' work untouched.
+                        0 => return false,
+                        // Fails on a duplicate: its whole transaction is undone.
+                        1 => {
+                            let duplicate = sqlx::query("INSERT INTO t (n) VALUES (-1)")
+                                .execute(&mut *tx)
+                                .await
+                                .expect_err("a duplicate");
+                            assert!(is_unique_violation(&duplicate), "{duplicate:?}");
+                            return false;
+                        }
+                        _ => {}
+                    }
+                    tx.commit().await.expect("commit");
+                    // Told: it is in the file, for any other connection (another process).
+                    let other = rusqlite::Connection::open(&file).expect("open");
+                    let n: i64 = other
+                        .query_row("SELECT COUNT(*) FROM t WHERE n = ?1", [i], |r| r.get(0))
+                        .expect("read");
+                    assert_eq!(n, 1, "transaction {i} was told it committed before it did");
+                    true
+                })
+            })
+            .collect();
+        let mut committed = 0;
+        for task in tasks {
+            committed += u64::from(task.await.expect("task"));
+        }
+        assert_eq!(committed, 20);
+        assert_eq!(rows(&db).await, 21);
+        let shared = commits(&db).await - before;
+        assert!(
+            shared < committed,
+            "{committed} transactions took {shared} commits"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_whose_caller_stopped_waiting_still_lands() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let mut tx = db.begin_write().await.expect("begin");
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        // The caller asks for the commit, then goes away (a request dropped at its deadline).
+        let gave_up = futures_util::FutureExt::now_or_never(tx.commit());
+        assert!(
+            gave_up.is_none(),
+            "the commit is shared, so it is not done at once"
+        );
+        for _ in 0..100 {
+            if rows(&db).await == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the commit asked for never landed");
+    }
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_off_the_writers_thread_and_stays_bounded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        sqlx::query("CREATE TABLE pages (body BLOB NOT NULL)")
+            .execute(db.pool())
+            .await
+            .expect("create");
+        // 3,000 commits of a page each: 12 MB of WAL if nothing ever checkpointed it (the
+        // writer's automatic checkpoint is off; the checkpointer's thread does it).
+        for _ in 0..3_000 {
+            let mut tx = db.begin_write().await.expect("begin");
+            sqlx::query("INSERT INTO pages (body) VALUES ($1)")
+                .bind(vec![7_u8; 3_000])
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            tx.commit().await.expect("commit");
+        }
+        let wal = std::fs::metadata(dir.path().join("t.db-wal"))
+            .expect("the WAL")
+            .len();
+        assert!(wal < 4 << 20, "the WAL grew to {wal} bytes");
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM pages")
+            .fetch_one(db.reader())
+            .await
+            .expect("count");
+        assert_eq!(n, 3_000);
     }
 
     #[tokio::test(flavor = "current_thread")]
