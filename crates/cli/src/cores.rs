@@ -22,12 +22,15 @@ use crate::serve::Service;
 /// Relative CPU per purchase journey, from `shopmesh load`'s per-process figures (issue 9):
 /// what the assignment balances. Not a limit: a process may use all of its core.
 fn weight(service: Service) -> u32 {
+    // Per-process CPU µs per journey ÷ 20, with SQLite run inline and commits grouped
+    // (bench/README, 2026-12-01): orders 0.83–0.94 ms, inventory 0.33–0.38, gateway and
+    // payments 0.24–0.28, catalog 0.13–0.16, notifications 0.06.
     match service {
-        Service::Orders => 31,
-        Service::Inventory => 17,
-        Service::Payments => 10,
-        Service::Catalog | Service::Gateway => 8,
-        Service::Notifications => 4,
+        Service::Orders => 44,
+        Service::Inventory => 18,
+        Service::Payments | Service::Gateway => 13,
+        Service::Catalog => 7,
+        Service::Notifications => 3,
         Service::Users | Service::Cart => 1,
     }
 }

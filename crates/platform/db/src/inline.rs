@@ -126,7 +126,17 @@ pub(crate) struct WriterConn {
     checkpointer: std::sync::mpsc::SyncSender<()>,
     /// SQLite commits made (tests tell grouped commits by it).
     commits: u64,
+    /// `PRAGMA data_version` when a group last began: it changes when another connection (a
+    /// replica on the same file, `shopmesh admin`) has committed since.
+    data_version: i64,
+    /// Until then, each transaction commits on its own: another process writes to this file,
+    /// and a group holds the file's write lock from its first transaction to its commit (one
+    /// turn of the scheduler, most of the time under load), which would starve it.
+    shared_until: Option<std::time::Instant>,
 }
+
+/// How long the writer commits alone after it saw another process write to its file.
+const SHARED_FOR: Duration = Duration::from_secs(10);
 
 /// The open shared transaction: who waits for its commit.
 #[derive(Debug, Default)]
@@ -231,6 +241,11 @@ impl WriterConn {
             let conn = &mut self.conn;
             retrying(move || exec(conn, "BEGIN IMMEDIATE")).await?;
             self.group = Some(Group::default());
+            let version = data_version(&self.conn);
+            if version != self.data_version {
+                self.data_version = version;
+                self.shared_until = Some(std::time::Instant::now() + SHARED_FOR);
+            }
         }
         if let Err(e) = exec(&self.conn, "SAVEPOINT tx") {
             self.end_if_empty();
@@ -239,11 +254,26 @@ impl WriterConn {
         Ok(())
     }
 
-    /// Undoes the caller's transaction, not the group's.
+    /// Whether another process wrote to the file lately (see `shared_until`).
+    fn shared(&self) -> bool {
+        self.shared_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    /// Undoes the caller's transaction, not the group's. If others wait in the group, commits
+    /// it now: the caller may have read their work and is about to answer from it, which must
+    /// not happen before that work is durable.
     fn roll_back(&mut self) -> Result<(), sqlx::Error> {
-        let undone =
-            exec(&self.conn, "ROLLBACK TO tx").and_then(|()| exec(&self.conn, "RELEASE tx"));
+        let undone = if self.conn.is_autocommit() {
+            // An error already rolled the whole transaction back (see `InlineTx::run`).
+            Ok(())
+        } else {
+            exec(&self.conn, "ROLLBACK TO tx").and_then(|()| exec(&self.conn, "RELEASE tx"))
+        };
         self.check_group();
+        if self.group.as_ref().is_some_and(|g| !g.waiting.is_empty()) {
+            let _ = self.commit_group();
+        }
         self.end_if_empty();
         undone
     }
@@ -279,6 +309,13 @@ impl Drop for WriterConn {
             let _ = self.commit_group();
         }
     }
+}
+
+/// The connection's `PRAGMA data_version` (0 if it cannot be read: then changes go unseen).
+fn data_version(conn: &Connection) -> i64 {
+    conn.prepare_cached("PRAGMA data_version")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+        .unwrap_or(0)
 }
 
 fn checkpoint(conn: &Connection) {
@@ -325,12 +362,15 @@ impl Writer {
         conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
             .map_err(error)?;
         let (wake, due) = std::sync::mpsc::sync_channel::<()>(1);
+        let data_version = data_version(&conn);
         let conn = Arc::new(Mutex::new(WriterConn {
             conn,
             group: None,
             since_checkpoint: 0,
             checkpointer: wake,
             commits: 0,
+            data_version,
+            shared_until: None,
         }));
         spawn_checkpointer(path, Arc::downgrade(&conn), due)?;
         Ok(Writer {
@@ -356,29 +396,40 @@ impl Writer {
 
     async fn begin_on(mut conn: OwnedMutexGuard<WriterConn>) -> Result<Tx, sqlx::Error> {
         conn.begin().await?;
-        Ok(Tx(TxConn(TxKind::Inline(InlineTx { conn, open: true }))))
+        Ok(Tx(TxConn(TxKind::Inline(InlineTx {
+            conn,
+            open: true,
+            lost: false,
+        }))))
     }
 
-    /// Runs one statement: on its own when no group is open, else as a transaction in it.
+    /// Runs one statement: a write as a transaction of its own in the group (so it shares a
+    /// commit too); a read on its own when no group is open, else in it (it may see the
+    /// group's work, so it answers only once that is committed).
     async fn run(&self, sql: &str, args: Option<&AnyArguments>) -> Result<Outcome, sqlx::Error> {
         let mut guard = self.acquire().await?;
         guard.check_group();
-        if guard.group.is_none() {
+        let read_only = guard.prepare_cached(sql).map_err(error)?.readonly();
+        if read_only && guard.group.is_none() {
             // A unique borrow, so the future stays `Send` (a connection is not `Sync`).
             let conn: &mut Connection = &mut guard;
-            let outcome = retrying(move || run(conn, sql, args)).await;
-            // A statement on its own commits when it is done (a read counts too: harmless).
-            guard.committed();
-            return outcome;
+            return retrying(move || run(conn, sql, args)).await;
         }
-        let tx = Self::begin_on(guard).await?;
-        let TxKind::Inline(inline) = &tx.0.0 else {
+        let mut tx = Self::begin_on(guard).await?;
+        let TxKind::Inline(inline) = &mut tx.0.0 else {
             return Err(unsupported("a writer's statement on sqlx"));
         };
         // Dropped on an error: rolled back to its savepoint.
-        let outcome = run(&inline.conn, sql, args)?;
+        let outcome = inline.run(sql, args)?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// Takes what other connections of this process wrote (migrations, through sqlx's) for its
+    /// own: not a sign of another process on the file.
+    pub(crate) async fn saw_own_writes(&self) {
+        let mut conn = self.conn.lock().await;
+        conn.data_version = data_version(&conn.conn);
     }
 
     /// Commits the open group now (closing the database).
@@ -447,6 +498,28 @@ type Outcome = (Vec<AnyRow>, AnyQueryResult);
 /// Runs one statement with its arguments (`$n` refers to the n-th bound value, wherever it
 /// appears, as sqlx binds it), collecting every row.
 fn run(conn: &Connection, sql: &str, args: Option<&AnyArguments>) -> Result<Outcome, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let outcome = run_timed(conn, sql, args);
+    let elapsed = started.elapsed();
+    // What sqlx logged for its statements: each at debug (`log.level = info,shopmesh_db=debug`),
+    // a slow one as a warning.
+    if elapsed >= SLOW_STATEMENT {
+        log::warn!(target: "shopmesh_db::sql", "slow statement ({elapsed:?}): {sql}");
+    } else if log::log_enabled!(target: "shopmesh_db::sql", log::Level::Debug) {
+        let rows = outcome.as_ref().map_or(0, |(rows, _)| rows.len());
+        log::debug!(target: "shopmesh_db::sql", "{elapsed:?}, {rows} rows: {sql}");
+    }
+    outcome
+}
+
+/// A statement this slow is logged as a warning (sqlx's threshold).
+const SLOW_STATEMENT: Duration = Duration::from_secs(1);
+
+fn run_timed(
+    conn: &Connection,
+    sql: &str,
+    args: Option<&AnyArguments>,
+) -> Result<Outcome, sqlx::Error> {
     let mut stmt = conn.prepare_cached(sql).map_err(error)?;
     let values: &[AnyValueKind] = args.map_or(&[], |a| &a.values.0);
     for i in 1..=stmt.parameter_count() {
@@ -620,6 +693,7 @@ impl<'c> sqlx::Executor<'c> for &'c Pool {
         }
         let taken = take(query);
         stream::once(async move {
+            tokio::task::consume_budget().await;
             let outcome = match taken {
                 Ok((sql, args)) => self.run(sql.as_str(), args.as_ref()).await,
                 Err(e) => Err(e),
@@ -643,6 +717,7 @@ impl<'c> sqlx::Executor<'c> for &'c Pool {
         }
         let taken = take(query);
         Box::pin(async move {
+            tokio::task::consume_budget().await;
             let (sql, args) = taken?;
             let (rows, _) = self.run(sql.as_str(), args.as_ref()).await?;
             Ok(rows.into_iter().next())
@@ -702,6 +777,18 @@ pub(crate) struct InlineTx {
     conn: OwnedMutexGuard<WriterConn>,
     /// Not yet committed or rolled back.
     open: bool,
+    /// An error rolled back the whole SQLite transaction under it: what it did is gone, and a
+    /// statement run now would commit on its own, so none is.
+    lost: bool,
+}
+
+/// The error for a transaction that an earlier error rolled back entirely.
+fn lost() -> sqlx::Error {
+    Failure {
+        code: rusqlite::ffi::SQLITE_ABORT,
+        message: "the transaction was rolled back by an earlier error".into(),
+    }
+    .error()
 }
 
 impl Drop for InlineTx {
@@ -716,15 +803,36 @@ impl Drop for InlineTx {
 }
 
 impl InlineTx {
+    /// Runs a statement in the transaction.
+    fn run(&mut self, sql: &str, args: Option<&AnyArguments>) -> Result<Outcome, sqlx::Error> {
+        if self.lost {
+            return Err(lost());
+        }
+        let outcome = run(&self.conn, sql, args);
+        if outcome.is_err() && self.conn.is_autocommit() {
+            // SQLite ended the whole transaction (a full disk, an I/O error): the group's
+            // waiters hear it now, and this transaction runs nothing more.
+            self.lost = true;
+            self.conn.check_group();
+        }
+        outcome
+    }
+
     /// Releases the transaction into the group and waits for the group's commit (see
     /// [`WriterConn`]).
     async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if self.lost {
+            self.open = false;
+            return Err(lost());
+        }
         self.open = false;
         if let Err(e) = exec(&self.conn, "RELEASE tx") {
             let _ = self.conn.roll_back();
             return Err(e);
         }
         self.conn.check_group();
+        // Another process writes to this file: commit at once rather than hold its lock.
+        let alone = self.conn.shared();
         let Some(group) = self.conn.group.as_mut() else {
             return Err(Failure {
                 code: rusqlite::ffi::SQLITE_ABORT,
@@ -732,7 +840,10 @@ impl InlineTx {
             }
             .error());
         };
-        if group.waiting.len() + 1 >= GROUP_MAX || tokio::runtime::Handle::try_current().is_err() {
+        if alone
+            || group.waiting.len() + 1 >= GROUP_MAX
+            || tokio::runtime::Handle::try_current().is_err()
+        {
             return self.conn.commit_group().map_err(|f| f.error());
         }
         let (done, outcome) = oneshot::channel();
@@ -803,12 +914,16 @@ impl<'c> sqlx::Executor<'c> for &'c mut TxConn {
         'c: 'e,
         E: 'q + Execute<'q, Any>,
     {
-        match &mut self.0 {
-            TxKind::Sqlx(tx) => (&mut **tx).fetch_many(query),
-            TxKind::Inline(tx) => {
-                let outcome =
-                    take(query).and_then(|(sql, args)| run(&tx.conn, sql.as_str(), args.as_ref()));
-                stream_of(outcome)
+        match self {
+            TxConn(TxKind::Sqlx(tx)) => (&mut **tx).fetch_many(query),
+            TxConn(TxKind::Inline(tx)) => {
+                let taken = take(query);
+                stream::once(async move {
+                    tokio::task::consume_budget().await;
+                    stream_of(taken.and_then(|(sql, args)| tx.run(sql.as_str(), args.as_ref())))
+                })
+                .flatten()
+                .boxed()
             }
         }
     }
@@ -821,13 +936,17 @@ impl<'c> sqlx::Executor<'c> for &'c mut TxConn {
         'c: 'e,
         E: 'q + Execute<'q, Any>,
     {
-        match &mut self.0 {
-            TxKind::Sqlx(tx) => (&mut **tx).fetch_optional(query),
-            TxKind::Inline(tx) => {
-                let outcome = take(query)
-                    .and_then(|(sql, args)| run(&tx.conn, sql.as_str(), args.as_ref()))
-                    .map(|(rows, _)| rows.into_iter().next());
-                Box::pin(async move { outcome })
+        match self {
+            TxConn(TxKind::Sqlx(tx)) => (&mut **tx).fetch_optional(query),
+            TxConn(TxKind::Inline(tx)) => {
+                let taken = take(query);
+                Box::pin(async move {
+                    // Statements here never wait, so a loop of them would never give the
+                    // thread up: each spends the task's budget (tokio's cooperative yield).
+                    tokio::task::consume_budget().await;
+                    let (sql, args) = taken?;
+                    Ok(tx.run(sql.as_str(), args.as_ref())?.0.into_iter().next())
+                })
             }
         }
     }

@@ -282,6 +282,10 @@ impl Db {
     /// Applies the service's migrations (idempotent; concurrent replicas serialise on a lock).
     pub async fn migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
         migrator.run(&self.sqlx).await?;
+        if let inline::PoolKind::Writer(writer) = &self.pool.0 {
+            // Written through sqlx's connection, not another process's.
+            writer.saw_own_writes().await;
+        }
         Ok(())
     }
 
@@ -563,11 +567,20 @@ mod tests {
             .expect("insert");
         let before = commits(&db).await;
         let file = dir.path().join("t.db");
-        let tasks: Vec<_> = (0..40_i64)
+        let tasks: Vec<_> = (0..50_i64)
             .map(|i| {
                 let db = db.clone();
                 let file = file.clone();
                 tokio::spawn(async move {
+                    if i >= 40 {
+                        // A single statement on the writer shares the commit too.
+                        sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                            .bind(i)
+                            .execute(db.pool())
+                            .await
+                            .expect("insert");
+                        return true;
+                    }
                     let mut tx = db.begin_write().await.expect("begin");
                     sqlx::query("INSERT INTO t (n) VALUES ($1)")
                         .bind(i)
@@ -603,13 +616,115 @@ mod tests {
         for task in tasks {
             committed += u64::from(task.await.expect("task"));
         }
-        assert_eq!(committed, 20);
-        assert_eq!(rows(&db).await, 21);
+        assert_eq!(committed, 30);
+        assert_eq!(rows(&db).await, 31);
         let shared = commits(&db).await - before;
         assert!(
             shared < committed,
             "{committed} transactions took {shared} commits"
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn single_writes_on_the_pool_share_commits_too() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let before = commits(&db).await;
+        let tasks: Vec<_> = (0..20_i64)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(i)
+                        .execute(db.pool())
+                        .await
+                        .expect("insert")
+                        .rows_affected()
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.expect("task"), 1);
+        }
+        assert_eq!(rows(&db).await, 20);
+        let shared = commits(&db).await - before;
+        assert!(shared < 20, "20 statements took {shared} commits");
+        // A read with no group open runs as it is and commits nothing.
+        let before = commits(&db).await;
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.pool())
+            .await
+            .expect("read");
+        assert_eq!((n, commits(&db).await - before), (20, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_transaction_that_read_the_groups_work_ends_only_once_that_is_durable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let other = rusqlite::Connection::open(dir.path().join("t.db")).expect("open");
+        let in_file = |n: i64| -> i64 {
+            other
+                .query_row("SELECT COUNT(*) FROM t WHERE n = ?1", [n], |r| r.get(0))
+                .expect("read")
+        };
+        let mut first = db.begin_write().await.expect("begin");
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut *first)
+            .await
+            .expect("insert");
+        // Released into the group; its commit is scheduled, not done.
+        assert!(futures_util::FutureExt::now_or_never(first.commit()).is_none());
+        assert_eq!(in_file(1), 0);
+        // A second transaction reads the first's work and ends without committing (an
+        // idempotent retry that finds it done): before its caller can answer from what it
+        // read, that is committed.
+        let mut second = db.begin_write().await.expect("begin");
+        let (seen,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t WHERE n = 1")
+            .fetch_one(&mut *second)
+            .await
+            .expect("read");
+        assert_eq!(seen, 1);
+        drop(second);
+        assert_eq!(in_file(1), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_that_sees_another_process_write_its_file_commits_alone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        // Another process (a replica on the same file) writes.
+        let other = Db::connect(
+            &SecretString::from(sqlite_url(&dir.path().join("t.db"))),
+            &DatabaseSettings::default(),
+        )
+        .await
+        .expect("connect");
+        sqlx::query("INSERT INTO t (n) VALUES (0)")
+            .execute(other.pool())
+            .await
+            .expect("insert");
+        let before = commits(&db).await;
+        let tasks: Vec<_> = (1..=10_i64)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut tx = db.begin_write().await.expect("begin");
+                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(i)
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                    tx.commit().await.expect("commit");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(rows(&db).await, 11);
+        // Each on its own: a group would hold the file's lock across turns of the scheduler.
+        assert_eq!(commits(&db).await - before, 10);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -664,6 +779,25 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(n, 3_000);
+        // The checkpoints are this process's own: they do not make the writer commit alone.
+        let before = commits(&db).await;
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    sqlx::query("INSERT INTO pages (body) VALUES ($1)")
+                        .bind(vec![1_u8; 10])
+                        .execute(db.pool())
+                        .await
+                        .expect("insert");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let shared = commits(&db).await - before;
+        assert!(shared < 20, "20 statements took {shared} commits");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -182,16 +182,27 @@ impl Consumer {
         let prefix = format!("{:08x}-{:04x}-", ms >> 16, ms & 0xffff);
         // And handled that long ago: an old event handled late (a redrive, a long broker
         // outage) may still be redelivered.
-        Ok(
-            sqlx::query("DELETE FROM event_inbox WHERE event_id < $1 AND handled_at < $2")
-                .bind(prefix)
-                .bind(now_micros().saturating_sub(
-                    i64::try_from(self.retention.as_micros().saturating_mul(2)).unwrap_or(i64::MAX),
-                ))
-                .execute(self.db.pool())
-                .await?
-                .rows_affected(),
-        )
+        let handled_before = now_micros().saturating_sub(
+            i64::try_from(self.retention.as_micros().saturating_mul(2)).unwrap_or(i64::MAX),
+        );
+        // A batch at a time: on SQLite the statement runs on the runtime's thread, and a day's
+        // inbox in one statement would stop every request of the process meanwhile.
+        let mut pruned = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM event_inbox WHERE event_id IN (SELECT event_id FROM event_inbox \
+                 WHERE event_id < $1 AND handled_at < $2 ORDER BY event_id LIMIT 1000)",
+            )
+            .bind(&prefix)
+            .bind(handled_before)
+            .execute(self.db.pool())
+            .await?
+            .rows_affected();
+            pruned += done;
+            if done < 1000 {
+                return Ok(pruned);
+            }
+        }
     }
 
     /// [`Consumer::prune_inbox`], when `prune_every` has passed since the last time.

@@ -408,7 +408,7 @@ pub async fn prune(db: &Db, retention: Duration, relay: bool) -> Result<u64, sql
 }
 
 /// Most rows one [`prune`] deletes.
-pub const PRUNE_BATCH: i64 = 10_000;
+pub const PRUNE_BATCH: i64 = 1_000;
 
 /// Runs [`prune`] every `every` (at once again after a full batch) for as long as the process
 /// runs, the first time only after a grace period (the window, at most five minutes): after a

@@ -402,13 +402,25 @@ impl Store {
         Ok(())
     }
 
-    /// Drops idempotency keys older than `before`.
+    /// Drops idempotency keys older than `before`, a thousand at a time (on SQLite a statement
+    /// runs on the runtime's thread: a day's keys at once would stop the process meanwhile).
     pub async fn purge_keys(&self, before: OffsetDateTime) -> Result<u64, Error> {
-        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+        let mut purged = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE (user_id, idem_key) IN \
+                 (SELECT user_id, idem_key FROM idempotency_keys WHERE created_at < $1 \
+                  ORDER BY created_at LIMIT 1000)",
+            )
             .bind(micros(before))
             .execute(self.db.pool())
-            .await?;
-        Ok(done.rows_affected())
+            .await?
+            .rows_affected();
+            purged += done;
+            if done < 1000 {
+                return Ok(purged);
+            }
+        }
     }
 
     /// Stores a new order as `pending`, step `reserving`, with its lines.

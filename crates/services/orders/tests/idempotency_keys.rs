@@ -19,6 +19,7 @@ shopmesh_db::test_on_both_backends!(
     a_saga_step_is_resumed_when_its_process_died_never_while_it_lives,
     a_key_its_live_request_dropped_is_taken_over_at_once,
     a_key_given_up_after_its_order_was_placed_answers_with_that_order,
+    keys_past_retention_are_purged_in_batches_and_younger_ones_kept,
 );
 
 async fn store(db: &TestDb) -> Store {
@@ -386,4 +387,40 @@ async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: T
         matches!(replay, Begun::Replay(ref r) if *r == answer),
         "{replay:?}"
     );
+}
+
+async fn keys_past_retention_are_purged_in_batches_and_younger_ones_kept(db: TestDb) {
+    let store = store(&db).await;
+    let user = Uuid::now_v7();
+    // More than two batches of old keys, and a few young ones.
+    for i in 0..2_105 {
+        store
+            .claim_key(user, &format!("k{i}"), "hash")
+            .await
+            .expect("claim");
+    }
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = 0 WHERE idem_key <> $1 AND idem_key <> $2",
+    )
+    .bind("k7")
+    .bind("k2104")
+    .execute(store.db().pool())
+    .await
+    .expect("age the keys");
+    let purged = store
+        .purge_keys(time::OffsetDateTime::now_utc() - time::Duration::HOUR)
+        .await
+        .expect("purge");
+    assert_eq!(purged, 2_103);
+    for kept in ["k7", "k2104"] {
+        assert_eq!(
+            store.claim_key(user, kept, "hash").await.expect("again"),
+            Claim::InFlight,
+            "{kept} was young and must be kept"
+        );
+    }
+    assert!(matches!(
+        store.claim_key(user, "k8", "hash").await.expect("fresh"),
+        Claim::Claimed(_)
+    ));
 }
