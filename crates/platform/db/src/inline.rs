@@ -237,6 +237,12 @@ impl WriterConn {
     /// Opens a transaction of the caller's own: a savepoint in the open group, or in a new one.
     async fn begin(&mut self) -> Result<(), sqlx::Error> {
         self.check_group();
+        if self.group.is_none() && !self.conn.is_autocommit() {
+            // A ROLLBACK that failed earlier left a transaction open that no one owns.
+            if let Err(e) = exec(&self.conn, "ROLLBACK") {
+                log::warn!("ending an abandoned write transaction failed: {e}");
+            }
+        }
         if self.group.is_none() {
             let conn = &mut self.conn;
             retrying(move || exec(conn, "BEGIN IMMEDIATE")).await?;
@@ -263,19 +269,30 @@ impl WriterConn {
     /// Undoes the caller's transaction, not the group's. If others wait in the group, commits
     /// it now: the caller may have read their work and is about to answer from it, which must
     /// not happen before that work is durable.
+    ///
+    /// Fails when the transaction could not be undone (then the whole group is rolled back and
+    /// its waiters told, rather than commit what the caller dropped) or when that commit of the
+    /// group failed (what the caller read of it is gone).
     fn roll_back(&mut self) -> Result<(), sqlx::Error> {
-        let undone = if self.conn.is_autocommit() {
-            // An error already rolled the whole transaction back (see `InlineTx::run`).
-            Ok(())
-        } else {
-            exec(&self.conn, "ROLLBACK TO tx").and_then(|()| exec(&self.conn, "RELEASE tx"))
-        };
+        if !self.conn.is_autocommit() {
+            // (In autocommit an error already rolled the whole transaction back: `InlineTx::run`.)
+            let undone =
+                exec(&self.conn, "ROLLBACK TO tx").and_then(|()| exec(&self.conn, "RELEASE tx"));
+            if let Err(e) = undone {
+                let _ = exec(&self.conn, "ROLLBACK");
+                let failure = Failure::of(&e);
+                for waiter in self.group.take().into_iter().flat_map(|g| g.waiting) {
+                    let _ = waiter.send(Err(failure.clone()));
+                }
+                return Err(e);
+            }
+        }
         self.check_group();
         if self.group.as_ref().is_some_and(|g| !g.waiting.is_empty()) {
-            let _ = self.commit_group();
+            self.commit_group().map_err(|f| f.error())?;
         }
         self.end_if_empty();
-        undone
+        Ok(())
     }
 
     /// Commits the open group, telling everyone in it; returns the outcome.
@@ -409,7 +426,13 @@ impl Writer {
     async fn run(&self, sql: &str, args: Option<&AnyArguments>) -> Result<Outcome, sqlx::Error> {
         let mut guard = self.acquire().await?;
         guard.check_group();
-        let read_only = guard.prepare_cached(sql).map_err(error)?.readonly();
+        let conn: &mut Connection = &mut guard;
+        let read_only = retrying(move || {
+            conn.prepare_cached(sql)
+                .map(|s| s.readonly())
+                .map_err(error)
+        })
+        .await?;
         if read_only && guard.group.is_none() {
             // A unique borrow, so the future stays `Send` (a connection is not `Sync`).
             let conn: &mut Connection = &mut guard;
@@ -419,10 +442,14 @@ impl Writer {
         let TxKind::Inline(inline) = &mut tx.0.0 else {
             return Err(unsupported("a writer's statement on sqlx"));
         };
-        // Dropped on an error: rolled back to its savepoint.
-        let outcome = inline.run(sql, args)?;
-        tx.commit().await?;
-        Ok(outcome)
+        match inline.run(sql, args) {
+            Ok(outcome) => {
+                tx.commit().await?;
+                Ok(outcome)
+            }
+            // Undone; if that had to commit the group and failed, that is the answer.
+            Err(e) => tx.rollback().await.and(Err(e)),
+        }
     }
 
     /// Takes what other connections of this process wrote (migrations, through sqlx's) for its
@@ -512,8 +539,9 @@ fn run(conn: &Connection, sql: &str, args: Option<&AnyArguments>) -> Result<Outc
     outcome
 }
 
-/// A statement this slow is logged as a warning (sqlx's threshold).
-const SLOW_STATEMENT: Duration = Duration::from_secs(1);
+/// A statement this slow is logged as a warning (the threshold sqlx's connections have, in
+/// `Db::connect`).
+const SLOW_STATEMENT: Duration = Duration::from_millis(500);
 
 fn run_timed(
     conn: &Connection,

@@ -728,6 +728,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn an_error_that_rolls_back_the_whole_transaction_fails_everyone_in_its_group() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        sqlx::query("CREATE UNIQUE INDEX t_n ON t (n)")
+            .execute(db.pool())
+            .await
+            .expect("index");
+        sqlx::query("INSERT INTO t (n) VALUES (-1)")
+            .execute(db.pool())
+            .await
+            .expect("insert");
+        let mut first = db.begin_write().await.expect("begin");
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut *first)
+            .await
+            .expect("insert");
+        let first = tokio::spawn(first.commit());
+        // Waits for the writer, which the first lets go of once it waits in the group.
+        let mut second = db.begin_write().await.expect("begin");
+        // SQLite ends the whole shared transaction on this conflict (as on a full disk).
+        sqlx::query("INSERT OR ROLLBACK INTO t (n) VALUES (-1)")
+            .execute(&mut *second)
+            .await
+            .expect_err("a duplicate");
+        sqlx::query("INSERT INTO t (n) VALUES (2)")
+            .execute(&mut *second)
+            .await
+            .expect_err("nothing more runs in a transaction that is gone");
+        second.commit().await.expect_err("it cannot commit");
+        first
+            .await
+            .expect("task")
+            .expect_err("the first's work went with the shared transaction");
+        let (kept,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t WHERE n <> -1")
+            .fetch_one(db.reader())
+            .await
+            .expect("read");
+        assert_eq!(kept, 0);
+        // The writer goes on.
+        sqlx::query("INSERT INTO t (n) VALUES (3)")
+            .execute(db.pool())
+            .await
+            .expect("insert");
+        assert_eq!(rows(&db).await, 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn a_commit_whose_caller_stopped_waiting_still_lands() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;

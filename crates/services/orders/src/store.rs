@@ -408,7 +408,9 @@ impl Store {
         let mut purged = 0;
         loop {
             let done = sqlx::query(
-                "DELETE FROM idempotency_keys WHERE (user_id, idem_key) IN \
+                // The age again outside: on PostgreSQL a key retaken (made young) while this
+                // waited for its row lock is re-checked against this, not the subquery's list.
+                "DELETE FROM idempotency_keys WHERE created_at < $1 AND (user_id, idem_key) IN \
                  (SELECT user_id, idem_key FROM idempotency_keys WHERE created_at < $1 \
                   ORDER BY created_at LIMIT 1000)",
             )
