@@ -426,15 +426,20 @@ mod tests {
         n
     }
 
+    /// Runs a statement without parameters on the writer.
+    async fn sql(db: &Db, statement: &'static str) {
+        sqlx::query(statement)
+            .execute(db.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+
     async fn sqlite(dir: &tempfile::TempDir) -> Db {
         let url = SecretString::from(sqlite_url(&dir.path().join("t.db")));
         let db = Db::connect(&url, &DatabaseSettings::default())
             .await
             .expect("connect");
-        sqlx::query("CREATE TABLE t (n INTEGER NOT NULL)")
-            .execute(db.pool())
-            .await
-            .expect("create");
+        sql(&db, "CREATE TABLE t (n INTEGER NOT NULL)").await;
         db
     }
 
@@ -521,10 +526,7 @@ mod tests {
     async fn a_dropped_transaction_is_rolled_back_and_the_writer_serves_the_next() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
-        sqlx::query("CREATE UNIQUE INDEX t_n ON t (n)")
-            .execute(db.pool())
-            .await
-            .expect("index");
+        sql(&db, "CREATE UNIQUE INDEX t_n ON t (n)").await;
         {
             let mut tx = db.begin_write().await.expect("begin");
             sqlx::query("INSERT INTO t (n) VALUES (1)")
@@ -534,10 +536,7 @@ mod tests {
             // Dropped: an error or a cancelled request.
         }
         assert_eq!(rows(&db).await, 0);
-        sqlx::query("INSERT INTO t (n) VALUES (1)")
-            .execute(db.pool())
-            .await
-            .expect("insert");
+        sql(&db, "INSERT INTO t (n) VALUES (1)").await;
         let again = sqlx::query("INSERT INTO t (n) VALUES (1)")
             .execute(db.pool())
             .await
@@ -557,14 +556,8 @@ mod tests {
     async fn concurrent_transactions_share_a_commit_and_each_hears_of_it_once_it_is_durable() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
-        sqlx::query("CREATE UNIQUE INDEX t_n ON t (n)")
-            .execute(db.pool())
-            .await
-            .expect("index");
-        sqlx::query("INSERT INTO t (n) VALUES (-1)")
-            .execute(db.pool())
-            .await
-            .expect("insert");
+        sql(&db, "CREATE UNIQUE INDEX t_n ON t (n)").await;
+        sql(&db, "INSERT INTO t (n) VALUES (-1)").await;
         let before = commits(&db).await;
         let file = dir.path().join("t.db");
         let tasks: Vec<_> = (0..50_i64)
@@ -731,14 +724,8 @@ mod tests {
     async fn an_error_that_rolls_back_the_whole_transaction_fails_everyone_in_its_group() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
-        sqlx::query("CREATE UNIQUE INDEX t_n ON t (n)")
-            .execute(db.pool())
-            .await
-            .expect("index");
-        sqlx::query("INSERT INTO t (n) VALUES (-1)")
-            .execute(db.pool())
-            .await
-            .expect("insert");
+        sql(&db, "CREATE UNIQUE INDEX t_n ON t (n)").await;
+        sql(&db, "INSERT INTO t (n) VALUES (-1)").await;
         let mut first = db.begin_write().await.expect("begin");
         sqlx::query("INSERT INTO t (n) VALUES (1)")
             .execute(&mut *first)
@@ -767,10 +754,7 @@ mod tests {
             .expect("read");
         assert_eq!(kept, 0);
         // The writer goes on.
-        sqlx::query("INSERT INTO t (n) VALUES (3)")
-            .execute(db.pool())
-            .await
-            .expect("insert");
+        sql(&db, "INSERT INTO t (n) VALUES (3)").await;
         assert_eq!(rows(&db).await, 2);
     }
 
@@ -802,10 +786,7 @@ mod tests {
     async fn the_wal_is_checkpointed_off_the_writers_thread_and_stays_bounded() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
-        sqlx::query("CREATE TABLE pages (body BLOB NOT NULL)")
-            .execute(db.pool())
-            .await
-            .expect("create");
+        sql(&db, "CREATE TABLE pages (body BLOB NOT NULL)").await;
         // 3,000 commits of a page each: 12 MB of WAL if nothing ever checkpointed it (the
         // writer's automatic checkpoint is off; the checkpointer's thread does it).
         for _ in 0..3_000 {
@@ -870,10 +851,7 @@ mod tests {
                 }
             }
         });
-        sqlx::query("INSERT INTO t (n) VALUES (2)")
-            .execute(db.pool())
-            .await
-            .expect("the write lands once the lock is free");
+        sql(&db, "INSERT INTO t (n) VALUES (2)").await;
         ticker.abort();
         release.join().expect("other");
         assert_eq!(rows(&db).await, 2);
@@ -928,14 +906,8 @@ mod tests {
         let db = Db::connect(&url, &DatabaseSettings::default())
             .await
             .expect("connect");
-        sqlx::query("CREATE TABLE t (n INTEGER)")
-            .execute(db.pool())
-            .await
-            .expect("create");
-        sqlx::query("INSERT INTO t (n) VALUES (1)")
-            .execute(db.pool())
-            .await
-            .expect("insert");
+        sql(&db, "CREATE TABLE t (n INTEGER)").await;
+        sql(&db, "INSERT INTO t (n) VALUES (1)").await;
         assert_eq!(rows(&db).await, 1);
     }
 
