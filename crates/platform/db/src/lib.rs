@@ -434,6 +434,27 @@ mod tests {
             .unwrap_or_else(|e| panic!("{statement}: {e}"));
     }
 
+    /// Inserts each of `ns` into `t`, each in a write transaction of its own, all at once.
+    async fn insert_each_in_its_own_transaction(db: &Db, ns: impl Iterator<Item = i64>) {
+        let tasks: Vec<_> = ns
+            .map(|n| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut tx = db.begin_write().await.expect("begin");
+                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(n)
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                    tx.commit().await.expect("commit");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    }
+
     async fn sqlite(dir: &tempfile::TempDir) -> Db {
         let url = SecretString::from(sqlite_url(&dir.path().join("t.db")));
         let db = Db::connect(&url, &DatabaseSettings::default())
@@ -467,23 +488,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;
         // One writer per process: writers queue here instead of on the file lock.
-        let tasks: Vec<_> = (0..50)
-            .map(|i| {
-                let db = db.clone();
-                tokio::spawn(async move {
-                    let mut tx = db.begin_write().await.expect("begin");
-                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
-                        .bind(i64::from(i))
-                        .execute(&mut *tx)
-                        .await
-                        .expect("insert");
-                    tx.commit().await.expect("commit");
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("task");
-        }
+        insert_each_in_its_own_transaction(&db, 0..50).await;
         assert_eq!(rows(&db).await, 50);
     }
 
@@ -698,23 +703,7 @@ mod tests {
             .await
             .expect("insert");
         let before = commits(&db).await;
-        let tasks: Vec<_> = (1..=10_i64)
-            .map(|i| {
-                let db = db.clone();
-                tokio::spawn(async move {
-                    let mut tx = db.begin_write().await.expect("begin");
-                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
-                        .bind(i)
-                        .execute(&mut *tx)
-                        .await
-                        .expect("insert");
-                    tx.commit().await.expect("commit");
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("task");
-        }
+        insert_each_in_its_own_transaction(&db, 1..=10).await;
         assert_eq!(rows(&db).await, 11);
         // Each on its own: a group would hold the file's lock across turns of the scheduler.
         assert_eq!(commits(&db).await - before, 10);
