@@ -413,7 +413,7 @@ impl Writer {
 
     async fn begin_on(mut conn: OwnedMutexGuard<WriterConn>) -> Result<Tx, sqlx::Error> {
         conn.begin().await?;
-        Ok(Tx(TxConn(TxKind::Inline(InlineTx {
+        Ok(Tx(TxConn::new(TxKind::Inline(InlineTx {
             conn,
             open: true,
             lost: false,
@@ -439,7 +439,7 @@ impl Writer {
             return retrying(move || run(conn, sql, args)).await;
         }
         let mut tx = Self::begin_on(guard).await?;
-        let TxKind::Inline(inline) = &mut tx.0.0 else {
+        let TxKind::Inline(inline) = &mut tx.0.kind else {
             return Err(unsupported("a writer's statement on sqlx"));
         };
         match inline.run(sql, args) {
@@ -791,7 +791,48 @@ pub struct Tx(pub(crate) TxConn);
 
 /// The connection of a [`Tx`]: what `&mut *tx` gives to sqlx's `execute`/`fetch_*`.
 #[derive(Debug)]
-pub struct TxConn(pub(crate) TxKind);
+pub struct TxConn {
+    pub(crate) kind: TxKind,
+    /// What runs once the transaction is committed (see [`TxConn::after_commit`]).
+    after_commit: AfterCommit,
+}
+
+/// Callbacks to run after a commit, never after a rollback.
+#[derive(Default)]
+struct AfterCommit(Vec<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for AfterCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AfterCommit({})", self.0.len())
+    }
+}
+
+impl TxConn {
+    fn new(kind: TxKind) -> Self {
+        TxConn {
+            kind,
+            after_commit: AfterCommit::default(),
+        }
+    }
+
+    /// Runs `f` once this transaction is committed (when its caller hears so: on SQLite after
+    /// the group's shared `COMMIT`), never if it rolls back or is dropped: to tell others what
+    /// is now visible (the outbox wakes its readers this way).
+    pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.after_commit.0.push(Box::new(f));
+    }
+
+    /// Whether this is a SQLite transaction. Every SQLite write transaction holds the
+    /// database's one write lock from its first statement to its end (`BEGIN IMMEDIATE`, or
+    /// the process's one writer connection), so write transactions commit in the order they
+    /// begin, and a value read here (a `MAX`) is still the latest when it commits.
+    pub fn is_sqlite(&self) -> bool {
+        match &self.kind {
+            TxKind::Inline(_) => true,
+            TxKind::Sqlx(tx) => tx.backend_name() == <sqlx::Sqlite as sqlx::Database>::NAME,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(crate) enum TxKind {
@@ -908,20 +949,25 @@ impl std::ops::DerefMut for Tx {
 
 impl Tx {
     pub(crate) fn sqlx(tx: sqlx::Transaction<'static, Any>) -> Tx {
-        Tx(TxConn(TxKind::Sqlx(tx)))
+        Tx(TxConn::new(TxKind::Sqlx(tx)))
     }
 
-    /// Commits.
+    /// Commits, then runs what [`TxConn::after_commit`] was given.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        match self.0.0 {
-            TxKind::Sqlx(tx) => tx.commit().await,
-            TxKind::Inline(tx) => tx.commit().await,
+        let TxConn { kind, after_commit } = self.0;
+        match kind {
+            TxKind::Sqlx(tx) => tx.commit().await?,
+            TxKind::Inline(tx) => tx.commit().await?,
         }
+        for f in after_commit.0 {
+            f();
+        }
+        Ok(())
     }
 
     /// Rolls back (what dropping it does too).
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        match self.0.0 {
+        match self.0.kind {
             TxKind::Sqlx(tx) => tx.rollback().await,
             TxKind::Inline(mut tx) => {
                 tx.open = false;
@@ -943,8 +989,14 @@ impl<'c> sqlx::Executor<'c> for &'c mut TxConn {
         E: 'q + Execute<'q, Any>,
     {
         match self {
-            TxConn(TxKind::Sqlx(tx)) => (&mut **tx).fetch_many(query),
-            TxConn(TxKind::Inline(tx)) => {
+            TxConn {
+                kind: TxKind::Sqlx(tx),
+                ..
+            } => (&mut **tx).fetch_many(query),
+            TxConn {
+                kind: TxKind::Inline(tx),
+                ..
+            } => {
                 let taken = take(query);
                 stream::once(async move {
                     tokio::task::consume_budget().await;
@@ -965,8 +1017,14 @@ impl<'c> sqlx::Executor<'c> for &'c mut TxConn {
         E: 'q + Execute<'q, Any>,
     {
         match self {
-            TxConn(TxKind::Sqlx(tx)) => (&mut **tx).fetch_optional(query),
-            TxConn(TxKind::Inline(tx)) => {
+            TxConn {
+                kind: TxKind::Sqlx(tx),
+                ..
+            } => (&mut **tx).fetch_optional(query),
+            TxConn {
+                kind: TxKind::Inline(tx),
+                ..
+            } => {
                 let taken = take(query);
                 Box::pin(async move {
                     // Statements here never wait, so a loop of them would never give the
@@ -987,7 +1045,7 @@ impl<'c> sqlx::Executor<'c> for &'c mut TxConn {
     where
         'c: 'e,
     {
-        match &mut self.0 {
+        match &mut self.kind {
             TxKind::Sqlx(tx) => (&mut **tx).prepare_with(sql, parameters),
             TxKind::Inline(_) => Box::pin(async { Err(unsupported("prepare")) }),
         }
@@ -1000,7 +1058,7 @@ impl<'c> sqlx::Executor<'c> for &'c mut TxConn {
     where
         'c: 'e,
     {
-        match &mut self.0 {
+        match &mut self.kind {
             TxKind::Sqlx(tx) => (&mut **tx).describe(sql),
             TxKind::Inline(_) => Box::pin(async { Err(unsupported("describe")) }),
         }

@@ -624,6 +624,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn what_runs_after_a_commit_sees_it_durable_and_never_runs_after_a_rollback() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = sqlite(&dir).await;
+        let file = dir.path().join("t.db");
+        let ran = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks: Vec<_> = (0..12_i64)
+            .map(|i| {
+                let (db, file, ran) = (db.clone(), file.clone(), ran.clone());
+                tokio::spawn(async move {
+                    let mut tx = db.begin_write().await.expect("begin");
+                    assert!(tx.is_sqlite());
+                    sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(i)
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                    tx.after_commit(move || {
+                        // Run once the shared commit is done: another connection sees it.
+                        let other = rusqlite::Connection::open(&file).expect("open");
+                        let n: i64 = other
+                            .query_row("SELECT COUNT(*) FROM t WHERE n = ?1", [i], |r| r.get(0))
+                            .expect("read");
+                        assert_eq!(n, 1, "ran before transaction {i} was committed");
+                        ran.lock().expect("lock").push(i);
+                    });
+                    match i % 3 {
+                        0 => drop(tx),
+                        1 => tx.rollback().await.expect("rollback"),
+                        _ => tx.commit().await.expect("commit"),
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let mut ran = ran.lock().expect("lock").clone();
+        ran.sort_unstable();
+        assert_eq!(ran, vec![2, 5, 8, 11]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn single_writes_on_the_pool_share_commits_too() {
         let dir = tempfile::tempdir().expect("dir");
         let db = sqlite(&dir).await;

@@ -74,20 +74,37 @@ pub async fn append(
     trace_id: Option<&str>,
 ) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
-    sqlx::query(
+    // On SQLite, write transactions run one at a time and commit in that order, so the row
+    // takes its position now: the next after the highest (the unique index's last entry).
+    // Committed, it is in order; rolled back (alone or with its group), its number is free
+    // again for the next. No numbering pass after the commit, no `position IS NULL` check:
+    // two statements per event less (issue 9). On PostgreSQL transactions commit in any
+    // order, so the positioner numbers rows once they are visible.
+    let sqlite = conn.is_sqlite();
+    let sql = if sqlite {
+        "INSERT INTO outbox (id, position, type, version, occurred_at, aggregate_id, trace_id, \
+         payload) VALUES ($1, (SELECT COALESCE(MAX(position), 0) + 1 FROM outbox), \
+         $2, $3, $4, $5, $6, $7)"
+    } else {
         "INSERT INTO outbox (id, type, version, occurred_at, aggregate_id, trace_id, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(id.hyphenated().to_string())
-    .bind(event.kind)
-    .bind(i64::from(event.version))
-    .bind(micros(OffsetDateTime::now_utc()))
-    .bind(&event.aggregate_id)
-    .bind(trace_id.map(str::to_owned))
-    .bind(event.payload.to_string())
-    .execute(conn)
-    .await?;
-    APPENDED.send_modify(|n| *n = n.wrapping_add(1));
+         VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    };
+    sqlx::query(sql)
+        .bind(id.hyphenated().to_string())
+        .bind(event.kind)
+        .bind(i64::from(event.version))
+        .bind(micros(OffsetDateTime::now_utc()))
+        .bind(&event.aggregate_id)
+        .bind(trace_id.map(str::to_owned))
+        .bind(event.payload.to_string())
+        .execute(&mut *conn)
+        .await?;
+    if sqlite {
+        // Readers waiting for the stream wake when it is visible.
+        conn.after_commit(|| NUMBERED.send_modify(|n| *n = n.wrapping_add(1)));
+    } else {
+        APPENDED.send_modify(|n| *n = n.wrapping_add(1));
+    }
     Ok(id)
 }
 
@@ -108,7 +125,9 @@ async fn appended_or(seen: &mut watch::Receiver<u64>, idle: Duration) -> bool {
 /// Numbers the committed rows that have no position yet, after the highest one, in id order.
 /// Rows still uncommitted are invisible here and get their number later, so positions appear
 /// in order: whoever reads position *n* can already read every position below it. Two
-/// numberers racing (replicas) collide on the unique position and one retries.
+/// numberers racing (replicas) collide on the unique position and one retries. On SQLite
+/// rows are numbered as they are appended (see [`append`]): this finds only rows an older
+/// build left unnumbered.
 pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
     let pending: Option<(String,)> =
         sqlx::query_as("SELECT id FROM outbox WHERE position IS NULL LIMIT 1")
@@ -129,6 +148,8 @@ pub async fn assign_positions(db: &Db) -> Result<u64, sqlx::Error> {
 /// process (then looking a few times over the next ~290 ms, while the appending transaction
 /// commits; at most every 10 ms under load), and once a second otherwise (rows from another
 /// process on the same database). An idle producer costs two queries a second, not forty.
+/// On SQLite, where appends number their own rows and wake the readers at their commit, it
+/// only looks once a second for rows an older build left unnumbered.
 pub fn spawn_positioner(db: Db, service: &'static str) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut failing = false;
