@@ -142,6 +142,9 @@ const SHARED_FOR: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct Group {
     waiting: Vec<oneshot::Sender<Result<(), Failure>>>,
+    /// What its transactions asked to run once committed ([`TxConn::after_commit`]): run by
+    /// the shared commit itself, so a caller that stops waiting for it loses nothing.
+    after: AfterCommit,
 }
 
 /// Why a shared commit failed, for each transaction in it.
@@ -308,6 +311,11 @@ impl WriterConn {
                 if !self.conn.is_autocommit() {
                     let _ = exec(&self.conn, "ROLLBACK");
                 }
+            }
+        }
+        if outcome.is_ok() {
+            for f in group.after.0 {
+                f();
             }
         }
         for waiter in group.waiting {
@@ -815,9 +823,11 @@ impl TxConn {
         }
     }
 
-    /// Runs `f` once this transaction is committed (when its caller hears so: on SQLite after
-    /// the group's shared `COMMIT`), never if it rolls back or is dropped: to tell others what
-    /// is now visible (the outbox wakes its readers this way).
+    /// Runs `f` once this transaction is committed (on SQLite right after the group's shared
+    /// `COMMIT`, by whoever runs it, even if this caller stopped waiting; before the caller
+    /// hears of it), never if it rolls back or is dropped: to tell others what is now visible
+    /// (the outbox wakes its readers this way). `f` must be quick and must not use the
+    /// database (on SQLite it runs holding the writer).
     pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
         self.after_commit.0.push(Box::new(f));
     }
@@ -888,8 +898,9 @@ impl InlineTx {
     }
 
     /// Releases the transaction into the group and waits for the group's commit (see
-    /// [`WriterConn`]).
-    async fn commit(mut self) -> Result<(), sqlx::Error> {
+    /// [`WriterConn`]); `after` runs once that commit is done, whether or not this caller
+    /// still waits for it.
+    async fn commit(mut self, after: AfterCommit) -> Result<(), sqlx::Error> {
         if self.lost {
             self.open = false;
             return Err(lost());
@@ -909,6 +920,7 @@ impl InlineTx {
             }
             .error());
         };
+        group.after.0.extend(after.0);
         if alone
             || group.waiting.len() + 1 >= GROUP_MAX
             || tokio::runtime::Handle::try_current().is_err()
@@ -956,13 +968,15 @@ impl Tx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         let TxConn { kind, after_commit } = self.0;
         match kind {
-            TxKind::Sqlx(tx) => tx.commit().await?,
-            TxKind::Inline(tx) => tx.commit().await?,
+            TxKind::Sqlx(tx) => {
+                tx.commit().await?;
+                for f in after_commit.0 {
+                    f();
+                }
+                Ok(())
+            }
+            TxKind::Inline(tx) => tx.commit(after_commit).await,
         }
-        for f in after_commit.0 {
-            f();
-        }
-        Ok(())
     }
 
     /// Rolls back (what dropping it does too).

@@ -798,6 +798,9 @@ mod tests {
             .execute(&mut *tx)
             .await
             .expect("insert");
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        tx.after_commit(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
         // The caller asks for the commit, then goes away (a request dropped at its deadline).
         let gave_up = futures_util::FutureExt::now_or_never(tx.commit());
         assert!(
@@ -806,6 +809,8 @@ mod tests {
         );
         for _ in 0..100 {
             if rows(&db).await == 1 {
+                // What it asked to run after its commit ran too (the outbox's wake-up).
+                assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

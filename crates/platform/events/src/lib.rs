@@ -5,8 +5,9 @@
 //!   producer's stream.
 //! - **Outbox** ([`outbox`]): a producer writes the event with [`outbox::append`] in the same
 //!   database transaction as the state change it reports, so there is never one without the
-//!   other. A positioner task numbers committed rows in the order they became visible
-//!   (`position`, unique): a reader that has seen position *n* has seen every event before it.
+//!   other. Rows are numbered in the order they became visible (`position`, unique): on
+//!   SQLite by the append itself, on PostgreSQL by a positioner task once committed. A reader
+//!   that has seen position *n* has seen every event before it.
 //! - **Embedded transport**: a producer serves its stream at `GET /internal/outbox?after=n`;
 //!   a consumer ([`consumer`]) pulls it through the mesh from the cursor it keeps in its own
 //!   database. Durable and at-least-once across restarts of either side, with no broker.

@@ -39,9 +39,11 @@ const GAUGES_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait a consumer may ask of `/internal/outbox` for events to appear.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// Counts appends in this process: the positioner wakes on a change instead of polling.
+/// Counts appends in this process on PostgreSQL: the positioner wakes on a change instead of
+/// polling (on SQLite appends number their own rows).
 static APPENDED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
-/// Counts numberings in this process: a waiting `/internal/outbox` request wakes on a change.
+/// Counts numberings in this process (on SQLite: commits of appended rows): a waiting
+/// `/internal/outbox` request and the RabbitMQ relay wake on a change.
 static NUMBERED: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
 /// Most rows numbered per transaction.
 const BATCH: i64 = 500;
@@ -108,8 +110,8 @@ pub async fn append(
     Ok(id)
 }
 
-/// A receiver that changes whenever this process numbers outbox rows (the RabbitMQ relay
-/// waits on it instead of polling).
+/// A receiver that changes whenever this process numbers outbox rows, or on SQLite commits
+/// appended ones (the RabbitMQ relay waits on it instead of polling).
 pub fn numberings() -> watch::Receiver<u64> {
     NUMBERED.subscribe()
 }
@@ -510,7 +512,8 @@ async fn serve_page(State(stream): State<Stream>, Query(page): Query<Page>) -> R
                 let events = read_after(db, page.after, page.limit).await?;
                 return Ok::<_, sqlx::Error>((head, events));
             }
-            // Woken by a numbering in this process, or once a second for a replica's.
+            // Woken by a numbering (on SQLite a commit) in this process, or once a second for
+            // a replica's.
             let wake = until.min(tokio::time::Instant::now() + POSITION_IDLE);
             let _ = tokio::time::timeout_at(wake, numbered.changed()).await;
         }

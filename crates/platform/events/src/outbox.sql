@@ -1,6 +1,7 @@
 -- The transactional outbox (shopmesh-events). Portable: SQLite and PostgreSQL.
--- A row is written in the transaction of the change it reports; `position` is set once the row
--- is committed, in the order rows became visible, and is what consumers read by.
+-- A row is written in the transaction of the change it reports; `position`, what consumers read
+-- by, follows the order rows became visible: on SQLite it is set by the INSERT (write
+-- transactions commit in the order they run), on PostgreSQL once the row is committed.
 CREATE TABLE IF NOT EXISTS outbox (
     id           TEXT PRIMARY KEY,
     position     BIGINT UNIQUE,

@@ -191,7 +191,7 @@ async fn relay(
         let after = relayed(db).await?;
         let events = outbox::read_after(db, after, RELAY_BATCH).await?;
         let Some(last) = events.last().map(|e| e.position) else {
-            // Woken by the positioner of this process; a replica's rows within IDLE.
+            // Woken when this process numbers (on SQLite commits) rows; a replica's within IDLE.
             let _ = tokio::time::timeout(IDLE, numbered.changed()).await;
             continue;
         };
