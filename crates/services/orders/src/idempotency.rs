@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::domain::Status;
 use crate::error::Error;
-use crate::store::{Claim, Order, Store, StoredResponse};
+use crate::store::{Claim, KeyAnswer, NewOrder, Order, Store, StoredResponse};
 
 /// How often a request looks again at a key whose first attempt is in flight (a read).
 const KEY_POLL: Duration = Duration::from_millis(100);
@@ -44,7 +44,8 @@ pub enum Begun {
 /// Begins a request with `user`'s `key` for a body hashing to `hash`. Waits, until `until`
 /// (the caller's patience), for a first attempt in flight to answer or to be found abandoned;
 /// [`Error::InFlight`] if neither happens by then. `answer_of` renders the answer for an
-/// order placed by an abandoned first attempt.
+/// order placed by an abandoned first attempt. With `priced`, a new key is claimed with that
+/// order stored as pending in the same transaction ([`Claimed::placed`]).
 pub async fn begin(
     store: &Store,
     user: Uuid,
@@ -52,11 +53,19 @@ pub async fn begin(
     hash: &str,
     until: tokio::time::Instant,
     answer_of: impl Fn(Order) -> Result<StoredResponse, Error>,
+    mut priced: Option<&NewOrder>,
 ) -> Result<Begun, Error> {
     loop {
-        match store.claim_key(user, key, hash).await? {
+        // Only the first try places: after a wait the prices may have changed.
+        let claim = match priced.take() {
+            Some(order) => (store.claim_key_placing(user, key, hash, order).await?, true),
+            None => (store.claim_key(user, key, hash).await?, false),
+        };
+        match claim.0 {
             Claim::Claimed(order_id) => {
-                return Ok(Begun::Claimed(Claimed::new(store, user, key, order_id)));
+                let mut claimed = Claimed::new(store, user, key, order_id);
+                claimed.placed = claim.1;
+                return Ok(Begun::Claimed(claimed));
             }
             Claim::Replay(response) => return Ok(Begun::Replay(response)),
             Claim::Mismatch => return Err(Error::KeyReused),
@@ -107,6 +116,8 @@ pub struct Claimed {
     user: Uuid,
     key: String,
     order_id: Uuid,
+    /// The pending order was stored with the claim.
+    placed: bool,
     settled: bool,
 }
 
@@ -117,6 +128,7 @@ impl Claimed {
             user,
             key: key.to_owned(),
             order_id,
+            placed: false,
             settled: false,
         }
     }
@@ -124,6 +136,31 @@ impl Claimed {
     /// The id the order placed under this key gets.
     pub fn order_id(&self) -> Uuid {
         self.order_id
+    }
+
+    /// Whether the order priced for [`begin`] was stored as pending with the claim (then
+    /// [`Saga::place_priced`](crate::saga::Saga::place_priced) goes on from there).
+    pub fn placed(&self) -> bool {
+        self.placed
+    }
+
+    /// The key's answer, to store in the transaction that places its order (`render` makes
+    /// it from the order); then [`Claimed::answered`] says how that went.
+    pub fn answer<'a>(
+        &'a self,
+        render: &'a (dyn Fn(&Order) -> Result<StoredResponse, Error> + Send + Sync),
+    ) -> KeyAnswer<'a> {
+        KeyAnswer {
+            user: self.user,
+            key: &self.key,
+            render,
+        }
+    }
+
+    /// The answer was stored with the order (or found taken over, `Answered::TakenOver`):
+    /// the key is settled, nothing more to write.
+    pub fn answered(mut self) {
+        self.settled = true;
     }
 
     /// Stores the answer: retries replay it. `false` if the key is no longer this request's

@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::clients::{Downstream, Failure, failure, refusal, unavailable};
 use crate::domain::{Line, Request, Status, Step, total};
 use crate::error::Error;
-use crate::store::{Order, Store};
+use crate::store::{Answered, KeyAnswer, NewOrder, Order, Store};
 
 /// The longest a request waits for another attempt at the same thing (a payment of the same
 /// order, an order under the same key) to finish: that attempt's process may be frozen for a
@@ -197,23 +197,36 @@ impl Saga {
         }
     }
 
-    /// Prices the request from the catalog, stores the order and reserves its stock.
+    /// Prices the request from the catalog, stores the order and reserves its stock. With an
+    /// `answer`, the key's answer is stored in the transaction that places the order.
     pub async fn place(
         &self,
         user: Uuid,
         order_id: Uuid,
         request: &Request,
-    ) -> Result<Order, Error> {
+        answer: Option<&KeyAnswer<'_>>,
+    ) -> Result<(Order, Option<Answered>), Error> {
         let _running = self.run(order_id);
-        self.place_steps(user, order_id, request).await
+        let order = self.price(request).await?;
+        self.store.insert_pending(order_id, user, &order).await?;
+        self.reserve(order_id, &order, answer).await
     }
 
-    async fn place_steps(
+    /// [`Saga::place`] for an order [`Saga::price`]d and stored as pending already (with its
+    /// key's claim: [`Store::claim_key_placing`]): reserves its stock.
+    pub async fn place_priced(
         &self,
-        user: Uuid,
         order_id: Uuid,
-        request: &Request,
-    ) -> Result<Order, Error> {
+        order: &NewOrder,
+        answer: Option<&KeyAnswer<'_>>,
+    ) -> Result<(Order, Option<Answered>), Error> {
+        let _running = self.run(order_id);
+        self.reserve(order_id, order, answer).await
+    }
+
+    /// The request priced from the catalog (every product purchasable, one currency), to
+    /// expire unpaid after the saga's time to live.
+    pub async fn price(&self, request: &Request) -> Result<NewOrder, Error> {
         let ids = request
             .lines
             .iter()
@@ -258,12 +271,21 @@ impl Saga {
                 "add up to more than can be charged",
             )
         })?;
-        let currency = currency.unwrap_or_default();
-        let expires_at = OffsetDateTime::now_utc() + self.ttl;
-        self.store
-            .insert_pending(order_id, user, &lines, total, &currency, expires_at)
-            .await?;
+        Ok(NewOrder {
+            lines,
+            total,
+            currency: currency.unwrap_or_default(),
+            expires_at: OffsetDateTime::now_utc() + self.ttl,
+        })
+    }
 
+    async fn reserve(
+        &self,
+        order_id: Uuid,
+        order: &NewOrder,
+        answer: Option<&KeyAnswer<'_>>,
+    ) -> Result<(Order, Option<Answered>), Error> {
+        let lines = &order.lines;
         let reserve = ReserveRequest {
             order_id: order_id.hyphenated().to_string(),
             lines: lines
@@ -277,19 +299,24 @@ impl Saga {
         };
         match self.services.reserve(reserve).await {
             Ok(_) => {
-                let placed = self
-                    .store
-                    .transition_returning(
-                        order_id,
-                        (Status::Pending, Step::Reserving),
-                        (Status::AwaitingPayment, Step::Idle),
-                        None,
-                    )
-                    .await?;
+                let from = (Status::Pending, Step::Reserving);
+                let to = (Status::AwaitingPayment, Step::Idle);
+                let placed = match answer {
+                    Some(answer) => self
+                        .store
+                        .transition_answering(order_id, from, to, answer)
+                        .await?
+                        .map(|(order, answered)| (order, Some(answered))),
+                    None => self
+                        .store
+                        .transition_returning(order_id, from, to, None)
+                        .await?
+                        .map(|order| (order, None)),
+                };
                 metrics::counter!("orders_placed_total").increment(1);
-                tracing::debug!(%order_id, total, "order placed");
-                if let Some(order) = placed {
-                    return Ok(order);
+                tracing::debug!(%order_id, total = order.total, "order placed");
+                if let Some(placed) = placed {
+                    return Ok(placed);
                 }
             }
             Err(status) => {
@@ -315,7 +342,8 @@ impl Saga {
                 });
             }
         }
-        self.load(order_id).await
+        // Moved by someone else meanwhile (the resumer): as it is now, the key unanswered.
+        Ok((self.load(order_id).await?, None))
     }
 
     async fn roll_back_reservation(&self, order_id: Uuid) -> Result<(), Error> {

@@ -3,7 +3,7 @@
 
 use shopmesh_contracts::{OrderChange, OrderLine, OrderSnapshot};
 pub use shopmesh_db::micros;
-use shopmesh_db::{Db, is_unique_violation};
+use shopmesh_db::{Db, Tx};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -77,6 +77,39 @@ pub struct StoredResponse {
     pub status: u16,
     /// JSON body.
     pub body: String,
+}
+
+/// An order priced and ready to be stored as pending (see [`Store::claim_key_placing`]).
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    /// Priced lines, in the customer's order.
+    pub lines: Vec<Line>,
+    /// Their sum, minor units.
+    pub total: i64,
+    /// ISO 4217.
+    pub currency: String,
+    /// When it expires unpaid.
+    pub expires_at: OffsetDateTime,
+}
+
+/// The answer an idempotency key gets in the transaction that places its order, so placing it
+/// and answering the key are one commit (see [`Store::transition_answering`]).
+pub struct KeyAnswer<'a> {
+    /// The key's customer.
+    pub user: Uuid,
+    /// The key.
+    pub key: &'a str,
+    /// Renders the answer from the order as placed.
+    pub render: &'a (dyn Fn(&Order) -> Result<StoredResponse, Error> + Send + Sync),
+}
+
+/// What storing a key's answer with its order's move did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answered {
+    /// Stored: a retry replays this.
+    Kept(StoredResponse),
+    /// The key is no longer this order's (taken over while its request ran): nothing stored.
+    TakenOver,
 }
 
 /// What claiming an idempotency key found.
@@ -259,10 +292,51 @@ impl Store {
     /// Claims `(user, key)` for a request with this body hash.
     pub async fn claim_key(&self, user: Uuid, key: &str, hash: &str) -> Result<Claim, Error> {
         let order_id = Uuid::now_v7();
+        if self
+            .insert_key(self.db.pool(), user, key, hash, order_id)
+            .await?
+        {
+            return Ok(Claim::Claimed(order_id));
+        }
+        self.existing_claim(user, key, hash).await
+    }
+
+    /// [`Store::claim_key`] for a request already priced: when the key is new, the pending
+    /// order is stored with the claim, in one transaction (one commit less per order than
+    /// claiming, then storing it). `Claim::Claimed` means both are stored.
+    pub async fn claim_key_placing(
+        &self,
+        user: Uuid,
+        key: &str,
+        hash: &str,
+        order: &NewOrder,
+    ) -> Result<Claim, Error> {
+        let order_id = Uuid::now_v7();
+        let mut tx = self.db.begin_write().await?;
+        if self.insert_key(&mut *tx, user, key, hash, order_id).await? {
+            self.insert_order(&mut tx, order_id, user, order).await?;
+            tx.commit().await?;
+            return Ok(Claim::Claimed(order_id));
+        }
+        tx.rollback().await?;
+        self.existing_claim(user, key, hash).await
+    }
+
+    /// Inserts the key's claim for `order_id`; `false` if the key exists.
+    async fn insert_key<'e>(
+        &self,
+        conn: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        user: Uuid,
+        key: &str,
+        hash: &str,
+        order_id: Uuid,
+    ) -> Result<bool, Error> {
+        // `ON CONFLICT DO NOTHING`, not a caught unique violation: on PostgreSQL an error
+        // would end the transaction the claim may be part of.
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys \
              (user_id, idem_key, request_hash, order_id, created_at, owner) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, idem_key) DO NOTHING",
         )
         .bind(id(user))
         .bind(key)
@@ -270,13 +344,13 @@ impl Store {
         .bind(id(order_id))
         .bind(micros(OffsetDateTime::now_utc()))
         .bind(&self.instance)
-        .execute(self.db.pool())
-        .await;
-        match inserted {
-            Ok(_) => return Ok(Claim::Claimed(order_id)),
-            Err(e) if is_unique_violation(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
+        .execute(conn)
+        .await?;
+        Ok(inserted.rows_affected() > 0)
+    }
+
+    /// What an existing claim of `(user, key)` means for a request with this body hash.
+    async fn existing_claim(&self, user: Uuid, key: &str, hash: &str) -> Result<Claim, Error> {
         type KeyRow = (String, Option<i64>, Option<String>, String, i64, i64);
         // The last column: its owner's lease has run out (an unknown owner, from before
         // leases, is not dead by this rule).
@@ -346,6 +420,18 @@ impl Store {
         order_id: Uuid,
         response: &StoredResponse,
     ) -> Result<bool, Error> {
+        self.store_answer(self.db.pool(), user, key, order_id, response)
+            .await
+    }
+
+    async fn store_answer<'e>(
+        &self,
+        conn: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        user: Uuid,
+        key: &str,
+        order_id: Uuid,
+        response: &StoredResponse,
+    ) -> Result<bool, Error> {
         let done = sqlx::query(
             "UPDATE idempotency_keys SET response_status = $1, response_body = $2 \
              WHERE user_id = $3 AND idem_key = $4 AND order_id = $5 AND response_status IS NULL",
@@ -355,7 +441,7 @@ impl Store {
         .bind(id(user))
         .bind(key)
         .bind(id(order_id))
-        .execute(self.db.pool())
+        .execute(conn)
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -430,13 +516,22 @@ impl Store {
         &self,
         order_id: Uuid,
         user: Uuid,
-        lines: &[Line],
-        total: i64,
-        currency: &str,
-        expires_at: OffsetDateTime,
+        order: &NewOrder,
+    ) -> Result<(), Error> {
+        let mut tx = self.db.begin_write().await?;
+        self.insert_order(&mut tx, order_id, user, order).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_order(
+        &self,
+        tx: &mut Tx,
+        order_id: Uuid,
+        user: Uuid,
+        order: &NewOrder,
     ) -> Result<(), Error> {
         let now = micros(OffsetDateTime::now_utc());
-        let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO orders (id, user_id, status, step, total, currency, expires_at, \
              created_at, updated_at, owner) \
@@ -444,14 +539,14 @@ impl Store {
         )
         .bind(id(order_id))
         .bind(id(user))
-        .bind(total)
-        .bind(currency)
-        .bind(micros(expires_at))
+        .bind(order.total)
+        .bind(&order.currency)
+        .bind(micros(order.expires_at))
         .bind(now)
         .bind(&self.instance)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        for (position, line) in lines.iter().enumerate() {
+        for (position, line) in order.lines.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO order_lines (order_id, position, product_id, sku, name, unit_price, \
                  quantity) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -463,10 +558,9 @@ impl Store {
             .bind(&line.name)
             .bind(line.unit_price)
             .bind(line.quantity)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -557,7 +651,7 @@ impl Store {
         payment: Option<(&str, &str)>,
     ) -> Result<bool, Error> {
         Ok(self
-            .moved(order_id, from, to, payment, false)
+            .moved(order_id, from, to, payment, false, None)
             .await?
             .is_some())
     }
@@ -573,12 +667,29 @@ impl Store {
         payment: Option<(&str, &str)>,
     ) -> Result<Option<Order>, Error> {
         Ok(self
-            .moved(order_id, from, to, payment, true)
+            .moved(order_id, from, to, payment, true, None)
             .await?
-            .flatten())
+            .and_then(|(order, _)| order))
     }
 
-    /// `None`: not moved; `Some(order)`: moved, with the order when it was read.
+    /// [`Store::transition_returning`] that also stores `answer` for its key, in the same
+    /// transaction: `None` if someone else moved the order (nothing written), else the order
+    /// and what became of the key's answer (the move stands either way).
+    pub async fn transition_answering(
+        &self,
+        order_id: Uuid,
+        from: (Status, Step),
+        to: (Status, Step),
+        answer: &KeyAnswer<'_>,
+    ) -> Result<Option<(Order, Answered)>, Error> {
+        Ok(self
+            .moved(order_id, from, to, None, true, Some(answer))
+            .await?
+            .and_then(|(order, answered)| Some((order?, answered?))))
+    }
+
+    /// `None`: not moved; `Some((order, answered))`: moved, with the order when it was read
+    /// (`want` or an event or an answer needs it) and the key's answer when one was given.
     async fn moved(
         &self,
         order_id: Uuid,
@@ -586,7 +697,8 @@ impl Store {
         to: (Status, Step),
         payment: Option<(&str, &str)>,
         want: bool,
-    ) -> Result<Option<Option<Order>>, Error> {
+        answer: Option<&KeyAnswer<'_>>,
+    ) -> Result<Option<(Option<Order>, Option<Answered>)>, Error> {
         let kind = match to.0 {
             _ if to.0 == from.0 => None,
             Status::AwaitingPayment => Some(OrderChange::Placed),
@@ -609,10 +721,10 @@ impl Store {
         .bind(from.0.as_str())
         .bind(from.1.as_str())
         .bind(&self.instance);
-        if kind.is_none() && !want {
+        if kind.is_none() && !want && answer.is_none() {
             // One guarded statement is atomic by itself: no transaction round trips.
             let done = update.execute(self.db.pool()).await?;
-            return Ok((done.rows_affected() > 0).then_some(None));
+            return Ok((done.rows_affected() > 0).then_some((None, None)));
         }
         let mut tx = self.db.begin_write().await?;
         let done = update.execute(&mut *tx).await?;
@@ -661,8 +773,24 @@ impl Store {
             .map_err(|e| Error::Internal(e.into()))?;
             shopmesh_events::outbox::append(&mut tx, &event, None).await?;
         }
+        let answered = match answer {
+            None => None,
+            Some(answer) => {
+                // (Rendering is serialising the order: it does not fail in practice. If it
+                // did, the move would be undone with it and the resumer roll the order back.)
+                let response = (answer.render)(&order)?;
+                let kept = self
+                    .store_answer(&mut *tx, answer.user, answer.key, order.id, &response)
+                    .await?;
+                Some(if kept {
+                    Answered::Kept(response)
+                } else {
+                    Answered::TakenOver
+                })
+            }
+        };
         tx.commit().await?;
-        Ok(Some(Some(order)))
+        Ok(Some((Some(order), answered)))
     }
 
     /// Orders with a step in flight that nobody alive is running: its owner's lease has run

@@ -9,7 +9,7 @@ use std::time::Duration;
 use shopmesh_orders::domain::{Line, Status, Step};
 use shopmesh_orders::error::Error;
 use shopmesh_orders::idempotency::{self, Begun};
-use shopmesh_orders::store::{Claim, Order, Store, StoredResponse};
+use shopmesh_orders::store::{Answered, Claim, NewOrder, Order, Store, StoredResponse};
 use uuid::Uuid;
 
 shopmesh_db::test_on_both_backends!(
@@ -20,6 +20,8 @@ shopmesh_db::test_on_both_backends!(
     a_key_its_live_request_dropped_is_taken_over_at_once,
     a_key_given_up_after_its_order_was_placed_answers_with_that_order,
     keys_past_retention_are_purged_in_batches_and_younger_ones_kept,
+    a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement,
+    a_key_taken_over_keeps_its_takers_answer_though_the_order_is_placed,
 );
 
 async fn store(db: &TestDb) -> Store {
@@ -114,7 +116,16 @@ async fn a_saga_step_is_resumed_when_its_process_died_never_while_it_lives(db: T
     };
     let expires = OffsetDateTime::now_utc() + Duration::minutes(15);
     first
-        .insert_pending(order, Uuid::now_v7(), &[line], 100, "EUR", expires)
+        .insert_pending(
+            order,
+            Uuid::now_v7(),
+            &NewOrder {
+                lines: vec![line],
+                total: 100,
+                currency: "EUR".into(),
+                expires_at: expires,
+            },
+        )
         .await
         .expect("insert");
     assert!(
@@ -294,7 +305,7 @@ async fn a_key_its_live_request_dropped_is_taken_over_at_once(db: TestDb) {
     let store = store(&db).await;
     let user = Uuid::now_v7();
     let Begun::Claimed(claimed) =
-        idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+        idempotency::begin(&store, user, "k", "h", patience(1), answer_of, None)
             .await
             .expect("begin")
     else {
@@ -302,16 +313,17 @@ async fn a_key_its_live_request_dropped_is_taken_over_at_once(db: TestDb) {
     };
     let first = claimed.order_id();
     // While its request runs, a retry waits and, past its patience, is told so.
-    let waited = idempotency::begin(&store, user, "k", "h", patience(1), answer_of).await;
+    let waited = idempotency::begin(&store, user, "k", "h", patience(1), answer_of, None).await;
     assert!(matches!(waited, Err(Error::InFlight)), "{waited:?}");
 
     // The request is dropped (its deadline passed) with nothing placed, on a process that
     // lives on: a retry takes the key over within its patience, under a fresh order id,
     // instead of a minute of 409s.
     drop(claimed);
-    let Begun::Claimed(retry) = idempotency::begin(&store, user, "k", "h", patience(5), answer_of)
-        .await
-        .expect("begin")
+    let Begun::Claimed(retry) =
+        idempotency::begin(&store, user, "k", "h", patience(5), answer_of, None)
+            .await
+            .expect("begin")
     else {
         panic!("the retry runs");
     };
@@ -321,7 +333,7 @@ async fn a_key_its_live_request_dropped_is_taken_over_at_once(db: TestDb) {
         body: "done".to_owned(),
     };
     retry.finish(&answer).await.expect("finish");
-    let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+    let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of, None)
         .await
         .expect("begin");
     assert!(
@@ -334,7 +346,7 @@ async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: T
     let store = store(&db).await;
     let user = Uuid::now_v7();
     let Begun::Claimed(claimed) =
-        idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+        idempotency::begin(&store, user, "k", "h", patience(1), answer_of, None)
             .await
             .expect("begin")
     else {
@@ -350,7 +362,16 @@ async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: T
     };
     let expires = time::OffsetDateTime::now_utc() + time::Duration::minutes(15);
     store
-        .insert_pending(order_id, user, &[line], 1_000, "EUR", expires)
+        .insert_pending(
+            order_id,
+            user,
+            &NewOrder {
+                lines: vec![line],
+                total: 1_000,
+                currency: "EUR".into(),
+                expires_at: expires,
+            },
+        )
         .await
         .expect("insert");
     assert!(
@@ -367,7 +388,7 @@ async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: T
     // A failure after the order was placed (a 5xx answering it): the key is given up, and the
     // retry gets that order, not a second one.
     claimed.abandon().await.expect("abandon");
-    let recovered = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+    let recovered = idempotency::begin(&store, user, "k", "h", patience(1), answer_of, None)
         .await
         .expect("begin");
     let Begun::Recovered {
@@ -380,7 +401,7 @@ async fn a_key_given_up_after_its_order_was_placed_answers_with_that_order(db: T
     assert_eq!(recovered_id, order_id);
     assert_eq!(answer.body, order_id.to_string());
     // Stored: from now on a replay.
-    let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of)
+    let replay = idempotency::begin(&store, user, "k", "h", patience(1), answer_of, None)
         .await
         .expect("begin");
     assert!(
@@ -423,4 +444,161 @@ async fn keys_past_retention_are_purged_in_batches_and_younger_ones_kept(db: Tes
         store.claim_key(user, "k8", "hash").await.expect("fresh"),
         Claim::Claimed(_)
     ));
+}
+
+fn priced() -> NewOrder {
+    NewOrder {
+        lines: vec![Line {
+            product_id: Uuid::now_v7(),
+            sku: "SKU-1".to_owned(),
+            name: "A thing".to_owned(),
+            unit_price: 1_000,
+            quantity: 2,
+        }],
+        total: 2_000,
+        currency: "EUR".into(),
+        expires_at: time::OffsetDateTime::now_utc() + time::Duration::minutes(15),
+    }
+}
+
+async fn orders_of(store: &Store, user: Uuid) -> usize {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders WHERE user_id = $1")
+        .bind(user.hyphenated().to_string())
+        .fetch_one(store.db().pool())
+        .await
+        .expect("count");
+    usize::try_from(n).expect("a count")
+}
+
+/// The fast path of `POST /orders`: the key's claim and the pending order are one commit, and
+/// the order's placement and the key's answer another; a key already there stores no order.
+async fn a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement(db: TestDb) {
+    let store = store(&db).await;
+    let user = Uuid::now_v7();
+    let order = priced();
+    let Begun::Claimed(claimed) =
+        idempotency::begin(&store, user, "k", "h", patience(1), answer_of, Some(&order))
+            .await
+            .expect("begin")
+    else {
+        panic!("a fresh key is ours");
+    };
+    assert!(claimed.placed());
+    let order_id = claimed.order_id();
+    let pending = store.order(order_id).await.expect("read").expect("stored");
+    assert_eq!(
+        (pending.status, pending.step, pending.total, pending.lines),
+        (Status::Pending, Step::Reserving, 2_000, order.lines.clone())
+    );
+    // The same key again while the first runs: in flight, and no second order.
+    assert_eq!(
+        store
+            .claim_key_placing(user, "k", "h", &priced())
+            .await
+            .expect("claim"),
+        Claim::InFlight
+    );
+    assert_eq!(orders_of(&store, user).await, 1);
+
+    let render = |order: &Order| answer_of(order.clone());
+    let placed = store
+        .transition_answering(
+            order_id,
+            (Status::Pending, Step::Reserving),
+            (Status::AwaitingPayment, Step::Idle),
+            &claimed.answer(&render),
+        )
+        .await
+        .expect("placed");
+    let Some((placed, Answered::Kept(answer))) = placed else {
+        panic!("expected the order placed and its answer kept, got {placed:?}");
+    };
+    claimed.answered();
+    assert_eq!(placed.status, Status::AwaitingPayment);
+    assert_eq!(answer.body, order_id.to_string());
+    // Answered with the move: a retry replays it, and still no second order.
+    assert_eq!(
+        store
+            .claim_key_placing(user, "k", "h", &priced())
+            .await
+            .expect("claim"),
+        Claim::Replay(answer)
+    );
+    assert_eq!(orders_of(&store, user).await, 1);
+    // A move that is not the order's to make (already placed) stores nothing.
+    let Begun::Claimed(other) =
+        idempotency::begin(&store, user, "k2", "h", patience(1), answer_of, None)
+            .await
+            .expect("begin")
+    else {
+        panic!("a fresh key is ours");
+    };
+    let again = store
+        .transition_answering(
+            order_id,
+            (Status::Pending, Step::Reserving),
+            (Status::AwaitingPayment, Step::Idle),
+            &other.answer(&render),
+        )
+        .await
+        .expect("not moved");
+    assert!(again.is_none(), "{again:?}");
+    assert!(store.key_pending(user, "k2").await.expect("read"));
+}
+
+/// A key taken over while its request ran: the placement stands, the answer is not stored
+/// (the key answers with the taker's outcome).
+async fn a_key_taken_over_keeps_its_takers_answer_though_the_order_is_placed(db: TestDb) {
+    let store = store(&db).await;
+    let user = Uuid::now_v7();
+    let order = priced();
+    let Begun::Claimed(claimed) =
+        idempotency::begin(&store, user, "k", "h", patience(1), answer_of, Some(&order))
+            .await
+            .expect("begin")
+    else {
+        panic!("a fresh key is ours");
+    };
+    let order_id = claimed.order_id();
+    // Given up and retaken under a fresh order id, as a retry does.
+    store
+        .abandon_key(user, "k", order_id)
+        .await
+        .expect("abandon");
+    let retaken = store
+        .retake_key(user, "k", order_id)
+        .await
+        .expect("retake")
+        .expect("taken over");
+    let render = |order: &Order| answer_of(order.clone());
+    let placed = store
+        .transition_answering(
+            order_id,
+            (Status::Pending, Step::Reserving),
+            (Status::AwaitingPayment, Step::Idle),
+            &claimed.answer(&render),
+        )
+        .await
+        .expect("placed");
+    assert!(
+        matches!(placed, Some((ref o, Answered::TakenOver)) if o.status == Status::AwaitingPayment),
+        "{placed:?}"
+    );
+    claimed.answered();
+    // The key is the taker's, still unanswered.
+    assert!(store.key_pending(user, "k").await.expect("read"));
+    assert!(
+        store
+            .finish_key(
+                user,
+                "k",
+                retaken,
+                &StoredResponse {
+                    status: 201,
+                    body: "taker".into()
+                }
+            )
+            .await
+            .expect("finish")
+    );
 }

@@ -12,7 +12,7 @@ use shopmesh_orders::clients::{Call, Downstream};
 use shopmesh_orders::domain::{Line, Status, Step};
 use shopmesh_orders::error::Error;
 use shopmesh_orders::saga::Saga;
-use shopmesh_orders::store::Store;
+use shopmesh_orders::store::{NewOrder, Store};
 use shopmesh_proto::cart::v1::{GetCartRequest, GetCartResponse, RemoveLinesRequest};
 use shopmesh_proto::catalog::v1::{GetProductsRequest, GetProductsResponse};
 use shopmesh_proto::inventory::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
@@ -172,10 +172,12 @@ impl Harness {
             .insert_pending(
                 order,
                 Uuid::now_v7(),
-                &[line],
-                1_000,
-                "EUR",
-                OffsetDateTime::now_utc() + Duration::from_secs(600),
+                &NewOrder {
+                    lines: vec![line],
+                    total: 1_000,
+                    currency: "EUR".to_owned(),
+                    expires_at: OffsetDateTime::now_utc() + Duration::from_secs(600),
+                },
             )
             .await
             .expect("insert");

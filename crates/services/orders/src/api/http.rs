@@ -20,7 +20,7 @@ use crate::AppState;
 use crate::domain::{IdempotencyKey, Request, Status};
 use crate::error::Error;
 use crate::idempotency::{self, Begun};
-use crate::store::{Order, StoredResponse};
+use crate::store::{Answered, KeyAnswer, Order, StoredResponse};
 
 /// The orders' HTTP routes, with their OpenAPI document.
 pub fn routes(state: AppState) -> OpenApiRouter {
@@ -183,6 +183,13 @@ async fn create(
             .map_err(|e| Error::Internal(e.into()))?;
         Ok(StoredResponse { status: 201, body })
     };
+    // Explicit lines are priced before the key is claimed, so that the claim and the pending
+    // order are one commit. If pricing fails, the key is claimed first as for a cart, and the
+    // failure, met again, becomes the key's answer.
+    let priced = match &explicit {
+        Some(request) => state.saga.price(request).await.ok(),
+        None => None,
+    };
     let claimed = match idempotency::begin(
         &state.store,
         caller.id,
@@ -190,6 +197,7 @@ async fn create(
         &hash,
         crate::saga::patience(),
         answer_of,
+        priced.as_ref(),
     )
     .await?
     {
@@ -202,34 +210,47 @@ async fn create(
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             return Ok(replay);
         }
-        Begun::Recovered { order_id, answer } => {
-            let mut response = stored(StatusCode::CREATED, answer.body);
-            if let Ok(location) = HeaderValue::try_from(format!("/api/v1/orders/{order_id}")) {
-                response.headers_mut().insert(header::LOCATION, location);
-            }
-            return Ok(response);
-        }
+        Begun::Recovered { order_id, answer } => return Ok(created(order_id, answer.body)),
     };
     let order_id = claimed.order_id();
     let from_cart = explicit.is_none();
-    let outcome = match explicit {
-        Some(request) => state
+    // The key's answer is stored in the transaction that places the order: one commit.
+    let render = |order: &Order| answer_of(order.clone());
+    let answer = claimed.answer(&render);
+    let outcome = match (explicit, priced) {
+        (Some(request), Some(priced)) if claimed.placed() => state
             .saga
-            .place(caller.id, order_id, &request)
+            .place_priced(order_id, &priced, Some(&answer))
             .await
             .map(|o| (o, request)),
-        None => place_from_cart(&state, caller.id, order_id).await,
+        (Some(request), _) => state
+            .saga
+            .place(caller.id, order_id, &request, Some(&answer))
+            .await
+            .map(|o| (o, request)),
+        (None, _) => place_from_cart(&state, caller.id, order_id, &answer).await,
     };
     let (status, body) = match outcome {
-        Ok((order, request)) => {
+        Ok(((order, answered), request)) => {
             if from_cart {
                 state.saga.take_from_cart(caller.id, &request).await;
             }
-            (
-                StatusCode::CREATED,
-                serde_json::to_string(&OrderView::from(order))
-                    .map_err(|e| Error::Internal(e.into()))?,
-            )
+            match answered {
+                Some(Answered::Kept(response)) => {
+                    claimed.answered();
+                    return Ok(created(order_id, response.body));
+                }
+                Some(Answered::TakenOver) => {
+                    claimed.answered();
+                    tracing::warn!(%order_id, "idempotency key taken over while its request ran");
+                    return Err(Error::InFlight);
+                }
+                None => (
+                    StatusCode::CREATED,
+                    serde_json::to_string(&OrderView::from(order))
+                        .map_err(|e| Error::Internal(e.into()))?,
+                ),
+            }
         }
         Err(error) => {
             let problem = Problem::from(error);
@@ -272,27 +293,37 @@ async fn create(
         tracing::warn!(%order_id, "idempotency key taken over while its request ran");
         return Err(Error::InFlight);
     }
-    let mut response = stored(status, body);
-    if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::try_from(format!("/api/v1/orders/{order_id}"))
-    {
+    if status == StatusCode::CREATED {
+        return Ok(created(order_id, body));
+    }
+    Ok(stored(status, body))
+}
+
+/// `201 Created` with the order's `Location`.
+fn created(order_id: Uuid, body: String) -> Response {
+    let mut response = stored(StatusCode::CREATED, body);
+    if let Ok(location) = HeaderValue::try_from(format!("/api/v1/orders/{order_id}")) {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    Ok(response)
+    response
 }
 
 async fn place_from_cart(
     state: &AppState,
     user: Uuid,
     order_id: Uuid,
-) -> Result<(Order, Request), Error> {
+    answer: &KeyAnswer<'_>,
+) -> Result<((Order, Option<Answered>), Request), Error> {
     let lines = state.saga.cart_lines(user).await?;
     if lines.is_empty() {
         return Err(Error::CartEmpty);
     }
     let request = Request::parse(&lines)?;
-    let order = state.saga.place(user, order_id, &request).await?;
-    Ok((order, request))
+    let placed = state
+        .saga
+        .place(user, order_id, &request, Some(answer))
+        .await?;
+    Ok((placed, request))
 }
 
 /// The caller's order: an admin may see any; anyone else only their own (404 otherwise).
