@@ -6,7 +6,8 @@
 //! cross-core wake-up, which on a virtual machine is an interrupt through the hypervisor. On
 //! the 2-core machine of issue 9, confining each process to one core cut the shop's CPU per
 //! purchase by about a quarter and raised throughput by 20–40% (bench/README). A confined
-//! process also sizes itself to its share: tokio starts one worker per core it may use, the
+//! process also sizes itself to its share: confined to one core it runs tokio's current-thread
+//! scheduler (`main.rs`), to several one worker per core it may use; the
 //! SQLite reader pool twice that.
 //!
 //! With more processes than cores, each gets one core, the busiest first onto the least loaded

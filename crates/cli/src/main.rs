@@ -69,18 +69,26 @@ fn main() -> ExitCode {
     // Before the runtime starts its threads, so that all of them inherit it; and the runtime
     // then sizes itself to the cores it may use.
     // A set that cannot be had (cores gone since the launcher planned) costs speed, not service.
-    if let Command::Serve(args) = &cli.command
-        && let Err(e) = cores::confine_self(&args.cpus)
-    {
-        eprintln!(
-            "warning: cannot confine this process to cores {:?} ({e}); running on any",
-            args.cpus
-        );
+    let mut one_core = false;
+    if let Command::Serve(args) = &cli.command {
+        match cores::confine_self(&args.cpus) {
+            Ok(()) => one_core = args.cpus.len() == 1,
+            Err(e) => eprintln!(
+                "warning: cannot confine this process to cores {:?} ({e}); running on any",
+                args.cpus
+            ),
+        }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A process confined to one core runs tokio's current-thread scheduler: with one core
+    // there is no other worker to share with, and the multi-thread scheduler's hand-offs (its
+    // shared queues, a worker woken across threads while `block_on` parks the main one) cost
+    // CPU on every wake-up (issue 9, bench/README).
+    let mut builder = if one_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -500,6 +500,7 @@ async fn a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement
     );
     assert_eq!(orders_of(&store, user).await, 1);
 
+    #[allow(clippy::result_large_err)] // the service's own error type, as `KeyAnswer` takes
     let render = |order: &Order| answer_of(order.clone());
     let placed = store
         .transition_answering(
@@ -570,6 +571,7 @@ async fn a_key_taken_over_keeps_its_takers_answer_though_the_order_is_placed(db:
         .await
         .expect("retake")
         .expect("taken over");
+    #[allow(clippy::result_large_err)] // the service's own error type, as `KeyAnswer` takes
     let render = |order: &Order| answer_of(order.clone());
     let placed = store
         .transition_answering(
