@@ -826,8 +826,9 @@ impl TxConn {
     /// Runs `f` once this transaction is committed (on SQLite right after the group's shared
     /// `COMMIT`, by whoever runs it, even if this caller stopped waiting; before the caller
     /// hears of it), never if it rolls back or is dropped: to tell others what is now visible
-    /// (the outbox wakes its readers this way). `f` must be quick and must not use the
-    /// database (on SQLite it runs holding the writer).
+    /// (the outbox wakes its readers this way). `f` must be quick, must not panic, and must not
+    /// use the database (on SQLite it runs holding the writer, before the group's callers are
+    /// told).
     pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
         self.after_commit.0.push(Box::new(f));
     }
