@@ -446,6 +446,25 @@ async fn keys_past_retention_are_purged_in_batches_and_younger_ones_kept(db: Tes
     ));
 }
 
+/// Places `order_id` (pending → awaiting payment) storing `claimed`'s answer with the move.
+async fn place_answering(
+    store: &Store,
+    order_id: Uuid,
+    claimed: &idempotency::Claimed,
+) -> Option<(Order, Answered)> {
+    #[allow(clippy::result_large_err)] // the service's own error type, as `KeyAnswer` takes
+    let render = |order: &Order| answer_of(order.clone());
+    store
+        .transition_answering(
+            order_id,
+            (Status::Pending, Step::Reserving),
+            (Status::AwaitingPayment, Step::Idle),
+            &claimed.answer(&render),
+        )
+        .await
+        .expect("a move")
+}
+
 fn priced() -> NewOrder {
     NewOrder {
         lines: vec![Line {
@@ -500,17 +519,7 @@ async fn a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement
     );
     assert_eq!(orders_of(&store, user).await, 1);
 
-    #[allow(clippy::result_large_err)] // the service's own error type, as `KeyAnswer` takes
-    let render = |order: &Order| answer_of(order.clone());
-    let placed = store
-        .transition_answering(
-            order_id,
-            (Status::Pending, Step::Reserving),
-            (Status::AwaitingPayment, Step::Idle),
-            &claimed.answer(&render),
-        )
-        .await
-        .expect("placed");
+    let placed = place_answering(&store, order_id, &claimed).await;
     let Some((placed, Answered::Kept(answer))) = placed else {
         panic!("expected the order placed and its answer kept, got {placed:?}");
     };
@@ -534,15 +543,7 @@ async fn a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement
     else {
         panic!("a fresh key is ours");
     };
-    let again = store
-        .transition_answering(
-            order_id,
-            (Status::Pending, Step::Reserving),
-            (Status::AwaitingPayment, Step::Idle),
-            &other.answer(&render),
-        )
-        .await
-        .expect("not moved");
+    let again = place_answering(&store, order_id, &other).await;
     assert!(again.is_none(), "{again:?}");
     assert!(store.key_pending(user, "k2").await.expect("read"));
 }
@@ -571,17 +572,7 @@ async fn a_key_taken_over_keeps_its_takers_answer_though_the_order_is_placed(db:
         .await
         .expect("retake")
         .expect("taken over");
-    #[allow(clippy::result_large_err)] // the service's own error type, as `KeyAnswer` takes
-    let render = |order: &Order| answer_of(order.clone());
-    let placed = store
-        .transition_answering(
-            order_id,
-            (Status::Pending, Step::Reserving),
-            (Status::AwaitingPayment, Step::Idle),
-            &claimed.answer(&render),
-        )
-        .await
-        .expect("placed");
+    let placed = place_answering(&store, order_id, &claimed).await;
     assert!(
         matches!(placed, Some((ref o, Answered::TakenOver)) if o.status == Status::AwaitingPayment),
         "{placed:?}"
