@@ -446,6 +446,19 @@ async fn keys_past_retention_are_purged_in_batches_and_younger_ones_kept(db: Tes
     ));
 }
 
+/// Claims a key not used before (with `priced`, its pending order too).
+async fn fresh_claim(
+    store: &Store,
+    user: Uuid,
+    key: &str,
+    priced: Option<&NewOrder>,
+) -> idempotency::Claimed {
+    match idempotency::begin(store, user, key, "h", patience(1), answer_of, priced).await {
+        Ok(Begun::Claimed(claimed)) => claimed,
+        other => panic!("a fresh key is ours, got {other:?}"),
+    }
+}
+
 /// Places `order_id` (pending → awaiting payment) storing `claimed`'s answer with the move.
 async fn place_answering(
     store: &Store,
@@ -495,13 +508,7 @@ async fn a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement
     let store = store(&db).await;
     let user = Uuid::now_v7();
     let order = priced();
-    let Begun::Claimed(claimed) =
-        idempotency::begin(&store, user, "k", "h", patience(1), answer_of, Some(&order))
-            .await
-            .expect("begin")
-    else {
-        panic!("a fresh key is ours");
-    };
+    let claimed = fresh_claim(&store, user, "k", Some(&order)).await;
     assert!(claimed.placed());
     let order_id = claimed.order_id();
     let pending = store.order(order_id).await.expect("read").expect("stored");
@@ -536,13 +543,7 @@ async fn a_priced_order_is_stored_with_its_claim_and_answered_with_its_placement
     );
     assert_eq!(orders_of(&store, user).await, 1);
     // A move that is not the order's to make (already placed) stores nothing.
-    let Begun::Claimed(other) =
-        idempotency::begin(&store, user, "k2", "h", patience(1), answer_of, None)
-            .await
-            .expect("begin")
-    else {
-        panic!("a fresh key is ours");
-    };
+    let other = fresh_claim(&store, user, "k2", None).await;
     let again = place_answering(&store, order_id, &other).await;
     assert!(again.is_none(), "{again:?}");
     assert!(store.key_pending(user, "k2").await.expect("read"));
@@ -554,13 +555,7 @@ async fn a_key_taken_over_keeps_its_takers_answer_though_the_order_is_placed(db:
     let store = store(&db).await;
     let user = Uuid::now_v7();
     let order = priced();
-    let Begun::Claimed(claimed) =
-        idempotency::begin(&store, user, "k", "h", patience(1), answer_of, Some(&order))
-            .await
-            .expect("begin")
-    else {
-        panic!("a fresh key is ours");
-    };
+    let claimed = fresh_claim(&store, user, "k", Some(&order)).await;
     let order_id = claimed.order_id();
     // Given up and retaken under a fresh order id, as a retry does.
     store
