@@ -18,6 +18,7 @@ shopmesh_e2e::test_on_both_backends!(
     customers_cannot_touch_each_others_orders,
     bad_order_input_names_the_field_and_writes_nothing,
     payments_of_one_order_at_once_all_answer_paid_and_charge_once,
+    an_admin_s_new_price_reaches_new_orders_within_the_price_cache_time,
 );
 
 async fn shop(backend: Backend) -> Option<Shop> {
@@ -539,4 +540,76 @@ async fn payments_of_one_order_at_once_all_answer_paid_and_charge_once(backend: 
     let capture = payment(&shop, id).await;
     assert_eq!(capture.amount, 1250, "one capture of the order's total");
     assert_eq!(shop.stock(&product).await, (4, 0), "one unit sold");
+}
+
+async fn an_admin_s_new_price_reaches_new_orders_within_the_price_cache_time(backend: Backend) {
+    // Five seconds: the change and the next order take a fraction of that.
+    let cache = std::time::Duration::from_secs(5);
+    let Some(shop) = Shop::start(backend, &[("SHOPMESH_ORDERS__PRICE_CACHE_MS", "5000")]).await
+    else {
+        return;
+    };
+    let product = shop.product("MUG", 500, 10).await;
+    let (_, customer) = shop.issuer.customer();
+    let total = |order: Value| order["total"].as_i64().expect("total");
+    // The catalog is asked during the first order: its answer is fresh from then on for the
+    // cache's time, and stale at the latest that long after the order's answer.
+    let before_first = std::time::Instant::now();
+    let first: Value = shop
+        .order(&customer, &product, 1)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let after_first = std::time::Instant::now();
+    assert_eq!(total(first), 500);
+    let repriced = shop
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/products/{product}"),
+            Some(&shop.admin),
+            Some(&json!({"price": 800})),
+            None,
+        )
+        .await;
+    assert_eq!(repriced.status(), 200);
+    // Within the cache's time the catalog is not asked again: the order holds, shows and
+    // charges the price it was given.
+    let second: Value = shop
+        .order(&customer, &product, 1)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        before_first.elapsed() < cache,
+        "the machine took over {cache:?} for two orders and a change: too slow for this test"
+    );
+    let second_id = second["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        total(second),
+        500,
+        "priced from the catalog's answer of a moment ago"
+    );
+    let paid: Value = shop
+        .pay(&customer, &second_id, GOOD_CARD)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(
+        payment(&shop, &second_id).await.amount,
+        500,
+        "charged as shown"
+    );
+    // After it, the new price.
+    tokio::time::sleep(cache.saturating_sub(after_first.elapsed())).await;
+    let third: Value = shop
+        .order(&customer, &product, 1)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(total(third), 800);
 }

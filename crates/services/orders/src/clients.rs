@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use shopmesh_mesh::{GrpcChannel, Mesh};
 use shopmesh_problem::Problem;
@@ -17,6 +18,7 @@ use shopmesh_proto::payments::v1::{ChargeRequest, GetPaymentRequest, Payment, Re
 
 use crate::config::OrdersSettings;
 use crate::error::Error;
+use crate::prices::PriceCache;
 
 /// One client per service, over the mesh (balancing, breakers, retries); each call carries the
 /// configured deadline, or less if the request being handled has less left. Every RPC orders
@@ -31,7 +33,12 @@ pub struct Clients {
     pub payments: PaymentsClient<GrpcChannel>,
     /// Carts.
     pub cart: CartClient<GrpcChannel>,
+    /// The catalog's recent answers (`orders.price_cache_ms`).
+    pub prices: Arc<PriceCache>,
 }
+
+/// Most products whose prices are kept.
+const PRICES_KEPT: usize = 10_000;
 
 impl Clients {
     /// Clients of the configured upstreams (the services may start after us).
@@ -50,6 +57,7 @@ impl Clients {
                 deadline,
             )?),
             cart: CartClient::new(mesh.grpc("cart", &settings.cart_url, deadline)?),
+            prices: Arc::new(PriceCache::new(settings.price_cache(), PRICES_KEPT)),
         })
     }
 }
@@ -83,7 +91,15 @@ pub trait Downstream: Send + Sync + 'static {
 impl Downstream for Clients {
     fn products(&self, request: GetProductsRequest) -> Call<'_, GetProductsResponse> {
         let mut client = self.catalog.clone();
-        Box::pin(async move { Ok(client.get_products(request).await?.into_inner()) })
+        Box::pin(async move {
+            if let Some(products) = self.prices.get_all(&request.ids) {
+                return Ok(GetProductsResponse { products });
+            }
+            let asked = tokio::time::Instant::now();
+            let answer = client.get_products(request).await?.into_inner();
+            self.prices.keep(asked, &answer.products);
+            Ok(answer)
+        })
     }
 
     fn reserve(&self, request: ReserveRequest) -> Call<'_, ()> {

@@ -26,6 +26,10 @@ pub struct OrdersSettings {
     pub worker_interval_ms: u64,
     /// A step untouched this long is taken to be abandoned and is resumed, in seconds.
     pub stale_after_secs: u64,
+    /// How long the catalog's answer for a product prices new orders without asking again,
+    /// in milliseconds (0: every order asks; at most a minute): an admin's change to a product
+    /// reaches new orders up to that much later (`prices`).
+    pub price_cache_ms: u64,
     /// Test only: freeze at a point of the saga (`pause_after_charge`), once.
     pub failpoint: Option<String>,
 }
@@ -41,6 +45,7 @@ impl Default for OrdersSettings {
             call_timeout_ms: 3_000,
             worker_interval_ms: 1_000,
             stale_after_secs: 30,
+            price_cache_ms: 1_000,
             failpoint: None,
         }
     }
@@ -50,6 +55,11 @@ impl OrdersSettings {
     /// Deadline of a call.
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
+    }
+
+    /// How long a product's price is reused (at most a minute).
+    pub fn price_cache(&self) -> Duration {
+        Duration::from_millis(self.price_cache_ms.min(60_000))
     }
 
     /// Order time-to-live.

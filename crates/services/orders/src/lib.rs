@@ -9,7 +9,7 @@
 //!   `resume` for a step interrupted by a crash or a lost answer.
 //! - [`clients`]: what the saga asks of catalog, inventory, payments and cart (the
 //!   `Downstream` trait, which tests play), and the gRPC clients that ask it, each call under a
-//!   deadline.
+//!   deadline; prices the catalog gave a moment ago are reused from [`prices`].
 //! - [`worker`]: expires unpaid orders and resumes interrupted steps in the background.
 //! - [`api`]: HTTP `/api/v1/orders` (create with `Idempotency-Key`, list, read, pay, cancel)
 //!   and gRPC `shopmesh.orders.v1.Orders/Audit` for reconciliation.
@@ -20,6 +20,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod idempotency;
+pub mod prices;
 pub mod saga;
 pub mod store;
 pub mod worker;
