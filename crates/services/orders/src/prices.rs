@@ -4,7 +4,7 @@
 //! That call was one of a purchase's six hops between processes and most of the catalog's
 //! CPU under the purchase load (issue 9, bench/README): with the products of recent orders
 //! kept `orders.price_cache_ms` (a second by default), the catalog's CPU per journey fell by
-//! three quarters. The cost: whatever an admin changes about a product (its price, name or
+//! two thirds. The cost: whatever an admin changes about a product (its price, name or
 //! currency, taking it off sale or putting it back) reaches new orders up to that long after
 //! the catalog's pages show it (the gateway drops its cached pages at an admin's change); an
 //! order refused meanwhile as unavailable keeps that answer for its `Idempotency-Key`. What
@@ -36,8 +36,8 @@ impl PriceCache {
         }
     }
 
-    /// The map; a panic elsewhere while holding it leaves it whole (every change is one
-    /// insert or a removal), so it is used on.
+    /// The map; nothing that holds it can leave an entry half-written (entries are
+    /// independent), so a panic elsewhere while holding it does not turn the cache off.
     fn entries(&self) -> MutexGuard<'_, HashMap<String, (Instant, Product)>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -63,7 +63,7 @@ impl PriceCache {
     /// Keeps what the catalog answered to a call made at `asked`, each product as of then
     /// (so it goes stale `fresh_for` after the question, however long the answer took); an
     /// answer to an earlier question never replaces a later one's. Full, it drops what is
-    /// stale, and everything if that frees less than a quarter: a burst of distinct products
+    /// stale, and everything if that leaves it over three quarters full: a burst of distinct products
     /// costs calls, never memory, nor a scan per product.
     pub fn keep(&self, asked: Instant, products: &[Product]) {
         if self.fresh_for.is_zero() || self.capacity == 0 {
