@@ -59,6 +59,12 @@ pub struct EventsSettings {
     pub retention_secs: u64,
     /// How often retention runs, in milliseconds.
     pub prune_every_ms: u64,
+    /// Longest wait for the broker's answer to one request (connecting, declaring, a batch's
+    /// publisher confirms), in milliseconds: past it the connection is given up and made
+    /// again, and what was not confirmed is published again (consumers drop repeats). A
+    /// connection that goes silent (a broker busy recovering its queues, a half-open socket)
+    /// would otherwise hold the relay until the heartbeat gives up on it.
+    pub broker_timeout_ms: u64,
 }
 
 impl Default for EventsSettings {
@@ -72,6 +78,7 @@ impl Default for EventsSettings {
             prefetch: 20,
             retention_secs: 7 * 24 * 3600,
             prune_every_ms: 60_000,
+            broker_timeout_ms: 10_000,
         }
     }
 }
@@ -80,6 +87,11 @@ impl EventsSettings {
     /// [`EventsSettings::retention_secs`].
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_secs)
+    }
+
+    /// [`EventsSettings::broker_timeout_ms`].
+    pub fn broker_timeout(&self) -> Duration {
+        Duration::from_millis(self.broker_timeout_ms.max(1))
     }
 
     /// [`EventsSettings::prune_every_ms`] (at least 10 ms).
@@ -117,8 +129,37 @@ const RELAY_BATCH: i64 = 200;
 /// Longest wait for new rows when nothing in this process said so (a replica's rows).
 const IDLE: Duration = Duration::from_secs(1);
 
-async fn connect(url: &str) -> Result<Connection, Error> {
-    Ok(Connection::connect(url, ConnectionProperties::default()).await?)
+/// Heartbeat asked of the broker unless the URL says otherwise: a connection that stops
+/// answering is found dead within a few of them (RabbitMQ's default, 60 s, took minutes).
+const HEARTBEAT_SECS: u32 = 10;
+
+async fn connect(url: &str, settings: &EventsSettings) -> Result<Connection, Error> {
+    let url = if url.contains("heartbeat=") {
+        url.to_owned()
+    } else {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}heartbeat={HEARTBEAT_SECS}")
+    };
+    within(
+        settings,
+        "connecting",
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+}
+
+/// `request`'s answer, or an error once the broker took longer than
+/// [`EventsSettings::broker_timeout`] for it (the caller gives the connection up).
+async fn within<T, E: Into<Error>>(
+    settings: &EventsSettings,
+    what: &str,
+    request: impl Future<Output = Result<T, E>>,
+) -> Result<T, Error> {
+    let limit = settings.broker_timeout();
+    match tokio::time::timeout(limit, request).await {
+        Ok(answer) => answer.map_err(Into::into),
+        Err(_) => Err(format!("RabbitMQ did not answer {what} within {limit:?}").into()),
+    }
 }
 
 /// The relay's cursor.
@@ -176,14 +217,22 @@ async fn relay(
     service: &'static str,
     topology: Topology,
 ) -> Result<(), Error> {
-    let connection = connect(url).await?;
-    let channel = connection.create_channel().await?;
+    let connection = connect(url, settings).await?;
+    let channel = within(settings, "opening a channel", connection.create_channel()).await?;
     for (queue, bindings) in topology {
-        declare(&channel, settings, queue, bindings).await?;
-    }
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
+        within(
+            settings,
+            "declaring the topology",
+            declare(&channel, settings, queue, bindings),
+        )
         .await?;
+    }
+    within(
+        settings,
+        "turning on publisher confirms",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
     tracing::info!(service, exchange = %settings.exchange, "relaying events to RabbitMQ");
     let mut numbered = outbox::numberings();
     loop {
@@ -204,22 +253,31 @@ async fn relay(
                 .with_message_id(event.id.hyphenated().to_string().as_str().into())
                 .with_type(event.kind.as_str().into());
             confirms.push(
-                channel
-                    .basic_publish(
+                within(
+                    settings,
+                    "a publish",
+                    channel.basic_publish(
                         settings.exchange.as_str().into(),
                         event.kind.as_str().into(),
                         BasicPublishOptions::default(),
                         &body,
                         properties,
-                    )
-                    .await?,
+                    ),
+                )
+                .await?,
             );
         }
-        for confirm in confirms {
-            if !confirm.await?.is_ack() {
-                return Err("the broker refused a message (nack)".into());
+        // One deadline for the batch: a silent connection is given up (the connection goes
+        // with this function) and the batch published again on a new one.
+        within(settings, "the batch's publisher confirms", async {
+            for confirm in confirms {
+                if !confirm.await?.is_ack() {
+                    return Err::<(), Error>("the broker refused a message (nack)".into());
+                }
             }
-        }
+            Ok(())
+        })
+        .await?;
         // Only now, with every message of the batch confirmed, does the cursor move.
         set_relayed(db, last).await?;
         let head = outbox::head(db).await.unwrap_or(last);
@@ -365,21 +423,32 @@ async fn consume(
     bindings: &[&str],
     mut stop: Pin<&mut (impl Future<Output = ()> + Send + ?Sized)>,
 ) -> Result<(), Error> {
-    let connection = connect(url).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    declare(&channel, settings, name, bindings).await?;
+    let connection = connect(url, settings).await?;
+    let channel = within(settings, "opening a channel", connection.create_channel()).await?;
+    within(
+        settings,
+        "setting the prefetch",
+        channel.basic_qos(settings.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    within(
+        settings,
+        "declaring the queue",
+        declare(&channel, settings, name, bindings),
+    )
+    .await?;
     let queue = settings.queue(name);
-    let mut deliveries = channel
-        .basic_consume(
+    let mut deliveries = within(
+        settings,
+        "subscribing",
+        channel.basic_consume(
             queue.as_str().into(),
             format!("shopmesh-{name}").as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     tracing::info!(%queue, "consuming events from RabbitMQ");
     loop {
         let delivery = tokio::select! {
@@ -473,7 +542,7 @@ pub async fn dead_letters(settings: &EventsSettings, name: &str) -> Result<Vec<E
         .rabbitmq_url
         .as_deref()
         .ok_or("no RabbitMQ configured")?;
-    let connection = connect(url).await?;
+    let connection = connect(url, settings).await?;
     let channel = connection.create_channel().await?;
     let taken = take_dead(&channel, settings, name).await?;
     let events = taken
@@ -499,7 +568,7 @@ pub async fn redrive(settings: &EventsSettings, name: &str) -> Result<usize, Err
         .rabbitmq_url
         .as_deref()
         .ok_or("no RabbitMQ configured")?;
-    let connection = connect(url).await?;
+    let connection = connect(url, settings).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -1,0 +1,212 @@
+//! The broker's connection goes silent (a half-open socket, a broker that accepts and never
+//! answers): the relay gives it up after `broker_timeout_ms` and publishes again on a new one,
+//! instead of waiting for publisher confirms that never come. Between the relay and the broker
+//! sits a proxy of the test's own, which can stop forwarding the connections it holds while
+//! keeping them open. Runs when `TEST_RABBITMQ_URL` is set (CI); skipped with a notice
+//! otherwise.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shopmesh_db::testing::TestDb;
+use shopmesh_db::{DatabaseSettings, Db, TxConn};
+use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture};
+use shopmesh_events::rabbit::{self, EventsSettings, Topology};
+use shopmesh_events::{Envelope, Event, outbox};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
+
+/// A TCP proxy to `upstream`. Connections accepted before the number sent on the returned
+/// channel stop forwarding (both ways) but stay open; later ones are forwarded.
+async fn proxy(upstream: SocketAddr) -> (SocketAddr, watch::Sender<u64>, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stall, stalled) = watch::channel(0u64);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let id = counter.fetch_add(1, Ordering::SeqCst);
+            let mut stalled = stalled.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let silent = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    _ = stalled.wait_for(|before| id < *before) => true,
+                };
+                if silent {
+                    // Nothing more either way; both sockets stay open.
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    (addr, stall, accepted)
+}
+
+struct Recorder;
+
+impl Handler for Recorder {
+    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
+                .bind(event.id.hyphenated().to_string())
+                .execute(tx)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+async fn append(db: &Db, n: u32) {
+    let mut tx = db.begin_write().await.expect("tx");
+    outbox::append(
+        &mut tx,
+        &Event {
+            kind: "test.happened",
+            version: 1,
+            aggregate_id: format!("thing-{n}"),
+            payload: json!({"n": n}),
+        },
+        None,
+    )
+    .await
+    .expect("append");
+    tx.commit().await.expect("commit");
+}
+
+async fn effects(db: &Db) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+    n
+}
+
+async fn wait_for(db: &Db, count: i64, limit: Duration) {
+    let started = Instant::now();
+    while effects(db).await < count {
+        assert!(
+            started.elapsed() < limit,
+            "only {} of {count} events arrived within {limit:?}",
+            effects(db).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `amqp://user:pass@host:port/vhost` → (`host:port`, the URL with `to` in its place).
+fn through(url: &str, to: SocketAddr) -> (SocketAddr, String) {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("//").expect("//") + 2, |at| at + 1);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let broker: SocketAddr = url[start..end]
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("the broker's address as ip:port");
+    (broker, format!("{}{to}{}", &url[..start], &url[end..]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_broker_connection_is_given_up_and_nothing_is_lost() {
+    let Ok(url) = std::env::var("TEST_RABBITMQ_URL") else {
+        eprintln!("skipped: set TEST_RABBITMQ_URL to run the RabbitMQ tests");
+        return;
+    };
+    let (broker, _) = through(&url, "127.0.0.1:1".parse().expect("addr"));
+    let (proxy_addr, stall, accepted) = proxy(broker).await;
+    let (_, proxied) = through(&url, proxy_addr);
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let settings = EventsSettings {
+        rabbitmq_url: Some(url.clone()),
+        exchange: format!("shopmesh-test.{unique}"),
+        queue_prefix: format!("shopmesh-test.{unique}."),
+        delivery_limit: 3,
+        retry_delay_ms: 20,
+        prefetch: 10,
+        broker_timeout_ms: 1_000,
+        ..EventsSettings::default()
+    };
+    let (p, c) = (TestDb::sqlite(), TestDb::sqlite());
+    let settings_db = DatabaseSettings::default();
+    let producer = Db::connect(p.url(), &settings_db).await.expect("producer");
+    let db = Db::connect(c.url(), &settings_db).await.expect("consumer");
+    outbox::install(&producer).await.expect("install");
+    shopmesh_events::consumer::install(&db)
+        .await
+        .expect("install");
+    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
+        .execute(db.pool())
+        .await
+        .expect("effects");
+    let consumer = Arc::new(Consumer::new(
+        db.clone(),
+        Arc::new(Recorder),
+        3,
+        Duration::from_millis(50),
+    ));
+    // The consumer straight to the broker, the relay through the proxy.
+    let consuming = rabbit::spawn_consumer(consumer, settings.clone(), "test", vec!["test.*"]);
+    let relay_settings = EventsSettings {
+        rabbitmq_url: Some(proxied),
+        ..settings.clone()
+    };
+    let relay = rabbit::spawn_relay(producer.clone(), relay_settings, "test", TEST_TOPOLOGY);
+    for n in 0..10 {
+        append(&producer, n).await;
+    }
+    wait_for(&db, 10, Duration::from_secs(20)).await;
+
+    // The relay's connection goes silent; ten more events are committed.
+    stall.send_replace(accepted.load(Ordering::SeqCst));
+    let silent = Instant::now();
+    for n in 10..20 {
+        append(&producer, n).await;
+    }
+    // Without a deadline the relay waits for their confirms until the heartbeat gives the
+    // connection up (about 20 s); with one it reconnects after a second.
+    wait_for(&db, 20, Duration::from_secs(15)).await;
+    let recovered = silent.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(effects(&db).await, 20, "lost or doubled");
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 2,
+        "the relay made a new connection"
+    );
+    println!(
+        "a silent connection: all 20 events delivered once, {recovered:?} after it went silent"
+    );
+
+    relay.abort();
+    consuming.abort();
+    clean_up(&settings).await;
+}
+
+async fn clean_up(settings: &EventsSettings) {
+    let Some(url) = &settings.rabbitmq_url else {
+        return;
+    };
+    if let Ok(connection) =
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+        && let Ok(channel) = connection.create_channel().await
+    {
+        for queue in [settings.queue("test"), settings.dead_letter_queue("test")] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+        for exchange in [settings.exchange.clone(), settings.dead_letter_exchange()] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+}
