@@ -133,13 +133,18 @@ const IDLE: Duration = Duration::from_secs(1);
 /// answering is found dead within a few of them (RabbitMQ's default, 60 s, took minutes).
 const HEARTBEAT_SECS: u32 = 10;
 
+/// `url` asking [`HEARTBEAT_SECS`], unless it asks a heartbeat of its own.
+fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let (base, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}heartbeat={HEARTBEAT_SECS}{fragment}")
+}
+
 async fn connect(url: &str, settings: &EventsSettings) -> Result<Connection, Error> {
-    let url = if url.contains("heartbeat=") {
-        url.to_owned()
-    } else {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}heartbeat={HEARTBEAT_SECS}")
-    };
+    let url = with_heartbeat(url);
     within(
         settings,
         "connecting",
@@ -202,7 +207,8 @@ pub fn spawn_relay(
                     tracing::warn!(service, error = %e, "relay to RabbitMQ interrupted; retrying");
                 }
             }
-            if started.elapsed() >= STABLE {
+            // An attempt a deadline ended is no sign of health: the wait grows.
+            if started.elapsed() >= STABLE.max(settings.broker_timeout() * 2) {
                 backoff.reset();
             }
             backoff.wait().await;
@@ -268,16 +274,36 @@ async fn relay(
             );
         }
         // One deadline for the batch: a silent connection is given up (the connection goes
-        // with this function) and the batch published again on a new one.
-        within(settings, "the batch's publisher confirms", async {
+        // with this function) and the batch published again on a new one. Not while the
+        // broker has said it blocks publishers (a memory or disk alarm): a new connection
+        // would be blocked as well, and the old one, unable even to close, would stay.
+        let confirmed = async {
             for confirm in confirms {
                 if !confirm.await?.is_ack() {
                     return Err::<(), Error>("the broker refused a message (nack)".into());
                 }
             }
             Ok(())
-        })
-        .await?;
+        };
+        let mut confirmed = std::pin::pin!(confirmed);
+        loop {
+            match tokio::time::timeout(settings.broker_timeout(), confirmed.as_mut()).await {
+                Ok(done) => break done?,
+                Err(_) if connection.status().blocked() => {
+                    tracing::warn!(
+                        service,
+                        "RabbitMQ blocks publishing (a resource alarm); waiting"
+                    );
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "RabbitMQ did not confirm a batch within {:?}",
+                        settings.broker_timeout()
+                    )
+                    .into());
+                }
+            }
+        }
         // Only now, with every message of the batch confirmed, does the cursor move.
         set_relayed(db, last).await?;
         let head = outbox::head(db).await.unwrap_or(last);
@@ -324,7 +350,8 @@ pub async fn follow(
                 tracing::warn!(queue = name, error = %e, "consuming from RabbitMQ interrupted; retrying");
             }
         }
-        if started.elapsed() >= STABLE {
+        // An attempt a deadline ended is no sign of health: the wait grows.
+        if started.elapsed() >= STABLE.max(settings.broker_timeout() * 2) {
             backoff.reset();
         }
         tokio::select! {
@@ -600,4 +627,29 @@ pub async fn redrive(settings: &EventsSettings, name: &str) -> Result<usize, Err
         }
     }
     Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_heartbeat;
+
+    #[test]
+    fn a_url_asks_a_heartbeat_unless_it_has_one() {
+        assert_eq!(
+            with_heartbeat("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqps://u:p@mq:5671/shop?frame_max=8192"),
+            "amqps://u:p@mq:5671/shop?frame_max=8192&heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://mq/%2f#primary"),
+            "amqp://mq/%2f?heartbeat=10#primary"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://mq/%2f?heartbeat=30"),
+            "amqp://mq/%2f?heartbeat=30"
+        );
+    }
 }
