@@ -8,15 +8,16 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
-use shopmesh_events::consumer::{Consumer, Handler, HandlerFuture};
+use shopmesh_events::consumer::Consumer;
 use shopmesh_events::rabbit::{self, EventsSettings, Topology};
 
 const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
-use shopmesh_db::TxConn;
-use shopmesh_events::{Envelope, Event, outbox};
+use shopmesh_events::outbox;
+
+mod common;
+use common::{Recorder, append, clean_up, effects, wait_for};
 
 /// Starts the broker's application again when dropped (also when the test fails).
 struct BrokerBack;
@@ -42,49 +43,10 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-struct Recorder;
-
-impl Handler for Recorder {
-    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
-                .bind(event.id.hyphenated().to_string())
-                .execute(tx)
-                .await?;
-            Ok(())
-        })
-    }
-}
-
 async fn sqlite(test: &TestDb) -> Db {
     Db::connect(test.url(), &DatabaseSettings::default())
         .await
         .expect("connect")
-}
-
-async fn append(db: &Db, n: u32) {
-    let mut tx = db.begin_write().await.expect("tx");
-    outbox::append(
-        &mut tx,
-        &Event {
-            kind: "test.happened",
-            version: 1,
-            aggregate_id: format!("thing-{n}"),
-            payload: json!({"n": n}),
-        },
-        None,
-    )
-    .await
-    .expect("append while the broker is down");
-    tx.commit().await.expect("commit");
-}
-
-async fn effects(db: &Db) -> i64 {
-    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM effects")
-        .fetch_one(db.pool())
-        .await
-        .expect("count");
-    n
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -159,37 +121,4 @@ async fn the_outbox_absorbs_a_broker_outage_and_a_killed_relay_loses_nothing() {
     consuming.abort();
     positioner.abort();
     clean_up(&settings).await;
-}
-
-async fn wait_for(db: &Db, count: i64, limit: Duration) {
-    let started = Instant::now();
-    while effects(db).await < count {
-        assert!(
-            started.elapsed() < limit,
-            "only {} of {count} events arrived",
-            effects(db).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn clean_up(settings: &EventsSettings) {
-    let Some(url) = &settings.rabbitmq_url else {
-        return;
-    };
-    if let Ok(connection) =
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
-        && let Ok(channel) = connection.create_channel().await
-    {
-        for queue in [settings.queue("test"), settings.dead_letter_queue("test")] {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
-        }
-        for exchange in [settings.exchange.clone(), settings.dead_letter_exchange()] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await;
-        }
-    }
 }
