@@ -8,16 +8,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shopmesh_db::testing::TestDb;
-use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_events::consumer::Consumer;
-use shopmesh_events::rabbit::{self, EventsSettings, Topology};
+use shopmesh_events::rabbit::{self, Topology};
 
 const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
 use shopmesh_events::outbox;
 
 mod common;
-use common::{Recorder, append, clean_up, effects, wait_for};
+use common::{Recorder, append, clean_up, effects, producer_and_consumer, test_settings, wait_for};
 
 /// Starts the broker's application again when dropped (also when the test fails).
 struct BrokerBack;
@@ -43,38 +41,14 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-async fn sqlite(test: &TestDb) -> Db {
-    Db::connect(test.url(), &DatabaseSettings::default())
-        .await
-        .expect("connect")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_outbox_absorbs_a_broker_outage_and_a_killed_relay_loses_nothing() {
     let Ok(url) = std::env::var("TEST_RABBITMQ_URL") else {
         eprintln!("skipped: set TEST_RABBITMQ_URL to let this test stop and start the broker");
         return;
     };
-    let unique = uuid::Uuid::new_v4().simple().to_string();
-    let settings = EventsSettings {
-        rabbitmq_url: Some(url.clone()),
-        exchange: format!("shopmesh-test.{unique}"),
-        queue_prefix: format!("shopmesh-test.{unique}."),
-        delivery_limit: 3,
-        retry_delay_ms: 20,
-        prefetch: 10,
-        ..EventsSettings::default()
-    };
-    let (p, c) = (TestDb::sqlite(), TestDb::sqlite());
-    let (producer, db) = (sqlite(&p).await, sqlite(&c).await);
-    outbox::install(&producer).await.expect("install");
-    shopmesh_events::consumer::install(&db)
-        .await
-        .expect("install");
-    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
-        .execute(db.pool())
-        .await
-        .expect("effects");
+    let settings = test_settings(&url);
+    let ((_p, producer), (_c, db)) = producer_and_consumer().await;
     let positioner = outbox::spawn_positioner(producer.clone(), "test");
     let consumer = Arc::new(Consumer::new(
         db.clone(),

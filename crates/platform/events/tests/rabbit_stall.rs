@@ -10,16 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use shopmesh_db::testing::TestDb;
-use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_events::consumer::Consumer;
-use shopmesh_events::outbox;
 use shopmesh_events::rabbit::{self, EventsSettings, Topology};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 mod common;
-use common::{Recorder, append, clean_up, effects, wait_for};
+use common::{Recorder, append, clean_up, effects, producer_and_consumer, test_settings, wait_for};
 
 const TEST_TOPOLOGY: Topology = &[("test", &["test.*"])];
 
@@ -75,29 +72,11 @@ async fn a_silent_broker_connection_is_given_up_and_nothing_is_lost() {
     let (broker, _) = through(&url, "127.0.0.1:1".parse().expect("addr"));
     let (proxy_addr, stall, accepted) = proxy(broker).await;
     let (_, proxied) = through(&url, proxy_addr);
-    let unique = uuid::Uuid::new_v4().simple().to_string();
     let settings = EventsSettings {
-        rabbitmq_url: Some(url.clone()),
-        exchange: format!("shopmesh-test.{unique}"),
-        queue_prefix: format!("shopmesh-test.{unique}."),
-        delivery_limit: 3,
-        retry_delay_ms: 20,
-        prefetch: 10,
         broker_timeout_ms: 1_000,
-        ..EventsSettings::default()
+        ..test_settings(&url)
     };
-    let (p, c) = (TestDb::sqlite(), TestDb::sqlite());
-    let settings_db = DatabaseSettings::default();
-    let producer = Db::connect(p.url(), &settings_db).await.expect("producer");
-    let db = Db::connect(c.url(), &settings_db).await.expect("consumer");
-    outbox::install(&producer).await.expect("install");
-    shopmesh_events::consumer::install(&db)
-        .await
-        .expect("install");
-    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
-        .execute(db.pool())
-        .await
-        .expect("effects");
+    let ((_p, producer), (_c, db)) = producer_and_consumer().await;
     let consumer = Arc::new(Consumer::new(
         db.clone(),
         Arc::new(Recorder),

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shopmesh_db::{Db, TxConn};
+use shopmesh_db::testing::TestDb;
+use shopmesh_db::{DatabaseSettings, Db, TxConn};
 use shopmesh_events::consumer::{Handler, HandlerFuture};
 use shopmesh_events::rabbit::EventsSettings;
 use shopmesh_events::{Envelope, Event, outbox};
@@ -81,4 +82,36 @@ pub async fn clean_up(settings: &EventsSettings) {
                 .await;
         }
     }
+}
+
+/// Settings of a test of its own on the broker at `url`: names no other test uses.
+pub fn test_settings(url: &str) -> EventsSettings {
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    EventsSettings {
+        rabbitmq_url: Some(url.to_owned()),
+        exchange: format!("shopmesh-test.{unique}"),
+        queue_prefix: format!("shopmesh-test.{unique}."),
+        delivery_limit: 3,
+        retry_delay_ms: 20,
+        prefetch: 10,
+        ..EventsSettings::default()
+    }
+}
+
+/// A producer's database with its outbox and a consumer's with its tables and `effects`
+/// (the files live as long as the `TestDb`s).
+pub async fn producer_and_consumer() -> ((TestDb, Db), (TestDb, Db)) {
+    let (p, c) = (TestDb::sqlite(), TestDb::sqlite());
+    let settings = DatabaseSettings::default();
+    let producer = Db::connect(p.url(), &settings).await.expect("producer");
+    let db = Db::connect(c.url(), &settings).await.expect("consumer");
+    outbox::install(&producer).await.expect("install");
+    shopmesh_events::consumer::install(&db)
+        .await
+        .expect("install");
+    sqlx::query("CREATE TABLE effects (event_id TEXT PRIMARY KEY)")
+        .execute(db.pool())
+        .await
+        .expect("effects");
+    ((p, producer), (c, db))
 }
