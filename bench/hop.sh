@@ -7,6 +7,7 @@
 #
 #   bench/hop.sh                          # 64 connections, 10 s per target
 #   CONNECTIONS=32 SECONDS_PER_TARGET=20 bench/hop.sh
+#   GATEWAY_BIN=/tmp/other/shopmesh bench/hop.sh   # another build of the gateway
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,12 +33,14 @@ taskset -c 0 "$target_dir/release/bench-upstream" "127.0.0.1:$upstream_port" 2> 
 pids+=($!)
 
 upstream="http://127.0.0.1:$upstream_port"
+# As `shopmesh up` runs it on two cores: confined to one core (`--cpus`), so on tokio's
+# current-thread scheduler.
 SHOPMESH_SERVER__PORT=$gateway_port \
 SHOPMESH_GATEWAY__UPSTREAMS__USERS="$upstream" \
 SHOPMESH_GATEWAY__UPSTREAMS__INVENTORY="$upstream" \
 SHOPMESH_GATEWAY__RATE_LIMIT__PER_IP_PER_SECOND=0 \
 SHOPMESH_GATEWAY__RATE_LIMIT__PER_USER_PER_SECOND=0 \
-    taskset -c 0 "$target_dir/release/shopmesh" serve gateway > "$work/gateway.log" 2>&1 &
+    "${GATEWAY_BIN:-$target_dir/release/shopmesh}" serve gateway --cpus 0 > "$work/gateway.log" 2>&1 &
 pids+=($!)
 
 cat > "$work/nginx.conf" <<EOF

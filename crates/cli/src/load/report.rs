@@ -87,16 +87,17 @@ pub(super) fn html(r: &LoadResult) -> anyhow::Result<String> {
     if !r.processes.is_empty() {
         page.push_str(&format!(
             "<h2>Processes</h2><table><tr><th>process</th><th>CPU s</th><th>CPU ms per {}</th>\
-             <th>RSS MiB</th></tr>",
+             <th>RSS MiB</th><th>private MiB</th></tr>",
             r.iteration
         ));
         for p in &r.processes {
             page.push_str(&format!(
-                "<tr><td>{}</td><td>{:.2}</td><td>{:.3}</td><td>{:.1}</td></tr>",
+                "<tr><td>{}</td><td>{:.2}</td><td>{:.3}</td><td>{:.1}</td><td>{:.1}</td></tr>",
                 escape(&p.process),
                 p.cpu_seconds,
                 p.cpu_ms_per_iteration,
-                p.rss_mib
+                p.rss_mib,
+                p.private_mib
             ));
         }
         page.push_str("</table>");
