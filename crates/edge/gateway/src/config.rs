@@ -86,6 +86,15 @@ pub struct GatewaySettings {
     pub rate_limit: RateLimitSettings,
     /// How long a kept answer may be served stale on `stale_fallback` routes, in seconds.
     pub stale_max_age_secs: u64,
+    /// Bytes (keys and bodies) the answers kept for each service's `stale_fallback` routes
+    /// may take; the oldest go first beyond it (as beyond 1,000 answers).
+    pub cache_max_bytes: usize,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` is believed: a comma-separated
+    /// list of addresses and networks (`10.0.0.0/8,fd00::/8`). Behind an ingress, the client
+    /// is the first untrusted address from the right of that header, and rate limits count
+    /// per client instead of all clients sharing the ingress's bucket. Empty (the default):
+    /// the socket's peer is the client and the header is ignored.
+    pub trusted_proxies: String,
 }
 
 impl Default for GatewaySettings {
@@ -97,6 +106,8 @@ impl Default for GatewaySettings {
             routes: default_routes(),
             rate_limit: RateLimitSettings::default(),
             stale_max_age_secs: 300,
+            cache_max_bytes: 16 * 1024 * 1024,
+            trusted_proxies: String::new(),
         }
     }
 }
@@ -232,6 +243,13 @@ impl GatewaySettings {
 
     /// Checks the table, naming the key at fault.
     pub fn validate(&self) -> anyhow::Result<()> {
+        crate::client::TrustedProxies::parse(&self.trusted_proxies).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid configuration: gateway.trusted_proxies \
+                 (SHOPMESH_GATEWAY__TRUSTED_PROXIES): {e}; expected a comma-separated list of \
+                 addresses and networks"
+            )
+        })?;
         for (name, spec) in &self.upstreams {
             Source::parse(spec).map_err(|e| {
                 anyhow::anyhow!(

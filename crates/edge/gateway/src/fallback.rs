@@ -7,6 +7,10 @@
 //! - **stale**: the last good answer, kept a few minutes, served with `Warning: 110` and `Age`
 //!   when the service cannot answer (no endpoint, every circuit open, unreachable, deadline
 //!   passed, or a 502/503/504).
+//!
+//! Bounded twice: by entries and by bytes (keys and bodies). A key is the path and the query
+//! with its parameters in name order (the order of parameters of one name kept), so
+//! `?q=lamp&limit=20` and `?limit=20&q=lamp` are one entry, not two.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -50,21 +54,58 @@ impl Entry {
     }
 }
 
+/// What is kept, and how many bytes of keys and bodies that is.
+#[derive(Default)]
+struct Kept {
+    entries: HashMap<String, Entry>,
+    bytes: usize,
+}
+
+impl Kept {
+    fn remove(&mut self, key: &str) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.bytes -= key.len() + entry.body.len();
+        }
+    }
+}
+
 /// The cache of one route family.
 pub struct StaleCache {
-    entries: Mutex<HashMap<String, Entry>>,
+    kept: Mutex<Kept>,
     max_age: Duration,
     max_entries: usize,
+    max_bytes: usize,
+}
+
+/// The cache key of a request target: the path, and the query's parameters in name order
+/// (a stable sort: parameters of one name keep their order, which may matter to the service).
+pub fn key(path_and_query: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_owned();
+    };
+    let mut parameters: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    parameters.sort_by_key(|p| p.split_once('=').map_or(*p, |(name, _)| name));
+    if parameters.is_empty() {
+        return path.to_owned();
+    }
+    format!("{path}?{}", parameters.join("&"))
 }
 
 impl StaleCache {
-    /// Keeps up to `max_entries` answers for `max_age` each.
-    pub fn new(max_age: Duration, max_entries: usize) -> Self {
+    /// Keeps up to `max_entries` answers, and up to `max_bytes` of keys and bodies, for
+    /// `max_age` each.
+    pub fn new(max_age: Duration, max_entries: usize, max_bytes: usize) -> Self {
         StaleCache {
-            entries: Mutex::new(HashMap::new()),
+            kept: Mutex::new(Kept::default()),
             max_age,
             max_entries: max_entries.max(1),
+            max_bytes,
         }
+    }
+
+    /// Bytes of keys and bodies kept.
+    pub fn bytes(&self) -> usize {
+        self.kept.lock().map_or(0, |kept| kept.bytes)
     }
 
     fn store(
@@ -74,22 +115,43 @@ impl StaleCache {
         body: Bytes,
         (fresh_for, revalidate_for): (Duration, Duration),
     ) {
-        let Ok(mut entries) = self.entries.lock() else {
+        let Ok(mut kept) = self.kept.lock() else {
             return;
         };
-        if entries.len() >= self.max_entries && !entries.contains_key(key) {
+        // What was kept under this key is outdated by this answer, kept or not.
+        kept.remove(key);
+        let size = key.len() + body.len();
+        if size > self.max_bytes {
+            return;
+        }
+        let full = |kept: &Kept| {
+            kept.entries.len() >= self.max_entries || kept.bytes + size > self.max_bytes
+        };
+        if full(&kept) {
             let max_age = self.max_age;
-            entries.retain(|_, e| e.stored.elapsed() < max_age);
-            if entries.len() >= self.max_entries
-                && let Some(oldest) = entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.stored)
-                    .map(|(k, _)| k.clone())
-            {
-                entries.remove(&oldest);
+            let expired: Vec<String> = kept
+                .entries
+                .iter()
+                .filter(|(_, e)| e.stored.elapsed() >= max_age)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in expired {
+                kept.remove(&k);
             }
         }
-        entries.insert(
+        while full(&kept) {
+            let Some(oldest) = kept
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.stored)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            kept.remove(&oldest);
+        }
+        kept.bytes += size;
+        kept.entries.insert(
             key.to_owned(),
             Entry {
                 stored: Instant::now(),
@@ -106,8 +168,8 @@ impl StaleCache {
     /// through this route family, so a product page or list may have changed. Replicas of the
     /// gateway each keep their own answers, for at most max-age + stale-while-revalidate.
     pub fn expire_fresh(&self) {
-        if let Ok(mut entries) = self.entries.lock() {
-            for entry in entries.values_mut() {
+        if let Ok(mut kept) = self.kept.lock() {
+            for entry in kept.entries.values_mut() {
                 entry.fresh_for = Duration::ZERO;
                 entry.revalidate_for = Duration::ZERO;
             }
@@ -118,8 +180,8 @@ impl StaleCache {
     /// while another request is fetching a new one; `None` sends this request to the service
     /// (the first after an expiry, which becomes the one refreshing).
     pub fn fresh(&self, key: &str) -> Option<Response> {
-        let mut entries = self.entries.lock().ok()?;
-        let entry = entries.get_mut(key)?;
+        let mut kept = self.kept.lock().ok()?;
+        let entry = kept.entries.get_mut(key)?;
         let age = entry.stored.elapsed();
         if age >= entry.fresh_for {
             if age >= entry.fresh_for + entry.revalidate_for {
@@ -145,8 +207,8 @@ impl StaleCache {
     }
 
     fn stale(&self, key: &str) -> Option<Response> {
-        let entries = self.entries.lock().ok()?;
-        let entry = entries.get(key)?;
+        let kept = self.kept.lock().ok()?;
+        let entry = kept.entries.get(key)?;
         let age = entry.stored.elapsed();
         if age >= self.max_age {
             return None;
@@ -303,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_fresh_entry_is_served_until_its_age_passes_its_max_age() {
-        let cache = StaleCache::new(Duration::from_secs(300), 10);
+        let cache = StaleCache::new(Duration::from_secs(300), 10, 1 << 20);
         cache.store(
             "/a",
             None,
@@ -323,8 +385,8 @@ mod tests {
             "no max-age: only a stale fallback"
         );
         assert!(cache.stale("/b").is_some());
-        if let Ok(mut entries) = cache.entries.lock()
-            && let Some(entry) = entries.get_mut("/a")
+        if let Ok(mut kept) = cache.kept.lock()
+            && let Some(entry) = kept.entries.get_mut("/a")
         {
             entry.stored = entry
                 .stored
@@ -335,8 +397,68 @@ mod tests {
     }
 
     #[test]
+    fn the_order_of_differently_named_parameters_makes_no_other_entry() {
+        assert_eq!(key("/p?q=lamp&limit=20"), key("/p?limit=20&q=lamp"));
+        assert_eq!(key("/p?q=lamp&limit=20"), "/p?limit=20&q=lamp");
+        assert_ne!(
+            key("/p?c=a&c=b"),
+            key("/p?c=b&c=a"),
+            "parameters of one name keep their order"
+        );
+        assert_eq!(key("/p?&"), "/p");
+        assert_eq!(key("/p"), "/p");
+        assert_eq!(key("/p?flag&a=1"), "/p?a=1&flag");
+    }
+
+    #[test]
+    fn what_is_kept_stays_within_its_bytes_the_oldest_going_first() {
+        let cache = StaleCache::new(Duration::from_secs(300), 1_000, 10_000);
+        let body = Bytes::from(vec![b'x'; 3_000]);
+        for i in 0..10 {
+            cache.store(
+                &format!("/p/{i}"),
+                None,
+                body.clone(),
+                (Duration::from_secs(60), Duration::ZERO),
+            );
+            assert!(cache.bytes() <= 10_000, "{} bytes after {i}", cache.bytes());
+        }
+        assert!(cache.fresh("/p/9").is_some(), "the newest is kept");
+        assert!(cache.fresh("/p/0").is_none(), "the oldest went first");
+        // Keeping a key again replaces it, it does not count twice.
+        let before = cache.bytes();
+        cache.store(
+            "/p/9",
+            None,
+            body.clone(),
+            (Duration::from_secs(60), Duration::ZERO),
+        );
+        assert_eq!(cache.bytes(), before);
+        // An answer larger than the whole budget is passed through, not kept.
+        cache.store(
+            "/huge",
+            None,
+            Bytes::from(vec![b'x'; 20_000]),
+            (Duration::from_secs(60), Duration::ZERO),
+        );
+        assert!(cache.fresh("/huge").is_none());
+        assert_eq!(cache.bytes(), before);
+        // And an answer too large to keep replaces what was kept under its key.
+        cache.store(
+            "/p/9",
+            None,
+            Bytes::from(vec![b'x'; 20_000]),
+            (Duration::from_secs(60), Duration::ZERO),
+        );
+        assert!(
+            cache.fresh("/p/9").is_none(),
+            "the outdated answer is not served"
+        );
+    }
+
+    #[test]
     fn after_expiry_one_request_refreshes_while_the_others_get_the_kept_answer() {
-        let cache = StaleCache::new(Duration::from_secs(300), 10);
+        let cache = StaleCache::new(Duration::from_secs(300), 10, 1 << 20);
         cache.store(
             "/p",
             None,
@@ -344,8 +466,8 @@ mod tests {
             (Duration::from_secs(1), Duration::from_secs(1)),
         );
         let age = |by: u64| {
-            if let Ok(mut entries) = cache.entries.lock()
-                && let Some(entry) = entries.get_mut("/p")
+            if let Ok(mut kept) = cache.kept.lock()
+                && let Some(entry) = kept.entries.get_mut("/p")
             {
                 entry.stored = Instant::now()
                     .checked_sub(Duration::from_millis(by))
@@ -392,7 +514,7 @@ mod tests {
 
     #[test]
     fn a_write_stops_every_kept_answer_from_being_fresh_but_keeps_it_as_a_fallback() {
-        let cache = StaleCache::new(Duration::from_secs(300), 10);
+        let cache = StaleCache::new(Duration::from_secs(300), 10, 1 << 20);
         cache.store(
             "/p",
             None,

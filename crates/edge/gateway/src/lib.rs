@@ -6,6 +6,8 @@
 //! - [`proxy`]: forwarding: token check on protected routes, body cap (413), hop-by-hop headers
 //!   removed, `X-Forwarded-*` set, a deadline on every upstream call (504), 503/502 problems when
 //!   the upstream is down or breaks off, pooled keep-alive connections.
+//! - [`client`]: who the client is (the peer, or behind `gateway.trusted_proxies` the first
+//!   untrusted `X-Forwarded-For` address), and the key its limits count under (IPv6 by /64).
 //! - [`ratelimit`]: per client IP, per user, and stricter per IP and account on `/login`;
 //!   429 with `Retry-After` and `RateLimit` headers.
 //! - [`docs`]: the public API's OpenAPI document, merged from the services' own, at
@@ -18,6 +20,7 @@
 //! response streamed back. Services verify the token again: in local mode they are reachable on
 //! their own ports.
 
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod docs;
@@ -57,6 +60,8 @@ impl Application {
             verifier: verifier.clone(),
             body_limit: config.gateway.body_limit_bytes,
             limits: Arc::new(ratelimit::RateLimits::new(&config.gateway.rate_limit)),
+            proxies: client::TrustedProxies::parse(&config.gateway.trusted_proxies)
+                .map_err(|e| anyhow::anyhow!("gateway.trusted_proxies: {e}"))?,
         });
         let limits = shared.limits.clone();
         let mesh = Mesh::new(config.mesh.clone());
@@ -86,6 +91,7 @@ impl Application {
                         Arc::new(fallback::StaleCache::new(
                             Duration::from_secs(config.gateway.stale_max_age_secs),
                             1_000,
+                            config.gateway.cache_max_bytes,
                         ))
                     })
                     .clone()

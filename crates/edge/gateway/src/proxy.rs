@@ -15,6 +15,7 @@ use shopmesh_auth::extract::AuthRejection;
 use shopmesh_mesh::{CallError, CallOptions, Upstream};
 use shopmesh_problem::{Kind, Problem};
 
+use crate::client::TrustedProxies;
 use crate::config::AuthPolicy;
 use crate::fallback::StaleCache;
 use crate::ratelimit::RateLimits;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub body_limit: usize,
     /// Rate limits.
     pub limits: Arc<RateLimits>,
+    /// Whose `X-Forwarded-For` is believed.
+    pub proxies: TrustedProxies,
 }
 
 /// The header a client sends to make a POST safe to repeat.
@@ -110,9 +113,10 @@ async fn try_forward(
 ) -> Result<Response, Response> {
     let shared = &target.shared;
     let (mut parts, body) = request.into_parts();
+    let client = shared.proxies.client(peer.ip(), &parts.headers);
     shared
         .limits
-        .check_ip(peer.ip())
+        .check_ip(client)
         .map_err(IntoResponse::into_response)?;
 
     if target.auth == AuthPolicy::Required {
@@ -167,7 +171,7 @@ async fn try_forward(
     };
     shared
         .limits
-        .check_login(parts.uri.path(), peer.ip(), &body)
+        .check_login(parts.uri.path(), client, &body)
         .map_err(IntoResponse::into_response)?;
 
     let path_and_query = parts
@@ -183,11 +187,11 @@ async fn try_forward(
 
     let original_host = parts.headers.remove(header::HOST);
     strip_hop_by_hop(&mut parts.headers);
-    // The gateway is the edge: it states who the client is rather than trusting what the client
-    // claims.
+    // The gateway is the edge: it states who the client is rather than passing on what the
+    // client (or an untrusted hop) claims.
     parts.headers.insert(
         HeaderName::from_static("x-forwarded-for"),
-        HeaderValue::from_str(&peer.ip().to_string())
+        HeaderValue::from_str(&client.to_string())
             .map_err(|_| Problem::internal().into_response())?,
     );
     parts.headers.insert(
@@ -203,10 +207,9 @@ async fn try_forward(
     // if the service marked it `public`, which says it is the same for everyone (RFC 9111
     // §3.5), so a signed-in reader may get it, and give it, too. Otherwise only anonymous
     // answers are kept (as stale fallbacks): an answer for a signed-in user may be theirs alone.
-    let read_key = target
-        .fallback
-        .as_ref()
-        .and_then(|_| (parts.method == Method::GET).then(|| path_and_query.as_str().to_owned()));
+    let read_key = target.fallback.as_ref().and_then(|_| {
+        (parts.method == Method::GET).then(|| crate::fallback::key(path_and_query.as_str()))
+    });
     if let (Some(cache), Some(key)) = (&target.fallback, &read_key)
         && let Some(hit) = cache.fresh(key)
     {

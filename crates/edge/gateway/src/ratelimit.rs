@@ -138,6 +138,24 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 }
 
+/// The longest e-mail address there is (RFC 5321: a path of 256 octets, less its brackets).
+const MAX_EMAIL_BYTES: usize = 254;
+
+/// The key a login counts under: the address as the users service compares it (trimmed,
+/// lowercase), cut to the longest possible address, so a body of a megabyte is a key of 254
+/// bytes (such an address can be no account: its attempts may share one bucket).
+fn account_key(email: &str) -> String {
+    let mut key = email.trim().to_lowercase();
+    if key.len() > MAX_EMAIL_BYTES {
+        let mut end = MAX_EMAIL_BYTES;
+        while !key.is_char_boundary(end) {
+            end -= 1;
+        }
+        key.truncate(end);
+    }
+    key
+}
+
 /// All the gateway's limits.
 pub struct RateLimits {
     ip: Option<Limiter<IpAddr>>,
@@ -171,9 +189,11 @@ impl RateLimits {
         }
     }
 
-    /// Every request, by client address.
+    /// Every request, by client address (an IPv6 client by its /64).
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Refusal> {
-        self.ip.as_ref().map_or(Ok(()), |l| l.check(&ip))
+        self.ip
+            .as_ref()
+            .map_or(Ok(()), |l| l.check(&crate::client::limit_key(ip)))
     }
 
     /// A request with a verified token, by user.
@@ -187,12 +207,12 @@ impl RateLimits {
             return Ok(());
         }
         if let Some(limiter) = &self.login_ip {
-            limiter.check(&ip)?;
+            limiter.check(&crate::client::limit_key(ip))?;
         }
         if let Some(limiter) = &self.login_account
             && let Ok(LoginBody { email: Some(email) }) = serde_json::from_slice(body)
         {
-            limiter.check(&email.trim().to_lowercase())?;
+            limiter.check(&account_key(&email))?;
         }
         Ok(())
     }
@@ -275,6 +295,61 @@ mod tests {
             limits.check_login("/api/v1/me", ip, bob).is_ok(),
             "only the login route"
         );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_across_its_64() {
+        let limits = RateLimits::new(&settings());
+        assert!(
+            limits
+                .check_ip("2001:db8:1:2::1".parse().expect("ip"))
+                .is_ok()
+        );
+        assert!(
+            limits
+                .check_ip("2001:db8:1:2::2".parse().expect("ip"))
+                .is_ok()
+        );
+        let refusal = limits
+            .check_ip("2001:db8:1:2:ffff::3".parse().expect("ip"))
+            .expect_err("a third address of the same /64");
+        assert_eq!(refusal.policy, "ip");
+        assert!(
+            limits
+                .check_ip("2001:db8:1:3::1".parse().expect("ip"))
+                .is_ok(),
+            "the next /64 is another subscriber"
+        );
+    }
+
+    #[test]
+    fn a_login_key_is_at_most_an_address_long() {
+        let huge = format!("{}@example.com", "Ä".repeat(500_000));
+        let key = account_key(&huge);
+        assert!(
+            key.len() <= MAX_EMAIL_BYTES && key.len() >= MAX_EMAIL_BYTES - 1,
+            "{}",
+            key.len()
+        );
+        assert!(
+            key.starts_with('ä'),
+            "lowercased like the users service compares"
+        );
+        assert_eq!(account_key("  Ann@Example.com "), "ann@example.com");
+        // Long addresses that differ only past the cap share a bucket: none of them exists.
+        let limits = RateLimits::new(&settings());
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        let long = |tail: &str| format!(r#"{{"email":"{}{tail}"}}"#, "a".repeat(300)).into_bytes();
+        assert!(limits.check_login("/api/v1/login", ip, &long("1")).is_ok());
+        assert!(
+            limits
+                .check_login("/api/v1/login", "10.0.0.2".parse().expect("ip"), &long("2"))
+                .is_ok()
+        );
+        let refused = limits
+            .check_login("/api/v1/login", "10.0.0.3".parse().expect("ip"), &long("3"))
+            .expect_err("the same capped key a third time");
+        assert_eq!(refused.policy, "login-account");
     }
 
     #[test]

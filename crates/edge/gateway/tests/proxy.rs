@@ -487,3 +487,88 @@ async fn a_client_over_its_per_address_rate_is_refused_on_every_route() {
     assert_eq!(accepted + refused, 15);
     assert!(refused > 0);
 }
+
+/// Logins from the client at `forwarded_for`, through a proxy on this machine (the test).
+async fn login_from(client: &reqwest::Client, gw: SocketAddr, forwarded_for: &str) -> u16 {
+    client
+        .post(format!("http://{gw}/api/v1/login"))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&json!({"email": format!("{forwarded_for}@example.com"), "password": "guess"}))
+        .send()
+        .await
+        .expect("send")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limits_and_is_named_upstream() {
+    let up = upstream().await;
+    let limits = [
+        ("SHOPMESH_GATEWAY__RATE_LIMIT__LOGIN_PER_MINUTE_PER_IP", "2"),
+        (
+            "SHOPMESH_GATEWAY__RATE_LIMIT__LOGIN_PER_MINUTE_PER_ACCOUNT",
+            "0",
+        ),
+    ];
+    let behind_proxy = gateway(
+        &format!("http://{}", up.addr),
+        &[
+            limits[0],
+            limits[1],
+            ("SHOPMESH_GATEWAY__TRUSTED_PROXIES", "127.0.0.0/8"),
+        ],
+    )
+    .await;
+    let exposed = gateway(&format!("http://{}", up.addr), &limits).await;
+    let client = reqwest::Client::new();
+
+    // The proxy (this test, on 127.0.0.1) is trusted: the forwarded client is counted.
+    assert_eq!(login_from(&client, behind_proxy, "198.51.100.7").await, 200);
+    assert_eq!(login_from(&client, behind_proxy, "198.51.100.7").await, 200);
+    assert_eq!(login_from(&client, behind_proxy, "198.51.100.7").await, 429);
+    assert_eq!(
+        login_from(&client, behind_proxy, "198.51.100.8").await,
+        200,
+        "another client behind the same proxy has its own allowance"
+    );
+    let echo: Value = client
+        .post(format!("http://{behind_proxy}/api/v1/register"))
+        .header("x-forwarded-for", "6.6.6.6, 198.51.100.9")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"], "198.51.100.9",
+        "the service is told the client the trusted proxy saw, not the client's own claim"
+    );
+
+    // No trusted proxies (the default): the header is anyone's claim, the peer is the client.
+    assert_eq!(login_from(&client, exposed, "198.51.100.7").await, 200);
+    assert_eq!(login_from(&client, exposed, "198.51.100.8").await, 200);
+    assert_eq!(
+        login_from(&client, exposed, "198.51.100.9").await,
+        429,
+        "a made-up X-Forwarded-For must not buy a fresh allowance"
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxies_setting_that_is_not_addresses_stops_the_gateway_with_its_name() {
+    let sources = Sources::empty().set("SHOPMESH_SERVER__PORT", "0").set(
+        "SHOPMESH_GATEWAY__TRUSTED_PROXIES",
+        "10.0.0.0/8,ingress.local",
+    );
+    let error = match Config::load(&sources) {
+        Ok(_) => panic!("a host name is not an address"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("SHOPMESH_GATEWAY__TRUSTED_PROXIES") && error.contains("ingress.local"),
+        "{error}"
+    );
+}
