@@ -756,7 +756,8 @@ struct Usage {
     /// Resident pages no other process maps (`Private_Clean` + `Private_Dirty`): what stopping
     /// this process would give back. Every process under `up` is the same binary, so its
     /// resident code (17 MiB of each RSS, measured) is counted in every RSS but held once.
-    private_kib: u64,
+    /// `None` when `smaps_rollup` cannot be read (another user's process).
+    private_kib: Option<u64>,
 }
 
 fn usage(pid: u32) -> Option<Usage> {
@@ -773,8 +774,8 @@ fn usage(pid: u32) -> Option<Usage> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     let private_kib = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .map(|rollup| private_kib(&rollup))
-        .unwrap_or(0);
+        .ok()
+        .map(|rollup| private_kib(&rollup));
     Some(Usage {
         cpu_ticks: utime + stime,
         rss_kib,
@@ -859,8 +860,9 @@ struct ProcessResult {
     cpu_seconds: f64,
     cpu_ms_per_iteration: f64,
     rss_mib: f64,
-    /// Resident memory no other process shares (see [`Usage::private_kib`]).
-    private_mib: f64,
+    /// Resident memory no other process shares (see [`Usage::private_kib`]); `None` when it
+    /// could not be read.
+    private_mib: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1023,7 +1025,7 @@ pub(crate) async fn run_with(
                 cpu_seconds,
                 cpu_ms_per_iteration: cpu_seconds * 1000.0 / iterations,
                 rss_mib: end.rss_kib as f64 / 1024.0,
-                private_mib: end.private_kib as f64 / 1024.0,
+                private_mib: end.private_kib.map(|kib| kib as f64 / 1024.0),
             })
         })
         .collect();
@@ -1318,8 +1320,13 @@ fn print_result(r: &LoadResult) {
         );
         for p in &r.processes {
             println!(
-                "{:<18} {:>9.2} {:>14.3} {:>9.1} {:>12.1}",
-                p.process, p.cpu_seconds, p.cpu_ms_per_iteration, p.rss_mib, p.private_mib
+                "{:<18} {:>9.2} {:>14.3} {:>9.1} {:>12}",
+                p.process,
+                p.cpu_seconds,
+                p.cpu_ms_per_iteration,
+                p.rss_mib,
+                p.private_mib
+                    .map_or_else(|| "-".to_owned(), |mib| format!("{mib:.1}"))
             );
         }
         if let Some(total) = r.shop_cpu_ms_per_iteration {
@@ -1408,7 +1415,7 @@ mod tests {
     fn our_own_process_usage_is_readable() {
         let me = usage(std::process::id()).expect("/proc/self");
         assert!(me.rss_kib > 0);
-        assert!(me.private_kib > 0 && me.private_kib <= me.rss_kib, "{me:?}");
+        assert!(me.private_kib.is_some_and(|kib| kib > 0), "{me:?}");
     }
 
     #[test]

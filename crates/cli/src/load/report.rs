@@ -92,12 +92,13 @@ pub(super) fn html(r: &LoadResult) -> anyhow::Result<String> {
         ));
         for p in &r.processes {
             page.push_str(&format!(
-                "<tr><td>{}</td><td>{:.2}</td><td>{:.3}</td><td>{:.1}</td><td>{:.1}</td></tr>",
+                "<tr><td>{}</td><td>{:.2}</td><td>{:.3}</td><td>{:.1}</td><td>{}</td></tr>",
                 escape(&p.process),
                 p.cpu_seconds,
                 p.cpu_ms_per_iteration,
                 p.rss_mib,
                 p.private_mib
+                    .map_or_else(|| "-".to_owned(), |mib| format!("{mib:.1}"))
             ));
         }
         page.push_str("</table>");

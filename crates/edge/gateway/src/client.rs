@@ -26,7 +26,7 @@ impl TrustedProxies {
         let mut nets = Vec::new();
         for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let net = match entry.parse::<IpNet>() {
-                Ok(net) => net.trunc(),
+                Ok(net) => canonical_net(net.trunc()),
                 Err(_) => match entry.parse::<IpAddr>() {
                     Ok(ip) => IpNet::from(canonical(ip)),
                     Err(_) => {
@@ -51,17 +51,23 @@ impl TrustedProxies {
         if self.0.is_empty() || !self.trusts(client) {
             return client;
         }
-        // Every X-Forwarded-For line, in order, makes one list (RFC 9110 §5.3).
-        let entries: Vec<&str> = headers
+        // Every X-Forwarded-For line, in order, makes one list (RFC 9110 §5.3), walked from
+        // its end. Entries are split before they are decoded: a proxy appends the address it
+        // saw to the client's own line, so a byte the client put at the start of that line
+        // must not cost the address the proxy wrote after it.
+        let lines: Vec<&[u8]> = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            .map(|v| v.as_bytes())
             .collect();
-        for entry in entries.iter().rev().take(MAX_HOPS) {
+        let entries = lines
+            .iter()
+            .rev()
+            .flat_map(|line| line.rsplit(|b| *b == b','));
+        for entry in entries.take(MAX_HOPS) {
             // What a trusted proxy wrote is an address; anything else ends what can be believed,
             // and the proxy that passed it on is the nearest known client.
-            let Some(ip) = parse_entry(entry) else {
+            let Some(ip) = std::str::from_utf8(entry).ok().and_then(parse_entry) else {
                 return client;
             };
             client = ip;
@@ -82,7 +88,8 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
     }
     if let Some(rest) = entry.strip_prefix('[') {
         return rest
-            .split_once(']')
+            .split_once("]:")
+            .filter(|(_, port)| port.parse::<u16>().is_ok())
             .and_then(|(ip, _)| ip.parse::<Ipv6Addr>().ok())
             .map(|ip| canonical(IpAddr::V6(ip)));
     }
@@ -90,6 +97,20 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
         .rsplit_once(':')
         .and_then(|(ip, port)| port.parse::<u16>().ok().and(ip.parse::<IpAddr>().ok()))
         .map(canonical)
+}
+
+/// A network of IPv4 addresses written as IPv6 (`::ffff:10.0.0.0/104`) is that IPv4 network:
+/// clients' addresses are compared as IPv4 ([`canonical`]).
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => {
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(IpNet::V6(v6), IpNet::V4)
+            }
+            None => IpNet::V6(v6),
+        },
+        other => other,
+    }
 }
 
 /// An IPv4 address written as IPv6 (`::ffff:10.0.0.1`, what a dual-stack socket reports) is
@@ -190,6 +211,34 @@ mod tests {
         assert_eq!(
             trusted.client(peer, &headers(&["[2001:db8::1]:443"])),
             ip("2001:db8::1")
+        );
+    }
+
+    #[test]
+    fn a_byte_the_client_sent_does_not_hide_the_address_the_proxy_appended() {
+        let trusted = TrustedProxies::parse("10.0.0.0/8").expect("parse");
+        let mut forwarded = HeaderMap::new();
+        forwarded.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff, 198.51.100.7").expect("opaque bytes"),
+        );
+        assert_eq!(
+            trusted.client(ip("10.0.0.1"), &forwarded),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            trusted.client(ip("10.0.0.1"), &headers(&["[2001:db8::1]junk"])),
+            ip("10.0.0.1"),
+            "not an address: the proxy is the nearest known client"
+        );
+    }
+
+    #[test]
+    fn a_mapped_network_is_the_ipv4_network() {
+        let trusted = TrustedProxies::parse("::ffff:10.0.0.0/104").expect("parse");
+        assert_eq!(
+            trusted.client(ip("10.1.2.3"), &headers(&["198.51.100.7"])),
+            ip("198.51.100.7")
         );
     }
 

@@ -103,6 +103,13 @@ impl StaleCache {
         }
     }
 
+    /// Forgets what is kept under `key`.
+    fn forget(&self, key: &str) {
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.remove(key);
+        }
+    }
+
     /// Bytes of keys and bodies kept.
     pub fn bytes(&self) -> usize {
         self.kept.lock().map_or(0, |kept| kept.bytes)
@@ -139,16 +146,20 @@ impl StaleCache {
                 kept.remove(&k);
             }
         }
-        while full(&kept) {
-            let Some(oldest) = kept
+        if full(&kept) {
+            // Oldest first; one sort, however many go.
+            let mut by_age: Vec<(Instant, String)> = kept
                 .entries
                 .iter()
-                .min_by_key(|(_, e)| e.stored)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            kept.remove(&oldest);
+                .map(|(k, e)| (e.stored, k.clone()))
+                .collect();
+            by_age.sort_unstable();
+            for (_, oldest) in by_age {
+                if !full(&kept) {
+                    break;
+                }
+                kept.remove(&oldest);
+            }
         }
         kept.bytes += size;
         kept.entries.insert(
@@ -252,6 +263,11 @@ impl StaleCache {
         crate::proxy::strip_hop_by_hop(&mut parts.headers);
         let length = content_length(&parts.headers);
         let fresh_for = fresh_for(&parts.headers);
+        if status == StatusCode::OK && length.is_none_or(|l| l > MAX_BODY) {
+            // A newer answer, too large (or of unknown length) to keep: what is kept is
+            // outdated by it.
+            self.forget(key);
+        }
         if status != StatusCode::OK
             || length.is_none_or(|l| l > MAX_BODY)
             || (!anonymous && fresh_for.is_zero())
@@ -261,10 +277,12 @@ impl StaleCache {
         match body.collect().await {
             Ok(collected) => {
                 let bytes = collected.to_bytes();
+                // A copy: the body may be a slice of the connection's read buffer, which the
+                // entry would otherwise keep whole (and the byte bound would not see).
                 self.store(
                     key,
                     parts.headers.get(header::CONTENT_TYPE).cloned(),
-                    bytes.clone(),
+                    Bytes::copy_from_slice(&bytes),
                     (fresh_for, revalidate_for(&parts.headers)),
                 );
                 Response::from_parts(parts, Body::from(bytes))

@@ -1,5 +1,5 @@
 //! A process nobody scrapes must not keep every latency it measured: the recorder holds each
-//! histogram sample (8 bytes) until it is drained, and between scrapes only its upkeep drains
+//! histogram sample (16 bytes, measured) until it is drained, and between scrapes only its upkeep drains
 //! it. Measured by the process's resident memory, in a binary of its own: samples drained are
 //! freed, and the next ones reuse that memory instead of growing the process.
 
