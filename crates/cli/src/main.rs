@@ -112,7 +112,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if serve::address_in_use(&e) {
+                ExitCode::from(serve::EXIT_ADDRESS_IN_USE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

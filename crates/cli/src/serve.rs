@@ -47,6 +47,20 @@ impl Service {
     }
 }
 
+/// The exit status of a process that could not listen because its address is taken (98 is
+/// Linux's `EADDRINUSE`): the launcher then moves the instance to another port instead of
+/// giving up, since another program can take a port between its check and the child's bind.
+pub const EXIT_ADDRESS_IN_USE: u8 = 98;
+
+/// Whether `error` comes from an address already in use.
+pub fn address_in_use(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+    })
+}
+
 /// Runs one service, configured from the environment: `SHOPMESH_SERVER__PORT`,
 /// `SHOPMESH_DATABASE__URL`, ... (see the README's configuration section).
 #[derive(Debug, Args)]

@@ -69,6 +69,8 @@ const SERVICES: &[Service] = &[
 ];
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How many times one start may move to another port because its own was taken.
+const MAX_MOVES: u32 = 10;
 /// A child that stayed up this long is healthy again: its next crash restarts it quickly.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long a child may take to stop after SIGTERM before it is killed: its drain grace
@@ -218,6 +220,18 @@ struct Spec {
     after: Option<watch::Receiver<bool>>,
     /// The cores it may run on (empty: any).
     cores: Vec<usize>,
+}
+
+impl Spec {
+    /// Moves a service instance to `addr` (its next start listens there).
+    fn move_to(&mut self, addr: SocketAddr) {
+        self.addr = addr;
+        for (key, value) in &mut self.env {
+            if key == "SHOPMESH_SERVER__PORT" {
+                *value = addr.port().to_string();
+            }
+        }
+    }
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -482,7 +496,8 @@ fn plan(
         let count = replicas.get(service.name()).copied().unwrap_or(1);
         let (first_tx, first_rx) = watch::channel(false);
         for n in 1..=count {
-            let addr = free_loopback_addr()?;
+            let taken: Vec<u16> = specs.iter().map(|spec: &Spec| spec.addr.port()).collect();
+            let addr = free_loopback_addr(&taken)?;
             let mut instance_env = common(addr);
             instance_env.extend(env.iter().cloned());
             specs.push(Spec {
@@ -529,12 +544,15 @@ fn plan(
 /// where outgoing connections take their local ports: a port picked with `bind(0)` and released
 /// can be taken by some client's connection before the child binds it; one from this range
 /// cannot. Random, and checked by binding, so parallel launchers rarely even try the same one.
-fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+/// Not one of `taken` (ports this launcher already gave out but whose child may not listen yet).
+/// A port taken anyway between this check and the child's bind makes the child exit with
+/// [`crate::serve::EXIT_ADDRESS_IN_USE`], and `supervise` moves it to another.
+fn free_loopback_addr(taken: &[u16]) -> anyhow::Result<SocketAddr> {
     const RANGE: std::ops::Range<u16> = 20_000..32_000;
     for _ in 0..200 {
         let port = rand::Rng::gen_range(&mut rand::thread_rng(), RANGE);
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-        if TcpListener::bind(addr).is_ok() {
+        if !taken.contains(&port) && TcpListener::bind(addr).is_ok() {
             return Ok(addr);
         }
     }
@@ -558,6 +576,7 @@ async fn supervise(
     }
     let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     let mut restarts = 0u32;
+    let mut moves = 0u32;
     let mut ever_ready = false;
     loop {
         let mut child = match spawn(&exe, &spec) {
@@ -612,6 +631,26 @@ async fn supervise(
             return;
         }
         let _ = events.send(Event::Down(name.clone())).await;
+        if !ever_ready
+            && !spec.fixed_port
+            && moves < MAX_MOVES
+            && status
+                .as_ref()
+                .ok()
+                .and_then(std::process::ExitStatus::code)
+                == Some(i32::from(crate::serve::EXIT_ADDRESS_IN_USE))
+            && let Ok(addr) = free_loopback_addr(&[spec.addr.port()])
+        {
+            // Taken between our check and its bind (a parallel launcher, a client's port):
+            // not a failure of the service, so straight to another port.
+            moves += 1;
+            eprintln!(
+                "shopmesh up: {name}'s port {} was taken; starting it on {addr}",
+                spec.addr.port()
+            );
+            spec.move_to(addr);
+            continue;
+        }
         // Stopped cleanly after it was ready (a SIGTERM: a rolling restart, an operator's
         // stop): not a crash loop, so no growing back-off.
         let clean = is_ready && status.as_ref().is_ok_and(|s| s.success());
@@ -639,15 +678,10 @@ async fn supervise(
             _ = stop.changed() => return,
         }
         if !spec.fixed_port
-            && let Ok(addr) = free_loopback_addr()
+            && let Ok(addr) = free_loopback_addr(&[spec.addr.port()])
         {
             // A new port: whoever still holds the old address must find it again.
-            spec.addr = addr;
-            for (key, value) in &mut spec.env {
-                if key == "SHOPMESH_SERVER__PORT" {
-                    *value = addr.port().to_string();
-                }
-            }
+            spec.move_to(addr);
         }
     }
 }

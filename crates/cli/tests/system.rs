@@ -348,6 +348,35 @@ fn a_child_that_cannot_start_fails_up_with_its_error() {
     );
 }
 
+/// The launcher checks a port is free, then its child binds it; anything can take the port in
+/// between (a parallel launcher did, in CI). The child says so with its own exit status, on
+/// which the launcher moves it to another port instead of stopping the shop.
+#[test]
+fn a_service_whose_port_is_taken_exits_with_the_address_in_use_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let output = Command::new(BIN)
+        .args(["serve", "payments"])
+        .current_dir(dir.path())
+        .env("SHOPMESH_DATA_DIR", dir.path())
+        .env("SHOPMESH_SERVER__PORT", &port)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(98), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    // Any other failure keeps the ordinary status.
+    let output = Command::new(BIN)
+        .args(["serve", "payments"])
+        .current_dir(dir.path())
+        .env("SHOPMESH_DATA_DIR", dir.path())
+        .env("SHOPMESH_SERVER__PROT", "1")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+}
+
 #[test]
 fn help_explains_every_command() {
     for args in [

@@ -93,12 +93,14 @@ impl Server {
     }
 }
 
-/// Binds the configured address; the error names the address.
+/// Binds the configured address; the error names the address and keeps the `io::Error` as its
+/// source (`shopmesh serve` tells an address in use apart by its exit status).
 pub async fn bind(settings: &ServerSettings) -> anyhow::Result<TcpListener> {
+    use anyhow::Context as _;
     let addr = settings.addr();
     TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+        .with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// Serves `router` on `listener` (HTTP/1.1 and HTTP/2, so gRPC too) within `limits`, until
