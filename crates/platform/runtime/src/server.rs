@@ -119,9 +119,12 @@ pub async fn serve(
 
     // One timer for the whole body (not one per chunk: a byte every so often would never
     // trip that).
-    let router = router.layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
-        limits.body_read_timeout,
-    ));
+    // Around the router, not through `Router::layer` (which wraps each route in a boxed
+    // service of its own, cloned per request).
+    let router = tower::Layer::layer(
+        &tower_http::timeout::RequestBodyDeadlineLayer::new(limits.body_read_timeout),
+        router,
+    );
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()

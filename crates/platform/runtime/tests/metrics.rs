@@ -114,3 +114,58 @@ async fn made_up_methods_and_grpc_paths_do_not_become_series() {
     assert!(has(r#"route="/files/{*rest}""#), "{series:#?}");
     assert!(series.len() <= 10, "a bounded set: {series:#?}");
 }
+
+/// Each request is counted once, under its own method, route and status (the handles are kept
+/// per label set after their first use: a mix-up would count one status under another).
+#[tokio::test]
+async fn every_request_counts_under_its_own_route_and_status() {
+    let routes = Router::new().route(
+        "/counted/{id}",
+        axum::routing::get(
+            |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                if id == "missing" {
+                    http::StatusCode::NOT_FOUND
+                } else {
+                    http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let router = App::new("test").http(routes).into_router();
+    let settings = ServerSettings {
+        port: 0,
+        ..Default::default()
+    };
+    let server = Server::bind("test", &settings, router).await.expect("bind");
+    let addr = server.local_addr().expect("addr");
+    tokio::spawn(server.run_until(std::future::pending()));
+    let client = reqwest::Client::new();
+    for id in ["a", "b", "missing", "c"] {
+        client
+            .get(format!("http://{addr}/counted/{id}"))
+            .send()
+            .await
+            .expect("request");
+    }
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let count = |status: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("http_requests_total{")
+                    && l.contains(r#"route="/counted/{id}""#)
+                    && l.contains(&format!(r#"status="{status}""#))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(count("200").as_deref(), Some("3"), "{metrics}");
+    assert_eq!(count("404").as_deref(), Some("1"), "{metrics}");
+}
