@@ -496,7 +496,12 @@ fn plan(
         let count = replicas.get(service.name()).copied().unwrap_or(1);
         let (first_tx, first_rx) = watch::channel(false);
         for n in 1..=count {
-            let taken: Vec<u16> = specs.iter().map(|spec: &Spec| spec.addr.port()).collect();
+            // The gateway's port is taken too: it is pushed last, but it is the shop's address.
+            let taken: Vec<u16> = specs
+                .iter()
+                .map(|spec: &Spec| spec.addr.port())
+                .chain([gateway.port()])
+                .collect();
             let addr = free_loopback_addr(&taken)?;
             let mut instance_env = common(addr);
             instance_env.extend(env.iter().cloned());

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -329,7 +329,9 @@ fn method_label(method: &http::Method) -> &'static str {
 /// The counter and histogram of one (method, route, status), registered on first use and kept:
 /// a registration hashes the name and labels and allocates them, per request where it is done
 /// per request (a tenth of the gateway's instructions for a proxied request went to metrics).
-/// Bounded as the series are: by the closed label sets (see [`track_metrics`]).
+/// Bounded as the series are: by the closed label sets (see [`track_metrics`]). A kept handle
+/// relies on the recorder never dropping a series (no idle timeout is configured): one it
+/// dropped would no longer be rendered.
 struct RouteMetrics {
     requests: metrics::Counter,
     duration: metrics::Histogram,
@@ -339,9 +341,21 @@ type RouteMetricsCache = HashMap<(&'static str, u16), HashMap<Box<str>, RouteMet
 
 impl RouteMetrics {
     fn record(method: &'static str, route: &str, status: u16, seconds: f64) {
-        static CACHE: LazyLock<Mutex<RouteMetricsCache>> = LazyLock::new(Mutex::default);
+        // Read-locked once the set is known (every request but each series' first), so the
+        // workers of a multi-thread process do not queue on it.
+        static CACHE: LazyLock<RwLock<RouteMetricsCache>> = LazyLock::new(RwLock::default);
+        if let Some(handles) = CACHE
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(method, status))
+            .and_then(|by_route| by_route.get(route))
+        {
+            handles.requests.increment(1);
+            handles.duration.record(seconds);
+            return;
+        }
         let mut cache = CACHE
-            .lock()
+            .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let by_route = cache.entry((method, status)).or_default();
         if !by_route.contains_key(route) {

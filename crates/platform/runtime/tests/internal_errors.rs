@@ -77,3 +77,41 @@ async fn the_cause_of_a_500_is_logged_once_with_the_request_id_and_never_sent() 
         lines[0]
     );
 }
+
+/// A handler that panics answers the generic 500 problem with the request's id, and the
+/// process goes on serving.
+#[tokio::test]
+async fn a_panicking_handler_answers_the_500_problem_and_the_server_goes_on() {
+    let routes = Router::new()
+        .route(
+            "/panics",
+            get(|| async {
+                if true {
+                    panic!("handler bug");
+                }
+                "never"
+            }),
+        )
+        .route("/fine", get(|| async { "fine" }));
+    let router = App::new("test").http(routes).into_router();
+    let settings = ServerSettings {
+        port: 0,
+        ..Default::default()
+    };
+    let server = Server::bind("test", &settings, router).await.expect("bind");
+    let addr = server.local_addr().expect("addr");
+    tokio::spawn(server.run_until(std::future::pending()));
+
+    let response = reqwest::get(format!("http://{addr}/panics"))
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 500);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body = response.text().await.expect("body");
+    assert!(body.contains("\"code\":\"internal\""), "{body}");
+    assert!(!body.contains("handler bug"), "the panic leaked: {body}");
+    let fine = reqwest::get(format!("http://{addr}/fine"))
+        .await
+        .expect("answer");
+    assert_eq!(fine.status(), 200);
+}
