@@ -1,6 +1,8 @@
 //! A caller's deadline is kept: past it the process stops working on the request and says so;
 //! before it, the handler sees how much time is left for its own calls.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::{get, post};
-use shopmesh_runtime::{App, Server, ServerSettings};
+use shopmesh_runtime::App;
 
 async fn serve(finished: Arc<AtomicBool>) -> SocketAddr {
     let routes = Router::new()
@@ -41,14 +43,7 @@ async fn serve(finished: Arc<AtomicBool>) -> SocketAddr {
             }),
         );
     let router = App::new("test").http(routes).into_router();
-    let settings = ServerSettings {
-        port: 0,
-        ..Default::default()
-    };
-    let server = Server::bind("test", &settings, router).await.expect("bind");
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.run_until(std::future::pending()));
-    addr
+    common::serve(router).await
 }
 
 #[tokio::test]

@@ -1,13 +1,15 @@
 //! An internal error's cause is logged once, in the request's span (with its request id), and
 //! never sent to the client, who gets the generic 500 problem.
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::routing::get;
 use shopmesh_problem::Problem;
-use shopmesh_runtime::{App, Server, ServerSettings};
+use shopmesh_runtime::App;
 
 /// Every log line written, for the test to read.
 #[derive(Clone, Default)]
@@ -45,13 +47,7 @@ async fn the_cause_of_a_500_is_logged_once_with_the_request_id_and_never_sent() 
         }),
     );
     let router = App::new("test").http(routes).into_router();
-    let settings = ServerSettings {
-        port: 0,
-        ..Default::default()
-    };
-    let server = Server::bind("test", &settings, router).await.expect("bind");
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.run_until(std::future::pending()));
+    let addr = common::serve(router).await;
 
     let response = reqwest::get(format!("http://{addr}/boom"))
         .await
@@ -94,13 +90,7 @@ async fn a_panicking_handler_answers_the_500_problem_and_the_server_goes_on() {
         )
         .route("/fine", get(|| async { "fine" }));
     let router = App::new("test").http(routes).into_router();
-    let settings = ServerSettings {
-        port: 0,
-        ..Default::default()
-    };
-    let server = Server::bind("test", &settings, router).await.expect("bind");
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.run_until(std::future::pending()));
+    let addr = common::serve(router).await;
 
     let response = reqwest::get(format!("http://{addr}/panics"))
         .await

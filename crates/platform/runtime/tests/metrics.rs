@@ -1,6 +1,8 @@
 //! Metric labels come from a closed set, whatever a client sends: made-up methods and gRPC
 //! paths must not become series (they are never removed, so each would be memory for good).
 
+mod common;
+
 use std::convert::Infallible;
 use std::future::Ready;
 use std::task::{Context, Poll};
@@ -9,7 +11,7 @@ use axum::Router;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use shopmesh_runtime::{App, Server, ServerSettings};
+use shopmesh_runtime::App;
 
 /// A gRPC service with one method, `Known`; any other answers UNIMPLEMENTED the way tonic's
 /// generated servers do (a trailers-only response, the status in the headers).
@@ -50,13 +52,7 @@ impl tower::Service<Request> for Echo {
 async fn made_up_methods_and_grpc_paths_do_not_become_series() {
     let routes = Router::new().route("/files/{*rest}", any(|| async { "file" }));
     let router = App::new("test").http(routes).grpc(Echo).into_router();
-    let settings = ServerSettings {
-        port: 0,
-        ..Default::default()
-    };
-    let server = Server::bind("test", &settings, router).await.expect("bind");
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.run_until(std::future::pending()));
+    let addr = common::serve(router).await;
     let client = reqwest::Client::new();
     let grpc = |path: String| {
         client
@@ -86,14 +82,7 @@ async fn made_up_methods_and_grpc_paths_do_not_become_series() {
         .await
         .expect("known rpc");
 
-    let metrics = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::metrics_text(&client, addr).await;
     let series: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("http_requests_total{"))
@@ -132,13 +121,7 @@ async fn every_request_counts_under_its_own_route_and_status() {
         ),
     );
     let router = App::new("test").http(routes).into_router();
-    let settings = ServerSettings {
-        port: 0,
-        ..Default::default()
-    };
-    let server = Server::bind("test", &settings, router).await.expect("bind");
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.run_until(std::future::pending()));
+    let addr = common::serve(router).await;
     let client = reqwest::Client::new();
     for id in ["a", "b", "missing", "c"] {
         client
@@ -147,14 +130,7 @@ async fn every_request_counts_under_its_own_route_and_status() {
             .await
             .expect("request");
     }
-    let metrics = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::metrics_text(&client, addr).await;
     let count = |status: &str| {
         metrics
             .lines()
