@@ -4,14 +4,21 @@
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../proto");
+    // Relative to this package, read when the script runs: cargo names a workspace member's
+    // artifacts by its path within the workspace, so clones at other places (CI's, a worktree)
+    // sharing one target directory share this script and its output. An absolute path (from
+    // `env!` at the script's compile time, or printed for `rerun-if-changed`) would have a
+    // clone read, and watch, another clone's protos.
+    let relative = Path::new("../../../proto");
+    let root = Path::new(&std::env::var("CARGO_MANIFEST_DIR")?).join(relative);
     let mut files = Vec::new();
     collect(&root, &mut files)?;
     files.sort();
     for file in &files {
-        println!("cargo:rerun-if-changed={}", file.display());
+        let watched = relative.join(file.strip_prefix(&root)?);
+        println!("cargo:rerun-if-changed={}", watched.display());
     }
-    println!("cargo:rerun-if-changed={}", root.display());
+    println!("cargo:rerun-if-changed={}", relative.display());
     let fds = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()
         .build_client(true)
