@@ -86,7 +86,7 @@ pub enum OrderChange {
     Paid,
     /// `order.cancelled`: cancelled by the customer (stock back, capture refunded).
     Cancelled,
-    /// `order.expired`: not paid in time, or captured after its expiry.
+    /// `order.expired`: not paid in time, or its hold ran out while paying.
     Expired,
 }
 

@@ -103,18 +103,8 @@ pub struct Swept {
     pub kept: usize,
 }
 
-/// Whether a failed question says that orders cannot answer any.
-fn unreachable(status: &tonic::Status) -> bool {
-    use tonic::Code as C;
-    matches!(
-        status.code(),
-        C::Unavailable | C::DeadlineExceeded | C::Cancelled | C::Unimplemented
-    )
-}
-
 /// One pass over the expired holds, a batch at a time, oldest first. Stops at the first
-/// question orders cannot answer at all (the rest wait for the next pass); a hold whose own
-/// question fails is kept and the pass goes on.
+/// question orders does not answer (the rest wait for the next pass).
 pub async fn sweep(store: &Store, orders: &dyn Outcomes) -> Result<Swept, Error> {
     let mut swept = Swept::default();
     // Asked once per pass: a kept hold comes back in the next batch.
@@ -128,20 +118,11 @@ pub async fn sweep(store: &Store, orders: &dyn Outcomes) -> Result<Swept, Error>
             }
             let outcome = match orders.outcome(order_id).await {
                 Ok(outcome) => outcome,
-                // Orders cannot answer at all (down, too slow, a version without `Outcome`):
-                // the rest waits for the next pass.
-                Err(status) if unreachable(&status) => {
+                Err(status) => {
                     tracing::warn!(%order_id, error = %status.message(),
                         "cannot ask orders about an expired hold; keeping it");
                     swept.kept = kept.len() + 1;
                     return Ok(swept);
-                }
-                // About this order only: kept, and the younger holds are still asked about.
-                Err(status) => {
-                    tracing::warn!(%order_id, code = ?status.code(), error = %status.message(),
-                        "orders could not say what became of an expired hold's order; keeping it");
-                    kept.insert(order_id);
-                    continue;
                 }
             };
             match outcome {

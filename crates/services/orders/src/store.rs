@@ -695,61 +695,38 @@ impl Store {
     }
 
     /// Whether `order_id` is paid, can never be, or still may be, as `api::grpc`'s `Outcome`
-    /// answers the inventory: its status and step, read after taking the order's row for
+    /// answers the inventory: its status and expiry, read after taking the order's row for
     /// writing. A payment's transaction still open on it (its process frozen between its
     /// update and its commit) is waited for, where a plain read would see the order as it was
-    /// before that payment. An unpaid order `margin` past its expiry is closed to payment in
-    /// the same transaction, and then never to be paid.
+    /// before that payment. An unpaid order counts as never to be paid once `margin` past its
+    /// expiry (the clocks of the instance that pays it and of this one may differ by less).
     pub async fn outcome(&self, order_id: Uuid, margin: Duration) -> Result<Outcome, Error> {
-        let margin = i64::try_from(margin.as_micros()).unwrap_or(i64::MAX);
-        let now = micros(OffsetDateTime::now_utc());
         let mut tx = self.db.begin_write().await?;
         sqlx::query("UPDATE orders SET updated_at = updated_at WHERE id = $1")
             .bind(id(order_id))
             .execute(&mut *tx)
             .await?;
-        // "Never to be paid" is made true here, not only read: an unpaid order past its
-        // expiry is closed to payment (moved to `expiring`, a step of this instance, which its
-        // worker finishes: stock released, any capture refunded, expired). A payment's
-        // guarded update needs `charging`, so one held up after reading its clock and before
-        // its update (a lock wait, a frozen process), or an instance whose clock is behind,
-        // can no longer pay it.
-        let closed = sqlx::query(
-            "UPDATE orders SET step = 'expiring', owner = $1, updated_at = $2 WHERE id = $3 \
-             AND status = 'awaiting_payment' AND step IN ('idle', 'charging', 'committing') \
-             AND expires_at <= $4",
-        )
-        .bind(&self.instance)
-        .bind(now)
-        .bind(id(order_id))
-        .bind(now.saturating_sub(margin))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
-        let row: Option<(String, String, i64)> =
-            sqlx::query_as("SELECT status, step, expires_at FROM orders WHERE id = $1")
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, expires_at FROM orders WHERE id = $1")
                 .bind(id(order_id))
                 .fetch_optional(&mut *tx)
                 .await?;
         tx.commit().await?;
-        if closed {
-            tracing::info!(%order_id, "unpaid past its expiry: closed to payment for the inventory's sweeper");
-        }
-        let Some((status, step, expires_at)) = row else {
+        let Some((status, expires_at)) = row else {
             // Stock is reserved only for an order already stored: none will come.
             return Ok(Outcome::Unpaid);
         };
         let status = Status::parse(&status).ok_or_else(|| corrupt("status"))?;
-        let step = Step::parse(&step).ok_or_else(|| corrupt("step"))?;
-        Ok(match (status, step) {
-            (Status::Paid, _) => Outcome::Paid,
-            (Status::Cancelled | Status::Expired | Status::Rejected, _) => Outcome::Unpaid,
-            // Being expired or cancelled: it ends unpaid.
-            (Status::AwaitingPayment, Step::Expiring | Step::Cancelling) => Outcome::Unpaid,
-            // Payment starts only before the expiry (by a fresh clock): this can never be paid.
-            (Status::Pending, _) if expires_at.saturating_add(margin) <= now => Outcome::Unpaid,
-            (Status::Pending | Status::AwaitingPayment, _) => Outcome::Open,
+        let margin = i64::try_from(margin.as_micros()).unwrap_or(i64::MAX);
+        Ok(match status {
+            Status::Paid => Outcome::Paid,
+            Status::Cancelled | Status::Expired | Status::Rejected => Outcome::Unpaid,
+            Status::Pending | Status::AwaitingPayment
+                if expires_at.saturating_add(margin) <= micros(OffsetDateTime::now_utc()) =>
+            {
+                Outcome::Unpaid
+            }
+            Status::Pending | Status::AwaitingPayment => Outcome::Open,
         })
     }
 
