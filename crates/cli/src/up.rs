@@ -463,10 +463,6 @@ fn plan(
             }
             Service::Inventory => {
                 env.push(("SHOPMESH_INVENTORY__SEED_DEMO".to_owned(), demo.to_string()));
-                env.push((
-                    "SHOPMESH_INVENTORY__ORDERS_URL".to_owned(),
-                    "registry:orders".to_owned(),
-                ));
             }
             Service::Orders => {
                 for (target, key) in [

@@ -10,10 +10,6 @@
 //!    was charged has been refunded; an unpaid order has no capture;
 //! 4. no unpaid order and no stock hold outlives its expiry (beyond the workers' lag).
 //!
-//! The shop settles a moment after its last request: the inventory sells a paid order's stock
-//! when it reads `order.paid`. So snapshots are taken again (every half second, up to
-//! `--settle-secs`) until the books balance; what still does not is reported.
-//!
 //! The checks are a pure function of the snapshot ([`check`]), tested with crafted snapshots.
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,10 +45,6 @@ pub struct VerifyArgs {
     /// How late the expiry workers may be before an expired order or hold counts as a fault.
     #[arg(long, default_value_t = 10)]
     grace_secs: u64,
-    /// How long to look again while the books do not balance yet (a paid order's stock is sold
-    /// when the inventory reads its `order.paid`, a moment after the payment).
-    #[arg(long, default_value_t = 10)]
-    settle_secs: u64,
 }
 
 /// One product's stock, as inventory reports it.
@@ -384,7 +376,6 @@ impl VerifyArgs {
             orders_url: None,
             payments_url: None,
             grace_secs: 10,
-            settle_secs: 10,
         }
     }
 }
@@ -399,23 +390,8 @@ pub async fn findings(args: &VerifyArgs) -> anyhow::Result<Vec<String>> {
 
 /// Runs the checks and reports; an error (non-zero exit) when anything does not add up.
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    // The shop settles a moment after its last request (a paid order's stock is sold when the
-    // inventory reads `order.paid`; a step in flight finishes): what is still wrong after
-    // `settle_secs` is a fault.
-    // `settle_secs` from the end of the first snapshot, and at least one more look: a
-    // snapshot of a big shop takes seconds (a capture asked per order), and the first one
-    // starts as the last requests end.
-    let mut until = None;
-    let (snapshot, findings) = loop {
-        let snapshot = snapshot(&args).await?;
-        let findings = check(&snapshot, Duration::from_secs(args.grace_secs));
-        let now = tokio::time::Instant::now();
-        let until = *until.get_or_insert(now + Duration::from_secs(args.settle_secs));
-        if findings.is_empty() || now >= until {
-            break (snapshot, findings);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let snapshot = snapshot(&args).await?;
+    let findings = check(&snapshot, Duration::from_secs(args.grace_secs));
     let paid = snapshot
         .orders
         .iter()

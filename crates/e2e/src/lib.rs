@@ -69,40 +69,6 @@ pub struct Shop {
     pub client: Client,
     _dbs: Vec<TestDb>,
     _stops: Vec<oneshot::Sender<()>>,
-    _registry: RegistryDir,
-}
-
-/// A launcher's registry file in a directory of its own, removed when dropped.
-struct RegistryDir(std::path::PathBuf);
-
-impl RegistryDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("shopmesh-e2e-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("registry directory");
-        RegistryDir(dir)
-    }
-
-    fn file(&self) -> std::path::PathBuf {
-        self.0.join("registry.json")
-    }
-
-    fn announce(&self, service: &str, addr: SocketAddr) {
-        let mut registry = shopmesh_mesh::discovery::Registry::default();
-        registry.services.insert(
-            service.to_owned(),
-            vec![shopmesh_mesh::discovery::RegistryEntry {
-                instance: format!("{service}-1"),
-                url: format!("http://{addr}"),
-            }],
-        );
-        registry.write(&self.file()).expect("registry file");
-    }
-}
-
-impl Drop for RegistryDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn sources(db: &TestDb, issuer: &Issuer, extra: &[(&str, String)]) -> Sources {
@@ -126,22 +92,8 @@ impl Shop {
         let mut stops = Vec::new();
         let mut spawn = |stop: oneshot::Sender<()>| stops.push(stop);
 
-        // The inventory reads orders' events and asks it about expired holds, but orders starts
-        // after it (it needs the inventory's address): the inventory finds orders in a registry
-        // file written once orders listens, as `shopmesh up` does.
-        let registry = RegistryDir::new();
         let db = database(backend).await?;
-        let extra = [
-            ("SHOPMESH_INVENTORY__SWEEP_INTERVAL_MS", "100".to_owned()),
-            (
-                "SHOPMESH_INVENTORY__ORDERS_URL",
-                "registry:orders".to_owned(),
-            ),
-            (
-                "SHOPMESH_MESH__REGISTRY_FILE",
-                registry.file().display().to_string(),
-            ),
-        ];
+        let extra = [("SHOPMESH_INVENTORY__SWEEP_INTERVAL_MS", "100".to_owned())];
         let inventory = shopmesh_inventory::Application::build(
             shopmesh_inventory::Config::load(&sources(&db, &issuer, &extra))
                 .expect("inventory config"),
@@ -230,7 +182,6 @@ impl Shop {
         .await
         .expect("orders");
         let orders_addr = orders_app.local_addr().expect("addr");
-        registry.announce("orders", orders_addr);
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(orders_app.run_until(async {
             let _ = rx.await;
@@ -282,7 +233,6 @@ impl Shop {
             client: Client::new(),
             _dbs: dbs,
             _stops: stops,
-            _registry: registry,
         };
         shop.wait_ready().await;
         Some(shop)
@@ -379,19 +329,6 @@ impl Shop {
             level["available"].as_i64().expect("available"),
             level["reserved"].as_i64().expect("reserved"),
         )
-    }
-
-    /// [`Shop::stock`] once it is `want`, or as it is after 10 s: a paid order's stock is sold
-    /// when the inventory reads `order.paid`, a moment after the payment's answer.
-    pub async fn stock_reaches(&self, product: &str, want: (i64, i64)) -> (i64, i64) {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let now = self.stock(product).await;
-            if now == want || tokio::time::Instant::now() >= deadline {
-                return now;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
     }
 
     /// Places an order for `quantity` of `product` with a fresh key.

@@ -67,11 +67,7 @@ async fn a_customer_orders_and_pays_and_the_books_balance(backend: Backend) {
     assert_eq!(order["lines"][0]["unit_price"], 1250);
     assert_eq!(order["lines"][0]["line_total"], 2500);
     assert!(order["expires_at"].is_string());
-    assert_eq!(
-        shop.stock_reaches(&product, (3, 2)).await,
-        (3, 2),
-        "reserved while unpaid"
-    );
+    assert_eq!(shop.stock(&product).await, (3, 2), "reserved while unpaid");
     let page: Value = shop
         .send(
             Method::GET,
@@ -93,7 +89,7 @@ async fn a_customer_orders_and_pays_and_the_books_balance(backend: Backend) {
     assert_eq!(paid["status"], "paid");
     assert_eq!(paid["card_last4"], "4242");
     assert_eq!(
-        shop.stock_reaches(&product, (3, 0)).await,
+        shop.stock(&product).await,
         (3, 0),
         "sold: no longer reserved, not available"
     );
@@ -154,11 +150,7 @@ async fn two_hundred_concurrent_checkouts_against_fifty_units_sell_exactly_fifty
         assert_eq!(body["code"], "insufficient_stock", "{body}");
         assert_eq!(body["field"], "items[0].quantity", "{body}");
     }
-    assert_eq!(
-        shop.stock_reaches(&product, (0, 50)).await,
-        (0, 50),
-        "the numbers reconcile"
-    );
+    assert_eq!(shop.stock(&product).await, (0, 50), "the numbers reconcile");
     // The admin sees exactly 50 placed orders.
     let mut seen = 0;
     let mut cursor = String::new();
@@ -248,7 +240,7 @@ async fn the_same_order_request_replays_and_concurrent_copies_make_one_order(bac
         2,
         "one order per key"
     );
-    assert_eq!(shop.stock_reaches(&product, (98, 2)).await, (98, 2));
+    assert_eq!(shop.stock(&product).await, (98, 2));
 
     let other_body = json!({"items": [{"product_id": product, "quantity": 2}]});
     let reused = shop
@@ -312,7 +304,7 @@ async fn a_declined_card_is_a_402_and_the_order_stays_payable(backend: Backend) 
         .expect("json");
     assert_eq!(still["status"], "awaiting_payment");
     assert_eq!(
-        shop.stock_reaches(&product, (2, 1)).await,
+        shop.stock(&product).await,
         (2, 1),
         "still held for the customer"
     );
@@ -326,7 +318,7 @@ async fn an_unpaid_order_expires_and_its_stock_comes_back(backend: Backend) {
     let product = shop.product("SHORT", 100, 4).await;
     let (_, customer) = shop.issuer.customer();
     let id = &placed(&shop, &customer, &product, 4).await;
-    assert_eq!(shop.stock_reaches(&product, (0, 4)).await, (0, 4));
+    assert_eq!(shop.stock(&product).await, (0, 4));
     // Expiry is wall-clock time in the database: this waits for real, about a second.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -348,11 +340,7 @@ async fn an_unpaid_order_expires_and_its_stock_comes_back(backend: Backend) {
         assert!(std::time::Instant::now() < deadline, "never expired: {now}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        shop.stock_reaches(&product, (4, 0)).await,
-        (4, 0),
-        "the stock came back"
-    );
+    assert_eq!(shop.stock(&product).await, (4, 0), "the stock came back");
     let late = shop.pay(&customer, id, GOOD_CARD).await;
     assert_problem(late, 409, "order_not_actionable", None).await;
 }
@@ -378,11 +366,11 @@ async fn cancelling_releases_stock_and_refunds_a_payment(backend: Backend) {
         cancelled.json::<Value>().await.expect("json")["status"],
         "cancelled"
     );
-    assert_eq!(shop.stock_reaches(&product, (10, 0)).await, (10, 0));
+    assert_eq!(shop.stock(&product).await, (10, 0));
 
     let paid_id = &placed(&shop, &customer, &product, 2).await;
     assert_eq!(shop.pay(&customer, paid_id, GOOD_CARD).await.status(), 200);
-    assert_eq!(shop.stock_reaches(&product, (8, 0)).await, (8, 0));
+    assert_eq!(shop.stock(&product).await, (8, 0));
     // An admin may cancel anyone's order.
     let by_admin = shop
         .send(
@@ -394,11 +382,7 @@ async fn cancelling_releases_stock_and_refunds_a_payment(backend: Backend) {
         )
         .await;
     assert_eq!(by_admin.status(), 200);
-    assert_eq!(
-        shop.stock_reaches(&product, (10, 0)).await,
-        (10, 0),
-        "restocked"
-    );
+    assert_eq!(shop.stock(&product).await, (10, 0), "restocked");
     let refund = payment(&shop, paid_id).await;
     assert_eq!(refund.status, "refunded");
     let again = shop
@@ -464,7 +448,7 @@ async fn customers_cannot_touch_each_others_orders(backend: Backend) {
     let anonymous_order = shop.order("", &product, 1).await;
     assert_eq!(anonymous_order.status(), 401);
     assert_eq!(
-        shop.stock_reaches(&product, (4, 1)).await,
+        shop.stock(&product).await,
         (4, 1),
         "only alice's order holds stock"
     );
@@ -529,7 +513,7 @@ async fn bad_order_input_names_the_field_and_writes_nothing(backend: Backend) {
         .await
         .expect("json");
     assert_eq!(mine["items"], json!([]), "nothing was written");
-    assert_eq!(shop.stock_reaches(&product, (5, 0)).await, (5, 0));
+    assert_eq!(shop.stock(&product).await, (5, 0));
 }
 
 /// A double click, or the gateway retrying a payment whose connection broke: the attempts that
@@ -555,11 +539,7 @@ async fn payments_of_one_order_at_once_all_answer_paid_and_charge_once(backend: 
     }
     let capture = payment(&shop, id).await;
     assert_eq!(capture.amount, 1250, "one capture of the order's total");
-    assert_eq!(
-        shop.stock_reaches(&product, (4, 0)).await,
-        (4, 0),
-        "one unit sold"
-    );
+    assert_eq!(shop.stock(&product).await, (4, 0), "one unit sold");
 }
 
 async fn an_admin_s_new_price_reaches_new_orders_within_the_price_cache_time(backend: Backend) {

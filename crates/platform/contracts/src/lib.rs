@@ -82,7 +82,7 @@ pub struct OrderLine {
 pub enum OrderChange {
     /// `order.placed`: stock reserved; the order awaits payment.
     Placed,
-    /// `order.paid`: captured (the inventory commits the stock from this event).
+    /// `order.paid`: captured and the stock committed.
     Paid,
     /// `order.cancelled`: cancelled by the customer (stock back, capture refunded).
     Cancelled,
@@ -91,7 +91,7 @@ pub enum OrderChange {
 }
 
 macro_rules! order_event {
-    ($(#[$doc:meta])* $name:ident, $kind:literal, $change:ident, [$($consumer:literal),*]) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $change:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(transparent)]
@@ -101,7 +101,7 @@ macro_rules! order_event {
             const KIND: &'static str = $kind;
             const VERSION: u32 = 1;
             const PRODUCER: &'static str = "orders";
-            const CONSUMERS: &'static [&'static str] = &[$($consumer),*];
+            const CONSUMERS: &'static [&'static str] = &["notifications"];
 
             fn aggregate_id(&self) -> String {
                 self.0.order_id.hyphenated().to_string()
@@ -112,20 +112,19 @@ macro_rules! order_event {
 
 order_event!(
     /// `order.placed` v1.
-    OrderPlaced, "order.placed", Placed, ["notifications"]
+    OrderPlaced, "order.placed", Placed
 );
 order_event!(
-    /// `order.paid` v1. The inventory commits the order's stock from it (sold, no longer held):
-    /// payment does not wait for that.
-    OrderPaid, "order.paid", Paid, ["notifications", "inventory"]
+    /// `order.paid` v1.
+    OrderPaid, "order.paid", Paid
 );
 order_event!(
     /// `order.cancelled` v1.
-    OrderCancelled, "order.cancelled", Cancelled, ["notifications"]
+    OrderCancelled, "order.cancelled", Cancelled
 );
 order_event!(
     /// `order.expired` v1.
-    OrderExpired, "order.expired", Expired, ["notifications"]
+    OrderExpired, "order.expired", Expired
 );
 
 impl OrderSnapshot {
@@ -314,7 +313,6 @@ pub const TOPOLOGY: Topology = &[
         ],
     ),
     ("catalog", &["stock.changed"]),
-    ("inventory", &["order.paid"]),
 ];
 
 /// The binding keys of `service`'s queue.

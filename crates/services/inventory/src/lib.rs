@@ -8,16 +8,13 @@
 //! - [`api`]: HTTP (`/api/v1/inventory/{product_id}`: anyone reads `available`/`reserved`;
 //!   admins add and remove) and gRPC `shopmesh.inventory.v1.Inventory` (`Reserve`, `Commit`,
 //!   `Release`, idempotent by order id; `GetStock`).
-//! - [`sales`]: the consumer of orders' `order.paid`: a paid order's held stock is sold.
-//! - [`sweeper`]: gives back holds that ran out, once orders says their order will never be
-//!   paid (and sells those of paid orders whose event is not read yet).
+//! - [`sweeper`]: releases holds that ran out.
 //! - [`seed`]: stock for the demo catalog.
 
 pub mod api;
 pub mod config;
 pub mod domain;
 pub mod error;
-pub mod sales;
 pub mod seed;
 pub mod store;
 pub mod sweeper;
@@ -25,8 +22,6 @@ pub mod sweeper;
 use axum::extract::FromRef;
 use shopmesh_auth::Verifier;
 use shopmesh_db::Db;
-use shopmesh_mesh::Mesh;
-use shopmesh_proto::orders::v1::orders_client::OrdersClient;
 use shopmesh_runtime::{App, ReadinessCheck, Server, Service};
 
 pub use config::Config;
@@ -50,7 +45,6 @@ impl Application {
         let jwks_url = config.auth.require_jwks_url()?;
         let db = Db::open(&config.database_url(), &config.database, &MIGRATOR).await?;
         shopmesh_events::outbox::install(&db).await?;
-        shopmesh_events::consumer::install(&db).await?;
         let store = store::Store::new(db.clone());
         if config.inventory.seed_demo {
             let added = seed::seed(&store)
@@ -64,35 +58,10 @@ impl Application {
             store: store.clone(),
             verifier: Verifier::from_jwks_url(&config.auth, jwks_url),
         };
-        let mesh = Mesh::new(config.mesh.clone());
-        let orders = sweeper::Orders(OrdersClient::new(mesh.grpc(
-            "orders",
-            &config.inventory.orders_url,
-            config.inventory.orders_timeout(),
-        )?));
-        // Paid orders' stock, from orders' `order.paid` stream (the same instances, over HTTP).
-        let paid_orders = shopmesh_events::consumer::Subscription {
-            producer: "orders".to_owned(),
-            upstream: mesh.upstream(
-                "orders-events",
-                &config.inventory.orders_url,
-                shopmesh_mesh::Protocol::Http,
-            )?,
-        };
-        let consumer = std::sync::Arc::new(
-            shopmesh_events::consumer::Consumer::new(
-                db.clone(),
-                std::sync::Arc::new(sales::Sales),
-                5,
-                std::time::Duration::from_millis(200),
-            )
-            .reading_as("inventory", &config.events),
-        );
         let (public, openapi) = api::http::routes(state).split_for_parts();
         let router = App::new("inventory")
             .http(public)
             .http(shopmesh_events::outbox::routes(db.clone()))
-            .mesh(mesh)
             .openapi(openapi)
             .grpc(api::grpc::InventoryGrpc::server(store.clone()))
             .readiness(ReadinessCheck::new("database", db.probe()))
@@ -106,19 +75,9 @@ impl Application {
             shopmesh_contracts::TOPOLOGY,
         );
         let sweep_interval = config.inventory.sweep_interval();
-        let events = config.events.clone();
         Ok(Service::new(server)
-            .task("events", move |stopping| {
-                consumer.follow_all(
-                    events,
-                    "inventory",
-                    shopmesh_contracts::bindings("inventory"),
-                    vec![paid_orders],
-                    shopmesh_runtime::stopped(stopping),
-                )
-            })
             .task("sweeper", move |stopping| {
-                sweeper::run(store, orders, sweep_interval, stopping)
+                sweeper::run(store, sweep_interval, stopping)
             })
             .on_stop(async move { publishing.stop() })
             .on_stop(async move { db.close().await }))

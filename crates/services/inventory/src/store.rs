@@ -4,27 +4,13 @@
 //! `BEGIN IMMEDIATE`) or PostgreSQL (the row lock makes the second re-check the condition).
 
 pub use shopmesh_db::micros;
-use shopmesh_db::{Db, TxConn, is_unique_violation};
+use shopmesh_db::{Db, is_unique_violation};
 
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::domain::{Lines, Quantity, State, StockLevel, Ttl};
 use crate::error::Error;
-
-/// What selling a paid order's stock found ([`Store::sell_in`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sale {
-    /// Its held units are sold now.
-    Sold,
-    /// Sold before (the event again, or the sweeper first).
-    AlreadySold,
-    /// Given back before: the order was cancelled after its payment and its cancellation
-    /// released the stock (orders pays no order whose hold the sweeper may release).
-    Released,
-    /// No reservation for this order.
-    NoReservation,
-}
 
 /// The inventory database.
 #[derive(Debug, Clone)]
@@ -256,9 +242,7 @@ impl Store {
         Ok(from_micros(micros(expires_at)))
     }
 
-    /// Turns an order's held stock into sold stock, if its hold has not run out (then the
-    /// stock goes back and the answer is `ReservationExpired`). Idempotent. The gRPC `Commit`;
-    /// orders' payments go through [`Store::sell_in`] instead, from `order.paid`.
+    /// Turns an order's held stock into sold stock. Idempotent.
     pub async fn commit(&self, order_id: Uuid) -> Result<(), Error> {
         for _ in 0..RACE_RETRIES {
             let mut tx = self.db.begin_write().await?;
@@ -277,7 +261,20 @@ impl Store {
                     }
                 }
                 State::Held => {
-                    if sell_held_in(&mut tx, order_id, now).await? {
+                    if transition(&mut tx, order_id, State::Held, State::Committed, now).await? {
+                        let lines = lines_in(&mut tx, order_id).await?;
+                        for (product_id, quantity) in &lines {
+                            sqlx::query(
+                                "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
+                                 sold = sold + $1, updated_at = $2 WHERE product_id = $3",
+                            )
+                            .bind(*quantity)
+                            .bind(now)
+                            .bind(product_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        stock_changed_for(&mut tx, &lines).await?;
                         tx.commit().await?;
                         return Ok(());
                     }
@@ -288,36 +285,6 @@ impl Store {
         Err(Error::Internal(anyhow::anyhow!(
             "reservation {order_id} kept changing under a commit"
         )))
-    }
-
-    /// Sells the stock held for an order that orders has paid, in the caller's transaction
-    /// (the consumer of `order.paid` records the event as handled in it; the sweeper commits
-    /// it alone), whether or not the hold has run out: orders pays an order only before its
-    /// expiry, and the sweeper gives a hold back only once orders says its order will never
-    /// be paid, so a paid order's hold is still there (or was released by the order's own
-    /// cancellation). Idempotent: what it found is the answer.
-    pub async fn sell_in(conn: &mut TxConn, order_id: Uuid) -> Result<Sale, Error> {
-        let now = micros(OffsetDateTime::now_utc());
-        Ok(match reservation_in(conn, order_id).await? {
-            None => Sale::NoReservation,
-            Some((State::Committed, _)) => Sale::AlreadySold,
-            Some((State::Released, _)) => Sale::Released,
-            // The guarded update decides a race with a release (on PostgreSQL the row lock makes
-            // the second wait and find the state changed).
-            Some((State::Held, _)) if sell_held_in(conn, order_id, now).await? => Sale::Sold,
-            Some((State::Held, _)) => match reservation_in(conn, order_id).await? {
-                Some((State::Committed, _)) => Sale::AlreadySold,
-                _ => Sale::Released,
-            },
-        })
-    }
-
-    /// [`Store::sell_in`] in a transaction of its own.
-    pub async fn sell(&self, order_id: Uuid) -> Result<Sale, Error> {
-        let mut tx = self.db.begin_write().await?;
-        let sale = Self::sell_in(&mut tx, order_id).await?;
-        tx.commit().await?;
-        Ok(sale)
     }
 
     /// Gives an order's stock back (held: freed; committed: restocked). Idempotent. An order
@@ -448,11 +415,14 @@ async fn add_in(tx: &mut shopmesh_db::Tx, product_id: Uuid, quantity: i64) -> Re
     Ok(())
 }
 
-async fn reservation_in(tx: &mut TxConn, order_id: Uuid) -> Result<Option<(State, i64)>, Error> {
+async fn reservation_in(
+    tx: &mut shopmesh_db::Tx,
+    order_id: Uuid,
+) -> Result<Option<(State, i64)>, Error> {
     let row: Option<ReservationRow> =
         sqlx::query_as("SELECT state, expires_at FROM reservations WHERE order_id = $1")
             .bind(id(order_id))
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
     row.map(|r| {
         let state = State::parse(&r.state)
@@ -462,13 +432,13 @@ async fn reservation_in(tx: &mut TxConn, order_id: Uuid) -> Result<Option<(State
     .transpose()
 }
 
-async fn lines_in(tx: &mut TxConn, order_id: Uuid) -> Result<Vec<(String, i64)>, Error> {
+async fn lines_in(tx: &mut shopmesh_db::Tx, order_id: Uuid) -> Result<Vec<(String, i64)>, Error> {
     Ok(sqlx::query_as(
         "SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 \
          ORDER BY product_id",
     )
     .bind(id(order_id))
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?)
 }
 
@@ -477,7 +447,7 @@ async fn lines_in(tx: &mut TxConn, order_id: Uuid) -> Result<Vec<(String, i64)>,
 /// lock makes a second writer wait and then find the state changed (a plain SELECT of the state
 /// would let both go on and move the stock twice).
 async fn transition(
-    tx: &mut TxConn,
+    tx: &mut shopmesh_db::Tx,
     order_id: Uuid,
     from: State,
     to: State,
@@ -490,22 +460,19 @@ async fn transition(
     .bind(now)
     .bind(id(order_id))
     .bind(from.as_str())
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() > 0)
 }
 
-/// Moves a held reservation to committed and its units from reserved to sold; `false` (and
-/// nothing done) if it was no longer held.
-async fn sell_held_in(tx: &mut TxConn, order_id: Uuid, now: i64) -> Result<bool, Error> {
-    let sql = "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
-               sold = sold + $1, updated_at = $2 WHERE product_id = $3";
-    move_in(tx, order_id, (State::Held, State::Committed), sql, now).await
-}
-
 /// Marks a held or committed reservation released and gives its stock back; `false` (and
 /// nothing done) if it was no longer in `from`.
-async fn finish_in(tx: &mut TxConn, order_id: Uuid, from: State, now: i64) -> Result<bool, Error> {
+async fn finish_in(
+    tx: &mut shopmesh_db::Tx,
+    order_id: Uuid,
+    from: State,
+    now: i64,
+) -> Result<bool, Error> {
     let sql = match from {
         State::Held => {
             "UPDATE stock SET reserved = reserved - $1, updated_at = $2 WHERE product_id = $3"
@@ -516,20 +483,7 @@ async fn finish_in(tx: &mut TxConn, order_id: Uuid, from: State, now: i64) -> Re
         }
         State::Released => return Ok(false),
     };
-    move_in(tx, order_id, (from, State::Released), sql, now).await
-}
-
-/// Moves a reservation from one state to another (the guarded update first) and then each of
-/// its lines' stock by `sql` (`$1` units, `$2` now, `$3` product), with `stock.changed`;
-/// `false` (and nothing done) if it was no longer in the first state.
-async fn move_in(
-    tx: &mut TxConn,
-    order_id: Uuid,
-    (from, to): (State, State),
-    sql: &'static str,
-    now: i64,
-) -> Result<bool, Error> {
-    if !transition(tx, order_id, from, to, now).await? {
+    if !transition(tx, order_id, from, State::Released, now).await? {
         return Ok(false);
     }
     let lines = lines_in(tx, order_id).await?;
@@ -538,7 +492,7 @@ async fn move_in(
             .bind(*quantity)
             .bind(now)
             .bind(product_id)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     stock_changed_for(tx, &lines).await?;
@@ -547,7 +501,7 @@ async fn move_in(
 
 /// Writes `stock.changed` with the product's levels after the change, in the change's
 /// transaction. Consumers keep the latest by position (the catalog shows availability in lists).
-async fn stock_changed(conn: &mut TxConn, level: &StockLevel) -> Result<(), Error> {
+async fn stock_changed(conn: &mut shopmesh_db::TxConn, level: &StockLevel) -> Result<(), Error> {
     let event = shopmesh_events::Event::of(&shopmesh_contracts::StockChanged {
         product_id: level.product_id,
         available: level.available(),
@@ -561,11 +515,11 @@ async fn stock_changed(conn: &mut TxConn, level: &StockLevel) -> Result<(), Erro
 }
 
 /// `stock.changed` for each product of a reservation's lines.
-async fn stock_changed_for(tx: &mut TxConn, lines: &[(String, i64)]) -> Result<(), Error> {
+async fn stock_changed_for(tx: &mut shopmesh_db::Tx, lines: &[(String, i64)]) -> Result<(), Error> {
     for (product_id, _) in lines {
         let product_id = Uuid::parse_str(product_id)
             .map_err(|_| Error::Internal(anyhow::anyhow!("a stored product id is malformed")))?;
-        let level = stock_in(&mut *tx, product_id).await?;
+        let level = stock_in(&mut **tx, product_id).await?;
         stock_changed(tx, &level).await?;
     }
     Ok(())

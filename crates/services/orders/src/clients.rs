@@ -12,7 +12,7 @@ use shopmesh_proto::cart::v1::{GetCartRequest, GetCartResponse, RemoveLinesReque
 use shopmesh_proto::catalog::v1::catalog_client::CatalogClient;
 use shopmesh_proto::catalog::v1::{GetProductsRequest, GetProductsResponse};
 use shopmesh_proto::inventory::v1::inventory_client::InventoryClient;
-use shopmesh_proto::inventory::v1::{ReleaseRequest, ReserveRequest};
+use shopmesh_proto::inventory::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
 use shopmesh_proto::payments::v1::{ChargeRequest, GetPaymentRequest, Payment, RefundRequest};
 
@@ -72,6 +72,8 @@ pub trait Downstream: Send + Sync + 'static {
     fn products(&self, request: GetProductsRequest) -> Call<'_, GetProductsResponse>;
     /// Inventory `Reserve` (idempotent by order id).
     fn reserve(&self, request: ReserveRequest) -> Call<'_, ()>;
+    /// Inventory `Commit` (idempotent by order id).
+    fn commit(&self, request: CommitRequest) -> Call<'_, ()>;
     /// Inventory `Release` (idempotent by order id; leaves a tombstone).
     fn release(&self, request: ReleaseRequest) -> Call<'_, ()>;
     /// Payments `Charge` (one capture per order).
@@ -103,6 +105,11 @@ impl Downstream for Clients {
     fn reserve(&self, request: ReserveRequest) -> Call<'_, ()> {
         let mut client = self.inventory.clone();
         Box::pin(async move { client.reserve(request).await.map(drop) })
+    }
+
+    fn commit(&self, request: CommitRequest) -> Call<'_, ()> {
+        let mut client = self.inventory.clone();
+        Box::pin(async move { client.commit(request).await.map(drop) })
     }
 
     fn release(&self, request: ReleaseRequest) -> Call<'_, ()> {

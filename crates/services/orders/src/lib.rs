@@ -5,7 +5,7 @@
 //!   statuses, saga steps, idempotency keys.
 //! - [`store`]: the SQL: orders, lines (prices as quoted by the catalog), idempotency keys with
 //!   their stored answers, guarded step transitions.
-//! - [`saga`]: place (price, store, reserve), pay (charge, record the capture, guarded by the expiry), cancel, expire, and
+//! - [`saga`]: place (price, store, reserve), pay (charge, commit), cancel, expire, and
 //!   `resume` for a step interrupted by a crash or a lost answer.
 //! - [`clients`]: what the saga asks of catalog, inventory, payments and cart (the
 //!   `Downstream` trait, which tests play), and the gRPC clients that ask it, each call under a

@@ -4,10 +4,8 @@
 //!
 //! ```text
 //! place:  pending/reserving ──Reserve──► awaiting_payment      (refused: rejected)
-//! pay:    awaiting_payment/charging ──Charge──► paid     (order.paid, in the same commit: the
-//!                                                         inventory commits the stock from it)
-//!                                  (declined: back to awaiting_payment, 402;
-//!                                   captured past expires_at: refunded, expired)
+//! pay:    awaiting_payment/charging ──Charge──► /committing ──Commit──► paid
+//!                                  (declined: back to awaiting_payment, 402)
 //! cancel: awaiting_payment|paid/cancelling ──Release (+Refund)──► cancelled
 //! expire: awaiting_payment/expiring ──Release──► expired
 //! ```
@@ -25,7 +23,9 @@ use std::time::Duration;
 use shopmesh_problem::Invalid;
 use shopmesh_proto::cart::v1::{CartLine, GetCartRequest, RemoveLinesRequest};
 use shopmesh_proto::catalog::v1::GetProductsRequest;
-use shopmesh_proto::inventory::v1::{Line as StockLine, ReleaseRequest, ReserveRequest};
+use shopmesh_proto::inventory::v1::{
+    CommitRequest, Line as StockLine, ReleaseRequest, ReserveRequest,
+};
 use shopmesh_proto::payments::v1::{Card, ChargeRequest, GetPaymentRequest, RefundRequest};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -363,8 +363,7 @@ impl Saga {
         self.store.order(order_id).await?.ok_or(Error::NotFound)
     }
 
-    /// Charges the card and records the capture (the inventory commits the stock from the
-    /// `order.paid` event that records it). The order counts as running here (see
+    /// Charges the card and commits the stock. The order counts as running here (see
     /// [`Saga::is_running`]) from its step's start, not while this waits for another attempt:
     /// a wait must not keep the worker from finishing the step it waits for.
     pub async fn pay(&self, order: Order, card: Card) -> Result<Order, Error> {
@@ -435,30 +434,25 @@ impl Saga {
         if let Some(failpoint) = &self.failpoint {
             failpoint.hit("pause_after_charge").await;
         }
-        match self
-            .record_capture(
+        if !self
+            .store
+            .transition(
                 order.id,
-                Step::Charging,
+                (Status::AwaitingPayment, Step::Charging),
+                (Status::AwaitingPayment, Step::Committing),
                 Some((&payment.payment_id, &payment.card_last4)),
             )
             .await?
         {
-            Some(paid) => Ok(paid),
-            None => {
-                // Taken over while charging (this process was frozen past its lease): the
-                // taker settles the order. If it found the capture, it records it (then this
-                // payment's answer is that the order is paid); if it looked before the capture
-                // landed, the order is payable again and the capture is kept for it (a charge
-                // for the same order answers with it) or refunded when it expires. Never
-                // record it from here for an order someone else now runs.
-                let now = self.load(order.id).await?;
-                if now.status == Status::Paid {
-                    return Ok(now);
-                }
-                tracing::warn!(order_id = %order.id, "order taken over while charging; leaving it to the taker");
-                Err(Error::Busy)
-            }
+            // Taken over while charging (this process was frozen past its lease): the taker
+            // settles the order. If it found the capture, it commits; if it looked before the
+            // capture landed, the order is payable again and the capture is kept for it (a
+            // charge for the same order answers with it) or refunded when it expires. Never
+            // commit stock from here for an order someone else now runs.
+            tracing::warn!(order_id = %order.id, "order taken over while charging; leaving it to the taker");
+            return Err(Error::Busy);
         }
+        self.commit(order.id).await
     }
 
     /// `order` once its step in flight is over, or as it stands when [`patience`] runs out.
@@ -471,43 +465,49 @@ impl Saga {
         Ok(order)
     }
 
-    /// After a capture: the order is paid (`order.paid`, from which the inventory commits its
-    /// stock), if it is still in `step` and has not expired. An order past its expiry is never
-    /// paid (the inventory may give its stock back then): its capture is refunded and it
-    /// expires (`Error::Expired`). `None`: someone else moved it meanwhile.
-    async fn record_capture(
-        &self,
-        order_id: Uuid,
-        step: Step,
-        payment: Option<(&str, &str)>,
-    ) -> Result<Option<Order>, Error> {
-        if let Some(paid) = self.store.transition_paid(order_id, step, payment).await? {
-            metrics::counter!("orders_paid_total").increment(1);
-            tracing::debug!(%order_id, "order paid");
-            return Ok(Some(paid));
+    /// Commits the stock of a captured order; if the hold ran out, refunds and expires it.
+    async fn commit(&self, order_id: Uuid) -> Result<Order, Error> {
+        let request = CommitRequest {
+            order_id: order_id.hyphenated().to_string(),
+        };
+        match self.services.commit(request).await {
+            Ok(_) => {
+                let paid = self
+                    .store
+                    .transition_returning(
+                        order_id,
+                        (Status::AwaitingPayment, Step::Committing),
+                        (Status::Paid, Step::Idle),
+                        None,
+                    )
+                    .await?;
+                metrics::counter!("orders_paid_total").increment(1);
+                tracing::debug!(%order_id, "order paid");
+                match paid {
+                    Some(order) => Ok(order),
+                    // Someone else (the resumer) finished it first: show it as it is.
+                    None => self.load(order_id).await,
+                }
+            }
+            Err(status) => match failure(&status) {
+                Failure::Refused(_) => {
+                    // The reservation expired or was released: the customer must not pay for
+                    // stock they do not get.
+                    self.refund(order_id).await?;
+                    self.store
+                        .transition(
+                            order_id,
+                            (Status::AwaitingPayment, Step::Committing),
+                            (Status::Expired, Step::Idle),
+                            None,
+                        )
+                        .await?;
+                    tracing::warn!(%order_id, "payment arrived after the hold ran out; refunded");
+                    Err(Error::Expired)
+                }
+                Failure::Unknown => Err(unavailable("inventory")),
+            },
         }
-        let order = self.load(order_id).await?;
-        if (order.status, order.step) != (Status::AwaitingPayment, step)
-            || order.expires_at > OffsetDateTime::now_utc()
-        {
-            return Ok(None);
-        }
-        // The customer must not pay for stock they may not get.
-        if !self
-            .store
-            .transition(
-                order_id,
-                (Status::AwaitingPayment, step),
-                (Status::AwaitingPayment, Step::Expiring),
-                None,
-            )
-            .await?
-        {
-            return Ok(None);
-        }
-        self.finish_expire(order_id).await?;
-        tracing::warn!(%order_id, "payment arrived after the order expired; refunded");
-        Err(Error::Expired)
     }
 
     /// Cancels: gives the stock back, refunds a capture.
@@ -650,13 +650,21 @@ impl Saga {
                 };
                 match self.services.payment(request).await {
                     Ok(payment) => {
-                        tracing::info!(%order_id, "interrupted payment was captured; recording it");
-                        let payment = Some((&*payment.payment_id, &*payment.card_last4));
-                        match self.record_capture(order_id, Step::Charging, payment).await {
-                            // Paid, expired and refunded, or moved meanwhile by whoever runs it.
-                            Ok(_) | Err(Error::Expired) => Ok(()),
-                            Err(e) => Err(e),
+                        if !self
+                            .store
+                            .transition(
+                                order_id,
+                                (Status::AwaitingPayment, Step::Charging),
+                                (Status::AwaitingPayment, Step::Committing),
+                                Some((&payment.payment_id, &payment.card_last4)),
+                            )
+                            .await?
+                        {
+                            // Moved meanwhile by whoever runs it now.
+                            return Ok(());
                         }
+                        tracing::info!(%order_id, "interrupted payment was captured; committing");
+                        self.commit(order_id).await.map(|_| ())
                     }
                     Err(status) if status.code() == tonic::Code::NotFound => {
                         self.store
@@ -674,11 +682,8 @@ impl Saga {
                 }
             }
             Step::Committing => {
-                // Left by a version that committed the stock itself before recording the
-                // payment: the capture is recorded (the payment id with it), the inventory
-                // commits from the event (a commit done already stays one).
-                tracing::info!(%order_id, "resuming a captured order");
-                match self.record_capture(order_id, Step::Committing, None).await {
+                tracing::info!(%order_id, "resuming the commit of a captured order");
+                match self.commit(order_id).await {
                     Ok(_) | Err(Error::Expired) => Ok(()),
                     Err(e) => Err(e),
                 }

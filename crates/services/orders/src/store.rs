@@ -1,8 +1,6 @@
 //! SQL for orders. Portable between SQLite and PostgreSQL. Saga steps are claimed with guarded
 //! updates (`… WHERE step = 'idle'`), so two requests never run steps of one order at once.
 
-use std::time::Duration;
-
 use shopmesh_contracts::{OrderChange, OrderLine, OrderSnapshot};
 pub use shopmesh_db::micros;
 use shopmesh_db::{Db, Tx};
@@ -112,17 +110,6 @@ pub enum Answered {
     Kept(StoredResponse),
     /// The key is no longer this order's (taken over while its request ran): nothing stored.
     TakenOver,
-}
-
-/// Whether an order is paid, as the inventory asks before it gives back a hold that ran out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Paid: its stock is sold.
-    Paid,
-    /// Never to be paid: cancelled, expired, rejected, unknown, or past its expiry.
-    Unpaid,
-    /// Not paid, and still payable.
-    Open,
 }
 
 /// What claiming an idempotency key found.
@@ -664,70 +651,9 @@ impl Store {
         payment: Option<(&str, &str)>,
     ) -> Result<bool, Error> {
         Ok(self
-            .moved(order_id, from, to, payment, false, false, None)
+            .moved(order_id, from, to, payment, false, None)
             .await?
             .is_some())
-    }
-
-    /// Records a captured payment, `(payment id, card's last four)` unless recorded before:
-    /// `(awaiting_payment, from)` → `(paid, idle)` with `order.paid` (from which the inventory
-    /// commits the stock), only if the order has not expired: past its `expires_at` an order is
-    /// never paid, which is what lets the inventory give back a hold whose order's time is up
-    /// (see `api::grpc`'s `Outcome`). `None` if the order was moved or has expired.
-    pub async fn transition_paid(
-        &self,
-        order_id: Uuid,
-        from: Step,
-        payment: Option<(&str, &str)>,
-    ) -> Result<Option<Order>, Error> {
-        Ok(self
-            .moved(
-                order_id,
-                (Status::AwaitingPayment, from),
-                (Status::Paid, Step::Idle),
-                payment,
-                true,
-                true,
-                None,
-            )
-            .await?
-            .and_then(|(order, _)| order))
-    }
-
-    /// Whether `order_id` is paid, can never be, or still may be, as `api::grpc`'s `Outcome`
-    /// answers the inventory: its status and expiry, read after taking the order's row for
-    /// writing. A payment's transaction still open on it (its process frozen between its
-    /// update and its commit) is waited for, where a plain read would see the order as it was
-    /// before that payment. An unpaid order counts as never to be paid once `margin` past its
-    /// expiry (the clocks of the instance that pays it and of this one may differ by less).
-    pub async fn outcome(&self, order_id: Uuid, margin: Duration) -> Result<Outcome, Error> {
-        let mut tx = self.db.begin_write().await?;
-        sqlx::query("UPDATE orders SET updated_at = updated_at WHERE id = $1")
-            .bind(id(order_id))
-            .execute(&mut *tx)
-            .await?;
-        let row: Option<(String, i64)> =
-            sqlx::query_as("SELECT status, expires_at FROM orders WHERE id = $1")
-                .bind(id(order_id))
-                .fetch_optional(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        let Some((status, expires_at)) = row else {
-            // Stock is reserved only for an order already stored: none will come.
-            return Ok(Outcome::Unpaid);
-        };
-        let status = Status::parse(&status).ok_or_else(|| corrupt("status"))?;
-        let margin = i64::try_from(margin.as_micros()).unwrap_or(i64::MAX);
-        Ok(match status {
-            Status::Paid => Outcome::Paid,
-            Status::Cancelled | Status::Expired | Status::Rejected => Outcome::Unpaid,
-            Status::Pending | Status::AwaitingPayment
-                if expires_at.saturating_add(margin) <= micros(OffsetDateTime::now_utc()) =>
-            {
-                Outcome::Unpaid
-            }
-            Status::Pending | Status::AwaitingPayment => Outcome::Open,
-        })
     }
 
     /// [`Store::transition`], answering with the order as it is after the move (read in the
@@ -741,7 +667,7 @@ impl Store {
         payment: Option<(&str, &str)>,
     ) -> Result<Option<Order>, Error> {
         Ok(self
-            .moved(order_id, from, to, payment, true, false, None)
+            .moved(order_id, from, to, payment, true, None)
             .await?
             .and_then(|(order, _)| order))
     }
@@ -757,15 +683,13 @@ impl Store {
         answer: &KeyAnswer<'_>,
     ) -> Result<Option<(Order, Answered)>, Error> {
         Ok(self
-            .moved(order_id, from, to, None, true, false, Some(answer))
+            .moved(order_id, from, to, None, true, Some(answer))
             .await?
             .and_then(|(order, answered)| Some((order?, answered?))))
     }
 
     /// `None`: not moved; `Some((order, answered))`: moved, with the order when it was read
     /// (`want` or an event or an answer needs it) and the key's answer when one was given.
-    /// `unexpired`: only if the order's `expires_at` is still ahead.
-    #[allow(clippy::too_many_arguments)]
     async fn moved(
         &self,
         order_id: Uuid,
@@ -773,7 +697,6 @@ impl Store {
         to: (Status, Step),
         payment: Option<(&str, &str)>,
         want: bool,
-        unexpired: bool,
         answer: Option<&KeyAnswer<'_>>,
     ) -> Result<Option<(Option<Order>, Option<Answered>)>, Error> {
         let kind = match to.0 {
@@ -784,22 +707,20 @@ impl Store {
             Status::Expired => Some(OrderChange::Expired),
             Status::Pending | Status::Rejected => None,
         };
-        let now = micros(OffsetDateTime::now_utc());
         let update = sqlx::query(
             "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
              payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4), \
-             owner = $9 WHERE id = $6 AND status = $7 AND step = $8 AND expires_at > $10",
+             owner = $9 WHERE id = $6 AND status = $7 AND step = $8",
         )
         .bind(to.0.as_str())
         .bind(to.1.as_str())
-        .bind(now)
+        .bind(micros(OffsetDateTime::now_utc()))
         .bind(payment.map(|p| p.0.to_owned()))
         .bind(payment.map(|p| p.1.to_owned()))
         .bind(id(order_id))
         .bind(from.0.as_str())
         .bind(from.1.as_str())
-        .bind(&self.instance)
-        .bind(if unexpired { now } else { i64::MIN });
+        .bind(&self.instance);
         if kind.is_none() && !want && answer.is_none() {
             // One guarded statement is atomic by itself: no transaction round trips.
             let done = update.execute(self.db.pool()).await?;

@@ -15,7 +15,7 @@ use shopmesh_orders::saga::Saga;
 use shopmesh_orders::store::{NewOrder, Store};
 use shopmesh_proto::cart::v1::{GetCartRequest, GetCartResponse, RemoveLinesRequest};
 use shopmesh_proto::catalog::v1::{GetProductsRequest, GetProductsResponse};
-use shopmesh_proto::inventory::v1::{ReleaseRequest, ReserveRequest};
+use shopmesh_proto::inventory::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
 use shopmesh_proto::payments::v1::{
     Card, ChargeRequest, GetPaymentRequest, Payment, RefundRequest,
 };
@@ -26,9 +26,7 @@ use uuid::Uuid;
 shopmesh_db::test_on_both_backends!(
     an_interrupted_reservation_is_rolled_back_once_inventory_answers,
     an_interrupted_charge_goes_on_if_captured_back_if_not_and_waits_if_unknown,
-    an_interrupted_commit_is_recorded_and_a_capture_past_the_expiry_is_refunded,
-    a_capture_that_lands_after_the_expiry_is_refunded_and_the_order_expires,
-    the_inventory_is_told_paid_never_or_not_yet_and_never_is_final,
+    an_interrupted_commit_pays_refunds_when_the_hold_ran_out_and_waits_if_unknown,
     an_interrupted_cancel_or_expiry_finishes_once_inventory_and_payments_answer,
     a_declined_card_leaves_the_order_payable_and_an_unanswered_charge_leaves_it_charging,
     a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing_runs_it,
@@ -104,6 +102,9 @@ impl Downstream for Script {
     fn reserve(&self, _: ReserveRequest) -> Call<'_, ()> {
         self.answer("reserve", ())
     }
+    fn commit(&self, _: CommitRequest) -> Call<'_, ()> {
+        self.answer("commit", ())
+    }
     fn release(&self, _: ReleaseRequest) -> Call<'_, ()> {
         self.answer("release", ())
     }
@@ -159,12 +160,6 @@ impl Harness {
 
     /// A fresh order of one line, left in `(status, step)` as a dead request would leave it.
     async fn order_in(&self, status: Status, step: Step) -> Uuid {
-        self.order_expiring_in(status, step, time::Duration::minutes(10))
-            .await
-    }
-
-    /// [`Harness::order_in`], expiring `ttl` from now (negative: already past).
-    async fn order_expiring_in(&self, status: Status, step: Step, ttl: time::Duration) -> Uuid {
         let order = Uuid::now_v7();
         let line = Line {
             product_id: Uuid::now_v7(),
@@ -181,7 +176,7 @@ impl Harness {
                     lines: vec![line],
                     total: 1_000,
                     currency: "EUR".to_owned(),
-                    expires_at: OffsetDateTime::now_utc() + ttl,
+                    expires_at: OffsetDateTime::now_utc() + Duration::from_secs(600),
                 },
             )
             .await
@@ -191,11 +186,6 @@ impl Harness {
             (Status::AwaitingPayment, step) => &[
                 (Status::AwaitingPayment, Step::Idle),
                 (Status::AwaitingPayment, step),
-            ],
-            (Status::Cancelled | Status::Expired, Step::Idle) => &[
-                (Status::AwaitingPayment, Step::Idle),
-                (Status::AwaitingPayment, Step::Expiring),
-                (status, Step::Idle),
             ],
             (Status::Paid, step) => &[
                 (Status::AwaitingPayment, Step::Idle),
@@ -227,20 +217,6 @@ impl Harness {
     async fn state(&self, order: Uuid) -> (Status, Step) {
         let order = self.store.order(order).await.expect("read").expect("order");
         (order.status, order.step)
-    }
-
-    /// The types of the events written for `order`, oldest first.
-    async fn events_of(&self, order: Uuid) -> Vec<String> {
-        shopmesh_events::outbox::assign_positions(self.store.db())
-            .await
-            .expect("number");
-        shopmesh_events::outbox::read_after(self.store.db(), 0, 10_000)
-            .await
-            .expect("outbox")
-            .into_iter()
-            .filter(|e| e.aggregate_id == order.hyphenated().to_string())
-            .map(|e| e.kind)
-            .collect()
     }
 }
 
@@ -279,23 +255,20 @@ async fn an_interrupted_reservation_is_rolled_back_once_inventory_answers(db: Te
 async fn an_interrupted_charge_goes_on_if_captured_back_if_not_and_waits_if_unknown(db: TestDb) {
     let h = Harness::new(&db).await;
 
-    // Captured before the process died: the payment is recorded, and `order.paid` with it
-    // (the inventory commits the stock from it): no call to inventory.
+    // Captured before the process died: the payment is recorded and the stock committed.
     let captured = h.order_in(Status::AwaitingPayment, Step::Charging).await;
     h.saga.resume(captured).await.expect("resume");
     assert_eq!(h.state(captured).await, (Status::Paid, Step::Idle));
     let paid = h.store.order(captured).await.expect("read").expect("order");
     assert_eq!(paid.payment_id.as_deref(), Some("pay_1"));
-    assert_eq!(h.script.calls(), ["payment"]);
-    assert_eq!(h.events_of(captured).await, ["order.placed", "order.paid"]);
+    assert_eq!(h.script.calls(), ["payment", "commit"]);
 
-    // Never captured: payable again, nothing refunded, no event.
+    // Never captured: payable again, nothing committed or refunded.
     let never = h.order_in(Status::AwaitingPayment, Step::Charging).await;
     h.script.set("payment", Outcome::Fails(Code::NotFound));
     h.saga.resume(never).await.expect("resume");
     assert_eq!(h.state(never).await, (Status::AwaitingPayment, Step::Idle));
-    assert_eq!(h.script.calls(), ["payment", "payment"]);
-    assert_eq!(h.events_of(never).await, ["order.placed"]);
+    assert_eq!(h.script.calls(), ["payment", "commit", "payment"]);
 
     // Payments does not answer: the step stays; nothing is decided without knowing.
     let unknown = h.order_in(Status::AwaitingPayment, Step::Charging).await;
@@ -310,134 +283,33 @@ async fn an_interrupted_charge_goes_on_if_captured_back_if_not_and_waits_if_unkn
     );
 }
 
-async fn an_interrupted_commit_is_recorded_and_a_capture_past_the_expiry_is_refunded(db: TestDb) {
+async fn an_interrupted_commit_pays_refunds_when_the_hold_ran_out_and_waits_if_unknown(db: TestDb) {
     let h = Harness::new(&db).await;
 
-    // Left in `committing` by a version that committed the stock itself: paid, once.
     let done = h.order_in(Status::AwaitingPayment, Step::Committing).await;
     h.saga.resume(done).await.expect("resume");
     assert_eq!(h.state(done).await, (Status::Paid, Step::Idle));
-    assert!(h.script.calls().is_empty(), "{:?}", h.script.calls());
-    assert_eq!(h.events_of(done).await, ["order.placed", "order.paid"]);
 
-    // Captured, but the order's time ran out first: never paid (the inventory may have given
-    // its stock back); the stock is released, the money refunded, the order expired.
-    let past = -time::Duration::seconds(1);
-    let late = h
-        .order_expiring_in(Status::AwaitingPayment, Step::Committing, past)
-        .await;
+    // The hold ran out before the commit: the customer gets the money back, the order expires.
+    let late = h.order_in(Status::AwaitingPayment, Step::Committing).await;
+    h.script
+        .set("commit", Outcome::Fails(Code::FailedPrecondition));
     h.saga.resume(late).await.expect("resume");
     assert_eq!(h.state(late).await, (Status::Expired, Step::Idle));
-    assert_eq!(h.script.calls(), ["release", "refund"]);
-    assert_eq!(h.events_of(late).await, ["order.placed", "order.expired"]);
+    assert_eq!(h.script.calls(), ["commit", "commit", "refund"]);
 
-    // The same found by the resumer of a charge; payments does not answer the refund: the
-    // order stays expiring (the refund is owed), then expires once it is made.
-    let charging = h
-        .order_expiring_in(Status::AwaitingPayment, Step::Charging, past)
-        .await;
-    h.script.set("refund", UNKNOWN);
+    // Inventory does not answer: the step stays, nothing refunded.
+    let unknown = h.order_in(Status::AwaitingPayment, Step::Committing).await;
+    h.script.set("commit", UNKNOWN);
     assert!(matches!(
-        h.saga.resume(charging).await,
+        h.saga.resume(unknown).await,
         Err(Error::Unavailable(_))
     ));
     assert_eq!(
-        h.state(charging).await,
-        (Status::AwaitingPayment, Step::Expiring)
+        h.state(unknown).await,
+        (Status::AwaitingPayment, Step::Committing)
     );
-    h.script.set("refund", Outcome::Done);
-    h.saga.resume(charging).await.expect("resume");
-    assert_eq!(h.state(charging).await, (Status::Expired, Step::Idle));
-    assert_eq!(
-        h.script.calls(),
-        [
-            "release", "refund", "payment", "release", "refund", "release", "refund"
-        ]
-    );
-    assert_eq!(
-        h.events_of(charging).await,
-        ["order.placed", "order.expired"]
-    );
-}
-
-async fn a_capture_that_lands_after_the_expiry_is_refunded_and_the_order_expires(db: TestDb) {
-    let h = Harness::new(&db).await;
-    let order = h
-        .order_expiring_in(
-            Status::AwaitingPayment,
-            Step::Idle,
-            time::Duration::milliseconds(300),
-        )
-        .await;
-    // The card network answers after the order's time is up.
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    *h.script.charge_gate.lock().expect("gate") = Some(gate.clone());
-    let paying = {
-        let (saga, order) = (
-            h.saga.clone(),
-            h.store.order(order).await.expect("read").expect("order"),
-        );
-        tokio::spawn(async move { saga.pay(order, Card::default()).await })
-    };
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    gate.add_permits(1);
-    let paid = paying.await.expect("join");
-    assert!(matches!(paid, Err(Error::Expired)), "{paid:?}");
-    assert_eq!(h.state(order).await, (Status::Expired, Step::Idle));
-    assert_eq!(h.script.calls(), ["charge", "release", "refund"]);
-    assert_eq!(h.events_of(order).await, ["order.placed", "order.expired"]);
-}
-
-async fn the_inventory_is_told_paid_never_or_not_yet_and_never_is_final(db: TestDb) {
-    use shopmesh_orders::store::Outcome as Paid;
-    let h = Harness::new(&db).await;
-    let margin = Duration::from_secs(5);
-    let outcome = |order| {
-        let store = h.store.clone();
-        async move { store.outcome(order, margin).await.expect("outcome") }
-    };
-
-    let paid = h.order_in(Status::Paid, Step::Idle).await;
-    assert_eq!(outcome(paid).await, Paid::Paid);
-    // Paid, then being cancelled: still paid (the cancellation gives the stock back itself).
-    let cancelling = h.order_in(Status::Paid, Step::Cancelling).await;
-    assert_eq!(outcome(cancelling).await, Paid::Paid);
-    let payable = h.order_in(Status::AwaitingPayment, Step::Idle).await;
-    assert_eq!(outcome(payable).await, Paid::Open);
-    let charging = h.order_in(Status::AwaitingPayment, Step::Charging).await;
-    assert_eq!(outcome(charging).await, Paid::Open);
-    // Past its expiry, but by less than the clocks may differ: not yet final.
-    let just = -time::Duration::seconds(1);
-    let just_past = h
-        .order_expiring_in(Status::AwaitingPayment, Step::Charging, just)
-        .await;
-    assert_eq!(outcome(just_past).await, Paid::Open);
-    // Past it by more: never to be paid, and indeed a capture can no longer pay it.
-    let long = -time::Duration::seconds(6);
-    let long_past = h
-        .order_expiring_in(Status::AwaitingPayment, Step::Charging, long)
-        .await;
-    assert_eq!(outcome(long_past).await, Paid::Unpaid);
-    assert!(
-        h.store
-            .transition_paid(long_past, Step::Charging, Some(("pay_1", "4242")))
-            .await
-            .expect("pay")
-            .is_none()
-    );
-    assert_eq!(
-        h.state(long_past).await,
-        (Status::AwaitingPayment, Step::Charging)
-    );
-    let placing = h
-        .order_expiring_in(Status::Pending, Step::Reserving, long)
-        .await;
-    assert_eq!(outcome(placing).await, Paid::Unpaid);
-    for status in [Status::Cancelled, Status::Expired] {
-        let ended = h.order_in(status, Step::Idle).await;
-        assert_eq!(outcome(ended).await, Paid::Unpaid, "{status:?}");
-    }
-    assert_eq!(outcome(Uuid::now_v7()).await, Paid::Unpaid, "never placed");
+    assert_eq!(h.script.calls(), ["commit", "commit", "refund", "commit"]);
 }
 
 async fn an_interrupted_cancel_or_expiry_finishes_once_inventory_and_payments_answer(db: TestDb) {
@@ -501,7 +373,7 @@ async fn a_declined_card_leaves_the_order_payable_and_an_unanswered_charge_leave
         h.state(order).await,
         (Status::AwaitingPayment, Step::Charging)
     );
-    assert_eq!(h.script.calls(), ["charge", "charge"]);
+    assert!(!h.script.calls().contains(&"commit"));
 
     // The resumer finds the capture: paid.
     h.saga.resume(order).await.expect("resume");

@@ -1,23 +1,11 @@
-//! The internal gRPC API (`shopmesh.orders.v1.Orders`): `Audit` for reconciliation, and
-//! `Outcome` for the inventory's sweeper, which gives back a hold that ran out only once its
-//! order can no longer be paid.
-
-use std::time::Duration;
+//! The internal gRPC API (`shopmesh.orders.v1.Orders`): reconciliation only.
 
 use shopmesh_problem::Problem;
 use shopmesh_proto::orders::v1::orders_server::{Orders, OrdersServer};
-use shopmesh_proto::orders::v1::{
-    AuditLine, AuditOrder, AuditRequest, AuditResponse, Outcome as WireOutcome, OutcomeRequest,
-    OutcomeResponse,
-};
+use shopmesh_proto::orders::v1::{AuditLine, AuditOrder, AuditRequest, AuditResponse};
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use crate::store::{Outcome, Store};
-
-/// How far past its expiry an unpaid order must be before `Outcome` calls it never to be paid:
-/// more than the clocks of two orders instances (the one paying, the one answering) can differ.
-pub const CLOCK_MARGIN: Duration = Duration::from_secs(5);
+use crate::store::Store;
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
@@ -65,27 +53,6 @@ impl Orders for OrdersGrpc {
                         .collect(),
                 })
                 .collect(),
-        }))
-    }
-
-    async fn outcome(
-        &self,
-        request: Request<OutcomeRequest>,
-    ) -> Result<Response<OutcomeResponse>, Status> {
-        let order_id = Uuid::parse_str(&request.get_ref().order_id)
-            .map_err(|_| Status::invalid_argument("order_id: not a UUID"))?;
-        let outcome = self
-            .store
-            .outcome(order_id, CLOCK_MARGIN)
-            .await
-            .map_err(|e| Status::from(Problem::from(e)))?;
-        let outcome = match outcome {
-            Outcome::Paid => WireOutcome::Paid,
-            Outcome::Unpaid => WireOutcome::Unpaid,
-            Outcome::Open => WireOutcome::Open,
-        };
-        Ok(Response::new(OutcomeResponse {
-            outcome: outcome.into(),
         }))
     }
 }

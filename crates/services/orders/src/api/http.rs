@@ -398,8 +398,7 @@ struct CardInput {
     cvc: String,
 }
 
-/// Pays an order: charges the card and records the capture (the inventory commits the stock
-/// from the `order.paid` event).
+/// Pays an order: charges the card, then commits the stock.
 #[utoipa::path(post, path = "/api/v1/orders/{id}/pay", tag = "orders", security(("bearer" = [])), params(("id" = Uuid, Path, description = "The order's id")), request_body = PayRequest,
     responses(
         (status = 200, description = "The paid order (also for an order already paid)", body = OrderView),
