@@ -63,16 +63,6 @@ pub trait Handler: Send + Sync + 'static {
     fn may_repeat(&self) -> bool {
         false
     }
-
-    /// Whether events of this type mean anything to it. One that does not is passed over in
-    /// the stream (the cursor moves past it) without a look at the inbox or an entry in it:
-    /// the embedded transport delivers a producer's every type (the inventory reads orders'
-    /// stream for `order.paid` alone), and an event with no effect needs no record against
-    /// its repeat.
-    fn reads(&self, kind: &str) -> bool {
-        let _ = kind;
-        true
-    }
 }
 
 /// A producer's stream to follow.
@@ -496,7 +486,7 @@ impl Consumer {
         // failed before sends the page one event at a time without running anything here.
         let mut fresh = Vec::with_capacity(events.len());
         let mut duplicates = 0u64;
-        for event in events.iter().filter(|e| self.handler.reads(&e.kind)) {
+        for event in events {
             let id = event.id.hyphenated().to_string();
             let (seen, failed): (i64, i64) = sqlx::query_as(
                 "SELECT (SELECT COUNT(*) FROM event_inbox WHERE event_id = $1) \
@@ -541,11 +531,6 @@ impl Consumer {
     async fn process(&self, producer: &str, event: &Envelope) -> Result<(), ConsumeError> {
         let id = event.id.hyphenated().to_string();
         let mut tx = self.db.begin_write().await?;
-        if !self.handler.reads(&event.kind) {
-            advance(&mut tx, producer, event.position).await?;
-            tx.commit().await?;
-            return Ok(());
-        }
         // Handled already, or set aside (a redrive will handle it): only move the cursor.
         let seen: Option<(String,)> = sqlx::query_as(
             "SELECT event_id FROM event_inbox WHERE event_id = $1 \

@@ -22,8 +22,6 @@ shopmesh_db::test_on_both_backends!(
     a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbour_fails,
     a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short,
     an_event_its_handler_rejects_is_dead_lettered_at_once,
-    events_a_handler_does_not_read_pass_by_without_an_inbox_entry,
-    events_a_handler_does_not_read_pass_by_one_at_a_time_too,
 );
 
 async fn connect(db: &TestDb) -> Db {
@@ -455,70 +453,4 @@ async fn an_event_its_handler_rejects_is_dead_lettered_at_once(test: TestDb) {
         .await
         .expect("failures");
     assert_eq!(failures, 0);
-}
-
-/// Reads `test.happened` alone (as the inventory reads `order.paid` alone of orders' stream);
-/// fails whatever else reaches it.
-struct Picky {
-    repeatable: bool,
-}
-
-impl Handler for Picky {
-    fn may_repeat(&self) -> bool {
-        self.repeatable
-    }
-
-    fn reads(&self, kind: &str) -> bool {
-        kind == "test.happened"
-    }
-
-    fn handle<'a>(&'a self, tx: &'a mut TxConn, event: &'a Envelope) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            if event.kind != "test.happened" {
-                return Err(HandlerError::Reject(format!("{} handed over", event.kind)));
-            }
-            sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
-                .bind(event.id.hyphenated().to_string())
-                .execute(tx)
-                .await?;
-            Ok(())
-        })
-    }
-}
-
-async fn events_a_handler_does_not_read_pass_by_without_an_inbox_entry(test: TestDb) {
-    pass_by(test, true).await;
-}
-
-async fn events_a_handler_does_not_read_pass_by_one_at_a_time_too(test: TestDb) {
-    pass_by(test, false).await;
-}
-
-/// Paged (`repeatable`: one transaction per page) or one event at a time.
-async fn pass_by(test: TestDb, repeatable: bool) {
-    let (db, subscription) = twenty_events(&test).await;
-    let consumer = Consumer::new(
-        db.clone(),
-        Arc::new(Picky { repeatable }),
-        3,
-        Duration::from_millis(10),
-    );
-    while consumer.cursor("test").await.expect("cursor") < 20 {
-        consumer.pump(&subscription).await.expect("pump");
-    }
-    let count = |table: &'static str| {
-        let db = db.clone();
-        async move {
-            let (n,): (i64,) =
-                sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
-                    .fetch_one(db.pool())
-                    .await
-                    .expect("count");
-            n
-        }
-    };
-    // The two `test.poison` events passed by: never handed over, never recorded.
-    assert_eq!(count("effects").await, 18);
-    assert_eq!(count("event_inbox").await, 18);
-    assert!(consumer.dead_letters().await.expect("dead").is_empty());
 }
