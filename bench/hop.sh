@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The gateway hop against nginx, as issue 9 states it: a trivial upstream (bench-upstream, one
 # thread), with the shopmesh gateway in front of it and nginx (one worker, keep-alive to the
-# upstream) in front of the same upstream. The upstream and both proxies are pinned to core 0,
-# the load generator to core 1; the three targets take turns in rounds in one run. Needs nginx
+# upstream) in front of the same upstream, and `bench-bare-proxy` (hyper's server and the pooled
+# client the gateway is built on, nothing else: the floor of its stack). The upstream and the
+# proxies are pinned to core 0, the load generator to core 1; the targets take turns in rounds
+# in one run. Needs nginx
 # (apt-get install nginx-light). Run by hand; never in CI.
 #
 #   bench/hop.sh                          # 64 connections, 10 s per target
@@ -17,6 +19,7 @@ target_dir=${CARGO_TARGET_DIR:-target}
 upstream_port=18600
 gateway_port=18601
 nginx_port=18602
+bare_port=18603
 
 command -v nginx > /dev/null || { echo "nginx is needed: apt-get install nginx-light" >&2; exit 1; }
 cargo build --release --quiet -p shopmesh -p shopmesh-bench
@@ -62,12 +65,17 @@ http {
     }
 }
 EOF
+taskset -c 0 "$target_dir/release/bench-bare-proxy" "127.0.0.1:$bare_port" "127.0.0.1:$upstream_port" \
+    2> "$work/bare.log" &
+pids+=($!)
+
 taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" &
 pids+=($!)
 
 for _ in $(seq 1 60); do
     curl -sf "http://127.0.0.1:$gateway_port/readyz" > /dev/null \
-        && curl -sf "http://127.0.0.1:$nginx_port/x" > /dev/null && break
+        && curl -sf "http://127.0.0.1:$nginx_port/x" > /dev/null \
+        && curl -sf "http://127.0.0.1:$bare_port/x" > /dev/null && break
     sleep 0.5
 done
 curl -sf "http://127.0.0.1:$gateway_port/api/v1/inventory/x" > /dev/null \
@@ -79,5 +87,6 @@ path=/api/v1/inventory/x
 taskset -c 1 "$target_dir/release/shopmesh-bench" \
     --target "upstream=http://127.0.0.1:$upstream_port$path" \
     --target "nginx=http://127.0.0.1:$nginx_port$path" \
+    --target "bare-hyper=http://127.0.0.1:$bare_port$path" \
     --target "gateway=http://127.0.0.1:$gateway_port$path" \
     --connections "$connections" --seconds "$seconds"

@@ -81,6 +81,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one look at each name then, not a removal (a hash) per kind.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -179,10 +183,8 @@ async fn try_forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = path_and_query
-        .as_str()
-        .parse()
-        .map_err(|_| Problem::internal().into_response())?;
+    // Origin form for the upstream: the path and query as they were parsed, no reparse.
+    parts.uri = http::Uri::from(path_and_query.clone());
     parts.version = http::Version::HTTP_11;
 
     let original_host = parts.headers.remove(header::HOST);
@@ -330,5 +332,23 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn headers_without_hop_by_hop_ones_are_kept_as_they_are() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.append("x-multi", HeaderValue::from_static("1"));
+        headers.append("x-multi", HeaderValue::from_static("2"));
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+        // One hop-by-hop header among them is found and removed, the rest kept.
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
     }
 }

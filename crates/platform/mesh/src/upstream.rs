@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -334,11 +335,13 @@ impl Upstream {
         self.budget.deposit();
         self.await_discovery(options.deadline).await;
         let (parts, body) = request.into_parts();
+        // Kept as parsed (its bytes shared, not copied): each attempt's URI is made of it and
+        // the endpoint's scheme and authority, without formatting or parsing one.
         let path = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut tried: Vec<Uri> = Vec::new();
         let mut attempt = 0u32;
         loop {
@@ -515,16 +518,15 @@ impl Upstream {
         method: &Method,
         headers: &HeaderMap,
         base: &Uri,
-        path: &str,
+        path: &PathAndQuery,
         deadline: Instant,
         body: Full<Bytes>,
     ) -> Result<Request<Full<Bytes>>, ()> {
-        let uri = Uri::builder()
-            .scheme(base.scheme_str().unwrap_or("http"))
-            .authority(base.authority().map_or("", |a| a.as_str()))
-            .path_and_query(path)
-            .build()
-            .map_err(|_| ())?;
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+        uri.authority = Some(base.authority().cloned().ok_or(())?);
+        uri.path_and_query = Some(path.clone());
+        let uri = Uri::from_parts(uri).map_err(|_| ())?;
         let mut request = Request::new(body);
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
