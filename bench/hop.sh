@@ -80,6 +80,10 @@ for _ in $(seq 1 60); do
 done
 curl -sf "http://127.0.0.1:$gateway_port/api/v1/inventory/x" > /dev/null \
     || { cat "$work/gateway.log"; echo "the gateway is not ready" >&2; exit 1; }
+curl -sf "http://127.0.0.1:$nginx_port/x" > /dev/null \
+    || { cat "$work/nginx-error.log"; echo "nginx is not ready" >&2; exit 1; }
+curl -sf "http://127.0.0.1:$bare_port/x" > /dev/null \
+    || { cat "$work/bare.log"; echo "the bare proxy is not ready" >&2; exit 1; }
 
 echo "machine: $(nproc) cores; upstream and proxies on core 0, load on core 1; $connections connections"
 echo "request: GET /api/v1/inventory/x (a public route; the upstream answers 22 bytes)"

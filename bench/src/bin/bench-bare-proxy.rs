@@ -63,7 +63,16 @@ fn main() -> anyhow::Result<()> {
             .build(connector);
         eprintln!("bench-bare-proxy listening on {listen}, forwarding to {upstream}");
         loop {
-            let (stream, _) = listener.accept().await?;
+            // A passing failure (out of descriptors, a connection reset before it was
+            // taken) ends only that connection, not the proxy.
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    eprintln!("bench-bare-proxy: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let client = client.clone();
             let upstream = upstream.clone();
