@@ -163,6 +163,10 @@ pub async fn serve(
                 }
             },
         };
+        // Without it, a response written in two parts (gRPC's trailers after its message,
+        // a body after its head) waits for the peer's delayed acknowledgement of the first
+        // (Nagle's algorithm): milliseconds per call, on loopback too.
+        let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!("http_connections_shed_total").increment(1);
             drop(stream);
