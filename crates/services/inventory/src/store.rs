@@ -18,6 +18,13 @@ pub struct Store {
     db: Db,
 }
 
+/// The columns of a [`StockRow`], in a `SELECT` or a `RETURNING`.
+macro_rules! stock_columns {
+    () => {
+        "product_id, on_hand, reserved, added, removed, sold"
+    };
+}
+
 #[derive(sqlx::FromRow)]
 struct StockRow {
     product_id: String,
@@ -193,17 +200,23 @@ impl Store {
         }
         let now = OffsetDateTime::now_utc();
         let stamp = micros(now);
+        // The levels after the change come back with it (`RETURNING`), for the events: one
+        // round trip less per line than reading them again.
+        let mut levels = Vec::new();
         for line in lines.iter() {
-            let done = sqlx::query(
+            let level: Option<StockRow> = sqlx::query_as(concat!(
                 "UPDATE stock SET reserved = reserved + $1, updated_at = $2 \
-                 WHERE product_id = $3 AND on_hand - reserved >= $1",
-            )
+                 WHERE product_id = $3 AND on_hand - reserved >= $1 RETURNING ",
+                stock_columns!()
+            ))
             .bind(line.quantity.get())
             .bind(stamp)
             .bind(id(line.product_id))
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            if done.rows_affected() == 0 {
+            if let Some(level) = level {
+                levels.push(level.into_level()?);
+            } else {
                 let available = stock_in(&mut *tx, line.product_id).await?.available();
                 // Dropping the transaction rolls back the lines already reserved.
                 return Err(Error::InsufficientStock {
@@ -234,9 +247,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        for line in lines.iter() {
-            let level = stock_in(&mut *tx, line.product_id).await?;
-            stock_changed(&mut tx, &level).await?;
+        for level in &levels {
+            stock_changed(&mut tx, level).await?;
         }
         tx.commit().await?;
         Ok(from_micros(micros(expires_at)))
@@ -244,12 +256,32 @@ impl Store {
 
     /// Turns an order's held stock into sold stock. Idempotent.
     pub async fn commit(&self, order_id: Uuid) -> Result<(), Error> {
+        const SELL: &str = concat!(
+            "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
+             sold = sold + $1, updated_at = $2 WHERE product_id = $3 RETURNING ",
+            stock_columns!()
+        );
         for _ in 0..RACE_RETRIES {
             let mut tx = self.db.begin_write().await?;
+            let now = micros(OffsetDateTime::now_utc());
+            // The common case in one guarded move: a hold, still within its time. Only when
+            // it does not apply is the reservation read, to say why.
+            let held = sqlx::query(
+                "UPDATE reservations SET state = 'committed', updated_at = $1 \
+                 WHERE order_id = $2 AND state = 'held' AND expires_at > $1",
+            )
+            .bind(now)
+            .bind(id(order_id))
+            .execute(&mut *tx)
+            .await?;
+            if held.rows_affected() > 0 {
+                move_stock(&mut tx, order_id, SELL, now).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
             let (state, expires_at) = reservation_in(&mut tx, order_id)
                 .await?
                 .ok_or(Error::ReservationNotFound)?;
-            let now = micros(OffsetDateTime::now_utc());
             match state {
                 State::Committed => return Ok(()),
                 State::Released => return Err(Error::ReservationReleased),
@@ -260,25 +292,9 @@ impl Store {
                         return Err(Error::ReservationExpired);
                     }
                 }
-                State::Held => {
-                    if transition(&mut tx, order_id, State::Held, State::Committed, now).await? {
-                        let lines = lines_in(&mut tx, order_id).await?;
-                        for (product_id, quantity) in &lines {
-                            sqlx::query(
-                                "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, \
-                                 sold = sold + $1, updated_at = $2 WHERE product_id = $3",
-                            )
-                            .bind(*quantity)
-                            .bind(now)
-                            .bind(product_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        stock_changed_for(&mut tx, &lines).await?;
-                        tx.commit().await?;
-                        return Ok(());
-                    }
-                }
+                // Held and in time, yet not moved above: moved and back meanwhile (on
+                // PostgreSQL, between the two statements). Look again.
+                State::Held => {}
             }
             // Someone else moved the reservation meanwhile: look again.
         }
@@ -474,29 +490,51 @@ async fn finish_in(
     now: i64,
 ) -> Result<bool, Error> {
     let sql = match from {
-        State::Held => {
-            "UPDATE stock SET reserved = reserved - $1, updated_at = $2 WHERE product_id = $3"
-        }
-        State::Committed => {
+        State::Held => concat!(
+            "UPDATE stock SET reserved = reserved - $1, updated_at = $2 WHERE product_id = $3 \
+             RETURNING ",
+            stock_columns!()
+        ),
+        State::Committed => concat!(
             "UPDATE stock SET on_hand = on_hand + $1, sold = sold - $1, updated_at = $2 \
-             WHERE product_id = $3"
-        }
+             WHERE product_id = $3 RETURNING ",
+            stock_columns!()
+        ),
         State::Released => return Ok(false),
     };
     if !transition(tx, order_id, from, State::Released, now).await? {
         return Ok(false);
     }
-    let lines = lines_in(tx, order_id).await?;
-    for (product_id, quantity) in &lines {
-        sqlx::query(sql)
-            .bind(*quantity)
-            .bind(now)
-            .bind(product_id)
-            .execute(&mut **tx)
-            .await?;
-    }
-    stock_changed_for(tx, &lines).await?;
+    move_stock(tx, order_id, sql, now).await?;
     Ok(true)
+}
+
+/// Applies `sql` (an update of one product's stock by `$1` units at `$2`, `RETURNING` its
+/// levels) to each line of the reservation, and writes `stock.changed` with the levels it
+/// returns: in the caller's transaction.
+async fn move_stock(
+    tx: &mut shopmesh_db::Tx,
+    order_id: Uuid,
+    sql: &'static str,
+    now: i64,
+) -> Result<(), Error> {
+    for (product_id, quantity) in lines_in(tx, order_id).await? {
+        let row: Option<StockRow> = sqlx::query_as(sql)
+            .bind(quantity)
+            .bind(now)
+            .bind(&product_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let level = match row {
+            Some(row) => row.into_level()?,
+            // No stock row (never stocked): nothing moved; the event says so, as before.
+            None => StockLevel::empty(Uuid::parse_str(&product_id).map_err(|_| {
+                Error::Internal(anyhow::anyhow!("a stored product id is malformed"))
+            })?),
+        };
+        stock_changed(tx, &level).await?;
+    }
+    Ok(())
 }
 
 /// Writes `stock.changed` with the product's levels after the change, in the change's
@@ -511,16 +549,5 @@ async fn stock_changed(conn: &mut shopmesh_db::TxConn, level: &StockLevel) -> Re
     })
     .map_err(|e| Error::Internal(e.into()))?;
     shopmesh_events::outbox::append(conn, &event, None).await?;
-    Ok(())
-}
-
-/// `stock.changed` for each product of a reservation's lines.
-async fn stock_changed_for(tx: &mut shopmesh_db::Tx, lines: &[(String, i64)]) -> Result<(), Error> {
-    for (product_id, _) in lines {
-        let product_id = Uuid::parse_str(product_id)
-            .map_err(|_| Error::Internal(anyhow::anyhow!("a stored product id is malformed")))?;
-        let level = stock_in(&mut **tx, product_id).await?;
-        stock_changed(tx, &level).await?;
-    }
     Ok(())
 }

@@ -707,11 +707,14 @@ impl Store {
             Status::Expired => Some(OrderChange::Expired),
             Status::Pending | Status::Rejected => None,
         };
-        let update = sqlx::query(
+        // The order as it is after the move comes back with it (`RETURNING`): one round
+        // trip less than reading it again, in every move that needs it.
+        let moved = sqlx::query_as::<_, OrderRow>(concat!(
             "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
              payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4), \
-             owner = $9 WHERE id = $6 AND status = $7 AND step = $8",
-        )
+             owner = $9 WHERE id = $6 AND status = $7 AND step = $8 RETURNING ",
+            order_columns!()
+        ))
         .bind(to.0.as_str())
         .bind(to.1.as_str())
         .bind(micros(OffsetDateTime::now_utc()))
@@ -723,23 +726,14 @@ impl Store {
         .bind(&self.instance);
         if kind.is_none() && !want && answer.is_none() {
             // One guarded statement is atomic by itself: no transaction round trips.
-            let done = update.execute(self.db.pool()).await?;
-            return Ok((done.rows_affected() > 0).then_some((None, None)));
+            let done = moved.fetch_optional(self.db.pool()).await?;
+            return Ok(done.map(|_| (None, None)));
         }
         let mut tx = self.db.begin_write().await?;
-        let done = update.execute(&mut *tx).await?;
-        if done.rows_affected() == 0 {
+        let Some(row) = moved.fetch_optional(&mut *tx).await? else {
             return Ok(None);
-        }
+        };
         let order = {
-            let row: OrderRow = sqlx::query_as(concat!(
-                "SELECT ",
-                order_columns!(),
-                " FROM orders WHERE id = $1"
-            ))
-            .bind(id(order_id))
-            .fetch_one(&mut *tx)
-            .await?;
             let lines: Vec<LineRow> = sqlx::query_as(
                 "SELECT product_id, sku, name, unit_price, quantity FROM order_lines \
                  WHERE order_id = $1 ORDER BY position",
