@@ -292,8 +292,8 @@ impl Store {
                         return Err(Error::ReservationExpired);
                     }
                 }
-                // Held and in time, yet not moved above: moved and back meanwhile (on
-                // PostgreSQL, between the two statements). Look again.
+                // Held and in time, yet not moved above: the reservation appeared after
+                // that statement (a `reserve` racing this commit, on PostgreSQL). Look again.
                 State::Held => {}
             }
             // Someone else moved the reservation meanwhile: look again.

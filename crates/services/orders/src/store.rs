@@ -707,30 +707,45 @@ impl Store {
             Status::Expired => Some(OrderChange::Expired),
             Status::Pending | Status::Rejected => None,
         };
-        // The order as it is after the move comes back with it (`RETURNING`): one round
-        // trip less than reading it again, in every move that needs it.
-        let moved = sqlx::query_as::<_, OrderRow>(concat!(
-            "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
-             payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4), \
-             owner = $9 WHERE id = $6 AND status = $7 AND step = $8 RETURNING ",
-            order_columns!()
-        ))
-        .bind(to.0.as_str())
-        .bind(to.1.as_str())
-        .bind(micros(OffsetDateTime::now_utc()))
-        .bind(payment.map(|p| p.0.to_owned()))
-        .bind(payment.map(|p| p.1.to_owned()))
-        .bind(id(order_id))
-        .bind(from.0.as_str())
-        .bind(from.1.as_str())
-        .bind(&self.instance);
+        macro_rules! guarded_move {
+            ($query:expr) => {
+                $query
+                    .bind(to.0.as_str())
+                    .bind(to.1.as_str())
+                    .bind(micros(OffsetDateTime::now_utc()))
+                    .bind(payment.map(|p| p.0.to_owned()))
+                    .bind(payment.map(|p| p.1.to_owned()))
+                    .bind(id(order_id))
+                    .bind(from.0.as_str())
+                    .bind(from.1.as_str())
+                    .bind(&self.instance)
+            };
+        }
+        macro_rules! move_sql {
+            () => {
+                "UPDATE orders SET status = $1, step = $2, updated_at = $3, \
+                 payment_id = COALESCE($4, payment_id), card_last4 = COALESCE($5, card_last4), \
+                 owner = $9 WHERE id = $6 AND status = $7 AND step = $8"
+            };
+        }
         if kind.is_none() && !want && answer.is_none() {
             // One guarded statement is atomic by itself: no transaction round trips.
-            let done = moved.fetch_optional(self.db.pool()).await?;
-            return Ok(done.map(|_| (None, None)));
+            let done = guarded_move!(sqlx::query(move_sql!()))
+                .execute(self.db.pool())
+                .await?;
+            return Ok((done.rows_affected() > 0).then_some((None, None)));
         }
         let mut tx = self.db.begin_write().await?;
-        let Some(row) = moved.fetch_optional(&mut *tx).await? else {
+        // The order as it is after the move comes back with it (`RETURNING`): one round trip
+        // less than reading it again.
+        let row: Option<OrderRow> = guarded_move!(sqlx::query_as(concat!(
+            move_sql!(),
+            " RETURNING ",
+            order_columns!()
+        )))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
             return Ok(None);
         };
         let order = {

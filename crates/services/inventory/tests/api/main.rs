@@ -25,6 +25,7 @@ shopmesh_db::test_on_both_backends!(
     two_hundred_concurrent_reservations_of_one_unit_against_fifty_hold_exactly_fifty,
     a_reservation_is_idempotent_by_order_id_even_when_copies_race,
     commit_sells_release_restocks_and_both_repeat_harmlessly,
+    every_stock_move_reports_the_levels_after_it,
     releasing_an_order_first_blocks_a_late_reservation,
     an_expired_hold_is_released_by_the_sweeper,
     an_expired_hold_cannot_be_committed,
@@ -414,6 +415,81 @@ async fn commit_sells_release_restocks_and_both_repeat_harmlessly(db: TestDb) {
         .await
         .expect_err("unknown");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+/// The `stock.changed` events about `product` in the inventory's stream, as (available,
+/// reserved, on hand, sold), once `expected` are there (or after 10 s, whatever is there).
+async fn stock_events(app: &TestApp, product: Uuid, expected: usize) -> Vec<(i64, i64, i64, i64)> {
+    let started = Instant::now();
+    loop {
+        let page: Value = reqwest::get(format!(
+            "http://{}/internal/outbox?after=0&limit=500",
+            app.addr
+        ))
+        .await
+        .expect("outbox")
+        .json()
+        .await
+        .expect("json");
+        let found: Vec<_> = page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| {
+                e["type"] == "stock.changed" && e["payload"]["product_id"] == product.to_string()
+            })
+            .map(|e| {
+                let n = |f: &str| e["payload"][f].as_i64().expect(f);
+                (n("available"), n("reserved"), n("on_hand"), n("sold"))
+            })
+            .collect();
+        if found.len() >= expected || started.elapsed() > Duration::from_secs(10) {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn every_stock_move_reports_the_levels_after_it(db: TestDb) {
+    // The catalog shows availability from these events: each must carry the levels as the
+    // move left them, once per move (a repeated commit or release moves nothing).
+    let app = start(db).await;
+    let product = Uuid::now_v7();
+    app.stock_up(product, 10).await;
+    let mut grpc = app.grpc.clone();
+    let (paid, dropped) = (Uuid::now_v7(), Uuid::now_v7());
+    grpc.reserve(reserve_request(paid, vec![line(product, 3)], 600))
+        .await
+        .expect("reserve");
+    for _ in 0..2 {
+        grpc.commit(CommitRequest {
+            order_id: paid.to_string(),
+        })
+        .await
+        .expect("commit");
+    }
+    grpc.reserve(reserve_request(dropped, vec![line(product, 2)], 600))
+        .await
+        .expect("reserve");
+    for order in [dropped, paid] {
+        grpc.release(ReleaseRequest {
+            order_id: order.to_string(),
+        })
+        .await
+        .expect("release");
+    }
+    let expected = vec![
+        (10, 0, 10, 0), // stocked
+        (7, 3, 10, 0),  // held
+        (7, 0, 7, 3),   // sold
+        (5, 2, 7, 3),   // another held
+        (7, 0, 7, 3),   // that hold released
+        (10, 0, 10, 0), // the sale given back
+    ];
+    assert_eq!(stock_events(&app, product, expected.len()).await, expected);
+    // And nothing more arrives for the repeated commit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stock_events(&app, product, expected.len()).await, expected);
 }
 
 async fn releasing_an_order_first_blocks_a_late_reservation(db: TestDb) {
