@@ -4,6 +4,7 @@
 //!   Ed25519 signer plus a JWKS endpoint on port 0, so the service under test verifies tokens
 //!   exactly as in production (fetching the JWKS by URL).
 //! - [`assert_problem`]: checks an `application/problem+json` answer's status, code and field.
+//! - [`outbox_events`]: the events a service has published, read from its stream.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -89,4 +90,34 @@ pub async fn assert_problem(
         assert_eq!(body["field"], field, "{body}");
     }
     body
+}
+
+/// The events in the stream of the service at `addr` (`/internal/outbox`, from the start) that
+/// `wanted` picks, once `expected` of them are there or after 10 s, whatever is there then. On
+/// PostgreSQL events are numbered, and so readable, a moment after their commit.
+pub async fn outbox_events(
+    addr: SocketAddr,
+    wanted: impl Fn(&Value) -> bool,
+    expected: usize,
+) -> Vec<Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let page: Value = reqwest::get(format!("http://{addr}/internal/outbox?after=0&limit=500"))
+            .await
+            .expect("outbox")
+            .json()
+            .await
+            .expect("outbox json");
+        let found: Vec<Value> = page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| wanted(e))
+            .cloned()
+            .collect();
+        if found.len() >= expected || started.elapsed() > Duration::from_secs(10) {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -418,36 +418,21 @@ async fn commit_sells_release_restocks_and_both_repeat_harmlessly(db: TestDb) {
 }
 
 /// The `stock.changed` events about `product` in the inventory's stream, as (available,
-/// reserved, on hand, sold), once `expected` are there (or after 10 s, whatever is there).
+/// reserved, on hand, sold), once `expected` are there.
 async fn stock_events(app: &TestApp, product: Uuid, expected: usize) -> Vec<(i64, i64, i64, i64)> {
-    let started = Instant::now();
-    loop {
-        let page: Value = reqwest::get(format!(
-            "http://{}/internal/outbox?after=0&limit=500",
-            app.addr
-        ))
-        .await
-        .expect("outbox")
-        .json()
-        .await
-        .expect("json");
-        let found: Vec<_> = page["events"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .filter(|e| {
-                e["type"] == "stock.changed" && e["payload"]["product_id"] == product.to_string()
-            })
-            .map(|e| {
-                let n = |f: &str| e["payload"][f].as_i64().expect(f);
-                (n("available"), n("reserved"), n("on_hand"), n("sold"))
-            })
-            .collect();
-        if found.len() >= expected || started.elapsed() > Duration::from_secs(10) {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let product = product.to_string();
+    shopmesh_testkit::outbox_events(
+        app.addr,
+        |e| e["type"] == "stock.changed" && e["payload"]["product_id"] == product.as_str(),
+        expected,
+    )
+    .await
+    .iter()
+    .map(|e| {
+        let n = |f: &str| e["payload"][f].as_i64().expect(f);
+        (n("available"), n("reserved"), n("on_hand"), n("sold"))
+    })
+    .collect()
 }
 
 async fn every_stock_move_reports_the_levels_after_it(db: TestDb) {

@@ -78,29 +78,15 @@ fn meta<'a>(status: &'a tonic::Status, key: &str) -> &'a str {
 
 const GOOD: &str = "4242 4242 4242 4242";
 
-/// The events of `kind` about `order` in the payments stream, once `expected` are there (or
-/// after 3 s, whatever is there).
+/// The events of `kind` about `order` in the payments stream, once `expected` are there.
 async fn events(app: &TestApp, kind: &str, order: Uuid, expected: usize) -> Vec<serde_json::Value> {
-    let started = std::time::Instant::now();
-    loop {
-        let page: serde_json::Value = reqwest::get(format!("http://{}/internal/outbox", app.addr))
-            .await
-            .expect("outbox")
-            .json()
-            .await
-            .expect("json");
-        let found: Vec<_> = page["events"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .filter(|e| e["type"] == kind && e["aggregate_id"] == order.to_string())
-            .cloned()
-            .collect();
-        if found.len() >= expected || started.elapsed() > std::time::Duration::from_secs(3) {
-            return found;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let order = order.to_string();
+    shopmesh_testkit::outbox_events(
+        app.addr,
+        |e| e["type"] == kind && e["aggregate_id"] == order.as_str(),
+        expected,
+    )
+    .await
 }
 
 async fn a_good_card_is_captured_once_however_often_and_concurrently_it_is_charged(db: TestDb) {
