@@ -484,34 +484,47 @@ impl Consumer {
         let mut tx = self.db.begin_write().await?;
         // First the bookkeeping of the whole page, before any handler runs: an event that
         // failed before sends the page one event at a time without running anything here.
+        // A fresh event's inbox entry is written now, in the statement that finds it fresh
+        // (one round trip per event, not a check and later an insert); a handler's failure
+        // rolls the entries back with everything else.
         let mut fresh = Vec::with_capacity(events.len());
         let mut duplicates = 0u64;
         for event in events {
             let id = event.id.hyphenated().to_string();
-            let (seen, failed): (i64, i64) = sqlx::query_as(
-                "SELECT (SELECT COUNT(*) FROM event_inbox WHERE event_id = $1) \
-                 + (SELECT COUNT(*) FROM event_dead_letters WHERE event_id = $1), \
-                 (SELECT COUNT(*) FROM event_failures WHERE event_id = $1)",
+            let entered = sqlx::query(
+                "INSERT INTO event_inbox (event_id, type, handled_at) SELECT $1, $2, $3 \
+                 WHERE NOT EXISTS (SELECT 1 FROM event_dead_letters WHERE event_id = $1) \
+                 AND NOT EXISTS (SELECT 1 FROM event_failures WHERE event_id = $1) \
+                 ON CONFLICT (event_id) DO NOTHING",
             )
             .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?;
+            .bind(&event.kind)
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+            if entered {
+                fresh.push(event);
+                continue;
+            }
+            // Handled before, set aside (a redrive will handle it), or failed before.
+            let (failed,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM event_failures WHERE event_id = $1")
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await?;
             if failed > 0 {
                 return Ok(false);
             }
-            if seen > 0 {
-                duplicates += 1;
-            } else {
-                fresh.push((id, event));
-            }
+            duplicates += 1;
         }
         let mut handled = Vec::with_capacity(fresh.len());
-        for (id, event) in fresh {
+        for event in fresh {
             if self.handler.handle(&mut tx, event).await.is_err() {
                 // Rolled back; the handlers before it run again one by one (`may_repeat`).
                 return Ok(false);
             }
-            remember(&mut tx, &id, &event.kind).await?;
             handled.push(event);
         }
         advance(&mut tx, producer, last.position).await?;
@@ -578,12 +591,9 @@ impl Consumer {
     pub async fn handle_once(&self, source: &str, event: &Envelope) -> Result<(), ConsumeError> {
         let id = event.id.hyphenated().to_string();
         let mut tx = self.db.begin_write().await?;
-        let seen: Option<(String,)> =
-            sqlx::query_as("SELECT event_id FROM event_inbox WHERE event_id = $1")
-                .bind(&id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if seen.is_some() {
+        // The inbox entry first: written, the event is fresh (and the entry goes if the
+        // handler fails, with the transaction); not written, it was handled before.
+        if !enter(&mut tx, &id, &event.kind).await? {
             metrics::counter!("events_duplicates_total", "producer" => source.to_owned())
                 .increment(1);
             return Ok(());
@@ -599,7 +609,6 @@ impl Consumer {
                     ConsumeError::Rejected(format!("{} {id}", event.kind), why)
                 }
             })?;
-        remember(&mut tx, &id, &event.kind).await?;
         tx.commit().await?;
         record_delivery(source, event);
         Ok(())
@@ -719,7 +728,8 @@ impl Consumer {
     }
 }
 
-/// Records in the inbox that `id` was handled (in the handler's transaction).
+/// Records in the inbox that `id` was handled (in the handler's transaction, after a check
+/// that it was not: a concurrent consumer's entry makes this fail, and the transaction with it).
 async fn remember(tx: &mut TxConn, id: &str, kind: &str) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
         .bind(id)
@@ -728,6 +738,22 @@ async fn remember(tx: &mut TxConn, id: &str, kind: &str) -> Result<(), sqlx::Err
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// Enters `id` in the inbox before its handler runs (in the handler's transaction); `false`,
+/// with nothing written, if it is there already (handled before, or by a concurrent consumer
+/// whose transaction committed first: on PostgreSQL this waits for it).
+async fn enter(tx: &mut TxConn, id: &str, kind: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(now_micros())
+    .execute(tx)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Counts a handled event and, from the producer's commit to the consumer's, the transport's
