@@ -304,12 +304,12 @@ impl Saga {
                 let placed = match answer {
                     Some(answer) => self
                         .store
-                        .transition_answering(order_id, from, to, answer)
+                        .transition_answering(order_id, from, to, answer, Some(lines))
                         .await?
                         .map(|(order, answered)| (order, Some(answered))),
                     None => self
                         .store
-                        .transition_returning(order_id, from, to, None)
+                        .transition_returning(order_id, from, to, None, Some(lines))
                         .await?
                         .map(|order| (order, None)),
                 };
@@ -452,7 +452,7 @@ impl Saga {
             tracing::warn!(order_id = %order.id, "order taken over while charging; leaving it to the taker");
             return Err(Error::Busy);
         }
-        self.commit(order.id).await
+        self.commit(order.id, Some(&order.lines)).await
     }
 
     /// `order` once its step in flight is over, or as it stands when [`patience`] runs out.
@@ -466,7 +466,8 @@ impl Saga {
     }
 
     /// Commits the stock of a captured order; if the hold ran out, refunds and expires it.
-    async fn commit(&self, order_id: Uuid) -> Result<Order, Error> {
+    /// `lines`: the order's, when the caller has them read already.
+    async fn commit(&self, order_id: Uuid, lines: Option<&[Line]>) -> Result<Order, Error> {
         let request = CommitRequest {
             order_id: order_id.hyphenated().to_string(),
         };
@@ -479,6 +480,7 @@ impl Saga {
                         (Status::AwaitingPayment, Step::Committing),
                         (Status::Paid, Step::Idle),
                         None,
+                        lines,
                     )
                     .await?;
                 metrics::counter!("orders_paid_total").increment(1);
@@ -664,7 +666,7 @@ impl Saga {
                             return Ok(());
                         }
                         tracing::info!(%order_id, "interrupted payment was captured; committing");
-                        self.commit(order_id).await.map(|_| ())
+                        self.commit(order_id, None).await.map(|_| ())
                     }
                     Err(status) if status.code() == tonic::Code::NotFound => {
                         self.store
@@ -683,7 +685,7 @@ impl Saga {
             }
             Step::Committing => {
                 tracing::info!(%order_id, "resuming the commit of a captured order");
-                match self.commit(order_id).await {
+                match self.commit(order_id, None).await {
                     Ok(_) | Err(Error::Expired) => Ok(()),
                     Err(e) => Err(e),
                 }

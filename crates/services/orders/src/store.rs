@@ -54,6 +54,36 @@ struct OrderRow {
     updated_at: i64,
 }
 
+/// An order's row joined with one of its lines (`None`s: an order without lines).
+#[derive(sqlx::FromRow)]
+struct OrderWithLine {
+    #[sqlx(flatten)]
+    order: OrderRow,
+    #[sqlx(flatten)]
+    line: JoinedLine,
+}
+
+#[derive(sqlx::FromRow)]
+struct JoinedLine {
+    line_product_id: Option<String>,
+    line_sku: Option<String>,
+    line_name: Option<String>,
+    line_unit_price: Option<i64>,
+    line_quantity: Option<i64>,
+}
+
+impl JoinedLine {
+    fn into_row(self) -> Option<LineRow> {
+        Some(LineRow {
+            product_id: self.line_product_id?,
+            sku: self.line_sku?,
+            name: self.line_name?,
+            unit_price: self.line_unit_price?,
+            quantity: self.line_quantity?,
+        })
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct LineRow {
     product_id: String,
@@ -140,8 +170,28 @@ fn corrupt(what: &str) -> Error {
     Error::Internal(anyhow::anyhow!("stored order has a bad {what}"))
 }
 
+impl LineRow {
+    fn into_line(self) -> Result<Line, Error> {
+        Ok(Line {
+            product_id: Uuid::parse_str(&self.product_id).map_err(|_| corrupt("line"))?,
+            sku: self.sku,
+            name: self.name,
+            unit_price: self.unit_price,
+            quantity: self.quantity,
+        })
+    }
+}
+
 impl OrderRow {
     fn into_order(self, lines: Vec<LineRow>) -> Result<Order, Error> {
+        let lines = lines
+            .into_iter()
+            .map(LineRow::into_line)
+            .collect::<Result<_, Error>>()?;
+        self.with_lines(lines)
+    }
+
+    fn with_lines(self, lines: Vec<Line>) -> Result<Order, Error> {
         Ok(Order {
             id: Uuid::parse_str(&self.id).map_err(|_| corrupt("id"))?,
             user_id: Uuid::parse_str(&self.user_id).map_err(|_| corrupt("user"))?,
@@ -154,18 +204,7 @@ impl OrderRow {
             card_last4: self.card_last4,
             created_at: from_micros(self.created_at),
             updated_at: from_micros(self.updated_at),
-            lines: lines
-                .into_iter()
-                .map(|l| {
-                    Ok(Line {
-                        product_id: Uuid::parse_str(&l.product_id).map_err(|_| corrupt("line"))?,
-                        sku: l.sku,
-                        name: l.name,
-                        unit_price: l.unit_price,
-                        quantity: l.quantity,
-                    })
-                })
-                .collect::<Result<_, Error>>()?,
+            lines,
         })
     }
 }
@@ -564,23 +603,32 @@ impl Store {
         Ok(())
     }
 
-    /// One order with its lines.
+    /// One order with its lines, in one round trip (a row per line).
     pub async fn order(&self, order_id: Uuid) -> Result<Option<Order>, Error> {
-        let row: Option<OrderRow> = sqlx::query_as(concat!(
+        let rows: Vec<OrderWithLine> = sqlx::query_as(concat!(
             "SELECT ",
             order_columns!(),
-            " FROM orders WHERE id = $1"
+            ", l.product_id AS line_product_id, l.sku AS line_sku, l.name AS line_name, \
+             l.unit_price AS line_unit_price, l.quantity AS line_quantity \
+             FROM orders LEFT JOIN order_lines l ON l.order_id = orders.id \
+             WHERE orders.id = $1 ORDER BY l.position"
         ))
         .bind(id(order_id))
-        .fetch_optional(self.db.reader())
+        .fetch_all(self.db.reader())
         .await?;
-        match row {
-            Some(row) => {
-                let lines = self.lines(order_id).await?;
-                Ok(Some(row.into_order(lines)?))
+        let mut rows = rows.into_iter();
+        let Some(first) = rows.next() else {
+            return Ok(None);
+        };
+        let mut lines = Vec::new();
+        let order = first.order;
+        for line in std::iter::once(first.line).chain(rows.map(|r| r.line)) {
+            // An order's lines are stored with it: no line means none to show, not a gap.
+            if let Some(line) = line.into_row() {
+                lines.push(line);
             }
-            None => Ok(None),
         }
+        Ok(Some(order.into_order(lines)?))
     }
 
     async fn lines(&self, order_id: Uuid) -> Result<Vec<LineRow>, Error> {
@@ -651,23 +699,25 @@ impl Store {
         payment: Option<(&str, &str)>,
     ) -> Result<bool, Error> {
         Ok(self
-            .moved(order_id, from, to, payment, false, None)
+            .moved(order_id, from, to, payment, false, None, None)
             .await?
             .is_some())
     }
 
     /// [`Store::transition`], answering with the order as it is after the move (read in the
     /// same transaction, so no second round trip is needed to show it); `None` if someone else
-    /// moved it.
+    /// moved it. `lines`: the order's lines when the caller has them (they never change once
+    /// the order is stored), so they need not be read again.
     pub async fn transition_returning(
         &self,
         order_id: Uuid,
         from: (Status, Step),
         to: (Status, Step),
         payment: Option<(&str, &str)>,
+        lines: Option<&[Line]>,
     ) -> Result<Option<Order>, Error> {
         Ok(self
-            .moved(order_id, from, to, payment, true, None)
+            .moved(order_id, from, to, payment, true, None, lines)
             .await?
             .and_then(|(order, _)| order))
     }
@@ -681,15 +731,18 @@ impl Store {
         from: (Status, Step),
         to: (Status, Step),
         answer: &KeyAnswer<'_>,
+        lines: Option<&[Line]>,
     ) -> Result<Option<(Order, Answered)>, Error> {
         Ok(self
-            .moved(order_id, from, to, None, true, Some(answer))
+            .moved(order_id, from, to, None, true, Some(answer), lines)
             .await?
             .and_then(|(order, answered)| Some((order?, answered?))))
     }
 
     /// `None`: not moved; `Some((order, answered))`: moved, with the order when it was read
     /// (`want` or an event or an answer needs it) and the key's answer when one was given.
+    /// `lines`, when given, are the order's (else they are read in the move's transaction).
+    #[allow(clippy::too_many_arguments)]
     async fn moved(
         &self,
         order_id: Uuid,
@@ -698,6 +751,7 @@ impl Store {
         payment: Option<(&str, &str)>,
         want: bool,
         answer: Option<&KeyAnswer<'_>>,
+        lines: Option<&[Line]>,
     ) -> Result<Option<(Option<Order>, Option<Answered>)>, Error> {
         let kind = match to.0 {
             _ if to.0 == from.0 => None,
@@ -748,15 +802,18 @@ impl Store {
         let Some(row) = row else {
             return Ok(None);
         };
-        let order = {
-            let lines: Vec<LineRow> = sqlx::query_as(
-                "SELECT product_id, sku, name, unit_price, quantity FROM order_lines \
-                 WHERE order_id = $1 ORDER BY position",
-            )
-            .bind(id(order_id))
-            .fetch_all(&mut *tx)
-            .await?;
-            row.into_order(lines)?
+        let order = match lines {
+            Some(lines) => row.with_lines(lines.to_vec())?,
+            None => {
+                let lines: Vec<LineRow> = sqlx::query_as(
+                    "SELECT product_id, sku, name, unit_price, quantity FROM order_lines \
+                     WHERE order_id = $1 ORDER BY position",
+                )
+                .bind(id(order_id))
+                .fetch_all(&mut *tx)
+                .await?;
+                row.into_order(lines)?
+            }
         };
         if let Some(change) = kind {
             let event = OrderSnapshot {

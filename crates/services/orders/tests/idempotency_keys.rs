@@ -473,6 +473,7 @@ async fn place_answering(
             (Status::Pending, Step::Reserving),
             (Status::AwaitingPayment, Step::Idle),
             &claimed.answer(&render),
+            None,
         )
         .await
         .expect("a move")
