@@ -62,14 +62,16 @@ impl PaymentsGrpc {
         let card = Card::parse(&raw.number, raw.exp_month, raw.exp_year, &raw.cvc)?;
         let last4 = card.number.last4().to_owned();
         let decision = authorize(&card, OffsetDateTime::now_utc());
-        let outcome = match decision {
-            Ok(()) => "approved",
-            Err(decline) => decline.code(),
-        };
-        self.store
-            .record_attempt(order, amount.get(), currency.as_str(), &last4, outcome)
-            .await?;
         if let Err(decline) = decision {
+            self.store
+                .record_attempt(
+                    order,
+                    amount.get(),
+                    currency.as_str(),
+                    &last4,
+                    decline.code(),
+                )
+                .await?;
             tracing::info!(order_id = %order, card_last4 = %last4, code = decline.code(), "charge declined");
             metrics::counter!("payments_declined_total", "code" => decline.code()).increment(1);
             return Err(Error::Declined(decline));

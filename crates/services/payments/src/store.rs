@@ -26,6 +26,9 @@ pub struct Payment {
     pub card_brand: String,
 }
 
+/// The outcome recorded for an attempt that captured.
+pub const APPROVED: &str = "approved";
+
 /// What a new capture records.
 pub struct NewCapture<'a> {
     /// The order.
@@ -68,11 +71,22 @@ impl Store {
         .await?)
     }
 
-    /// Records a capture; if the order was captured meanwhile, returns that one instead. A new
-    /// capture writes `payment.captured` in the same transaction.
+    /// Records a capture and its approved attempt; if the order was captured meanwhile,
+    /// records the attempt alone and returns that capture instead. A new capture writes
+    /// `payment.captured` in the same transaction (one commit for the attempt, the capture and
+    /// its event: a purchase waits for one commit here, not two).
     pub async fn capture(&self, capture: &NewCapture<'_>) -> Result<Payment, Error> {
         let payment_id = Uuid::now_v7();
         let mut tx = self.db.begin_write().await?;
+        self.insert_attempt(
+            &mut *tx,
+            capture.order_id,
+            capture.amount,
+            capture.currency,
+            capture.card_last4,
+            APPROVED,
+        )
+        .await?;
         let result = sqlx::query(
             "INSERT INTO payments (order_id, payment_id, amount, currency, status, card_last4, \
              card_brand, created_at) VALUES ($1, $2, $3, $4, 'captured', $5, $6, $7)",
@@ -109,8 +123,19 @@ impl Store {
                     card_brand: capture.card_brand.to_owned(),
                 });
             }
-            // A concurrent charge for the same order captured first: its capture is the answer.
-            Err(e) if is_unique_violation(&e) => drop(tx),
+            // A concurrent charge for the same order captured first: its capture is the answer
+            // (and this attempt, rolled back with the transaction, is recorded by itself).
+            Err(e) if is_unique_violation(&e) => {
+                drop(tx);
+                self.record_attempt(
+                    capture.order_id,
+                    capture.amount,
+                    capture.currency,
+                    capture.card_last4,
+                    APPROVED,
+                )
+                .await?;
+            }
             Err(e) => return Err(e.into()),
         }
         self.payment(capture.order_id)
@@ -118,9 +143,30 @@ impl Store {
             .ok_or_else(|| Error::Internal(anyhow::anyhow!("capture vanished")))
     }
 
-    /// Records an attempt (approved or not), never the card number.
+    /// Records an attempt that captured nothing (declined), never the card number. An
+    /// approved attempt is recorded by [`Store::capture`].
     pub async fn record_attempt(
         &self,
+        order_id: Uuid,
+        amount: i64,
+        currency: &str,
+        card_last4: &str,
+        outcome: &str,
+    ) -> Result<(), Error> {
+        self.insert_attempt(
+            self.db.pool(),
+            order_id,
+            amount,
+            currency,
+            card_last4,
+            outcome,
+        )
+        .await
+    }
+
+    async fn insert_attempt<'e>(
+        &self,
+        conn: impl sqlx::Executor<'e, Database = sqlx::Any>,
         order_id: Uuid,
         amount: i64,
         currency: &str,
@@ -138,7 +184,7 @@ impl Store {
         .bind(card_last4)
         .bind(outcome)
         .bind(micros(OffsetDateTime::now_utc()))
-        .execute(self.db.pool())
+        .execute(conn)
         .await?;
         Ok(())
     }

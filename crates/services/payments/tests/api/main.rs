@@ -3,6 +3,7 @@
 
 use shopmesh_config::Sources;
 use shopmesh_db::testing::TestDb;
+use shopmesh_db::{DatabaseSettings, Db};
 use shopmesh_payments::{Application, Config};
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
 use shopmesh_proto::payments::v1::{Card, ChargeRequest, GetPaymentRequest, RefundRequest};
@@ -18,6 +19,7 @@ shopmesh_db::test_on_both_backends!(
     a_second_charge_for_another_amount_is_refused,
     a_refund_happens_once_and_needs_a_capture,
     the_card_number_is_never_stored,
+    every_attempt_is_recorded_once_with_its_outcome,
 );
 
 struct TestApp {
@@ -298,4 +300,62 @@ async fn the_card_number_is_never_stored(db: TestDb) {
         );
     }
     assert!(haystack.contains("4242"), "the last four are kept");
+}
+
+/// The attempts recorded for `order`, oldest first: (outcome, last four, amount).
+async fn attempts(app: &TestApp, order: Uuid) -> Vec<(String, String, i64)> {
+    let db = Db::connect(app.db.url(), &DatabaseSettings::default())
+        .await
+        .expect("connect");
+    sqlx::query_as(
+        "SELECT outcome, card_last4, amount FROM payment_attempts WHERE order_id = $1 \
+         ORDER BY id",
+    )
+    .bind(order.to_string())
+    .fetch_all(db.pool())
+    .await
+    .expect("attempts")
+}
+
+async fn every_attempt_is_recorded_once_with_its_outcome(db: TestDb) {
+    let app = start(db).await;
+    let order = Uuid::now_v7();
+    let mut grpc = app.grpc.clone();
+    grpc.charge(charge(order, 1200, "4000 0000 0000 0002"))
+        .await
+        .expect_err("declined");
+    grpc.charge(charge(order, 1200, GOOD))
+        .await
+        .expect("captured");
+    // A charge of a captured order answers with the capture: no attempt at the card.
+    grpc.charge(charge(order, 1200, GOOD))
+        .await
+        .expect("the capture again");
+    let expected = |outcome: &str, last4: &str| (outcome.to_owned(), last4.to_owned(), 1200);
+    assert_eq!(
+        attempts(&app, order).await,
+        vec![
+            expected("card_declined", "0002"),
+            expected("approved", "4242")
+        ]
+    );
+
+    // Copies of one charge at once: one capture, and every copy that reached the card
+    // network is recorded as approved (at least the one that captured), never as anything else.
+    let racing = Uuid::now_v7();
+    let copies = (0..8).map(|_| {
+        let mut grpc = app.grpc.clone();
+        tokio::spawn(async move { grpc.charge(charge(racing, 700, GOOD)).await })
+    });
+    for copy in futures_util::future::join_all(copies).await {
+        copy.expect("join").expect("charged");
+    }
+    let recorded = attempts(&app, racing).await;
+    assert!(!recorded.is_empty() && recorded.len() <= 8, "{recorded:?}");
+    assert!(
+        recorded
+            .iter()
+            .all(|a| *a == ("approved".to_owned(), "4242".to_owned(), 700)),
+        "{recorded:?}"
+    );
 }
