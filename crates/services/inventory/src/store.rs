@@ -166,26 +166,29 @@ impl Store {
         lines: &Lines,
         ttl: Ttl,
     ) -> Result<OffsetDateTime, Error> {
-        match self.try_reserve(order_id, lines, ttl).await {
-            // Two copies of one request raced on PostgreSQL: the loser sees the winner's row.
-            Err(Error::Internal(e))
-                if e.downcast_ref::<sqlx::Error>()
-                    .is_some_and(is_unique_violation) =>
-            {
-                self.try_reserve(order_id, lines, ttl).await
-            }
-            other => other,
-        }
-    }
-
-    async fn try_reserve(
-        &self,
-        order_id: Uuid,
-        lines: &Lines,
-        ttl: Ttl,
-    ) -> Result<OffsetDateTime, Error> {
         let mut tx = self.db.begin_write().await?;
-        if let Some(existing) = reservation_in(&mut tx, order_id).await? {
+        let now = OffsetDateTime::now_utc();
+        let stamp = micros(now);
+        let expires_at = now + ttl.get();
+        // The reservation first, unless the order has one: a new order's costs one statement,
+        // where a look for it and then an insert were two. (On PostgreSQL a copy of this
+        // request in flight makes it wait for that one's outcome.) Everything below that fails
+        // rolls it back with the transaction.
+        let fresh = sqlx::query(
+            "INSERT INTO reservations (order_id, state, expires_at, created_at, updated_at) \
+             VALUES ($1, 'held', $2, $3, $3) ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(id(order_id))
+        .bind(micros(expires_at))
+        .bind(stamp)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if !fresh {
+            let existing = reservation_in(&mut tx, order_id)
+                .await?
+                .ok_or_else(|| Error::Internal(anyhow::anyhow!("reservation vanished")))?;
             // A retry or a resumed saga: answer as the first time, or say why not.
             return match existing.0 {
                 State::Released => Err(Error::ReservationReleased),
@@ -198,8 +201,6 @@ impl Store {
                 }
             };
         }
-        let now = OffsetDateTime::now_utc();
-        let stamp = micros(now);
         // The levels after the change come back with it (`RETURNING`), for the events: one
         // round trip less per line than reading them again.
         let mut levels = Vec::new();
@@ -218,7 +219,8 @@ impl Store {
                 levels.push(level.into_level()?);
             } else {
                 let available = stock_in(&mut *tx, line.product_id).await?.available();
-                // Dropping the transaction rolls back the lines already reserved.
+                // Dropping the transaction rolls back the reservation and the lines already
+                // reserved.
                 return Err(Error::InsufficientStock {
                     field: format!("lines[{}].quantity", line.position),
                     product_id: line.product_id,
@@ -226,17 +228,6 @@ impl Store {
                 });
             }
         }
-        let expires_at = now + ttl.get();
-        sqlx::query(
-            "INSERT INTO reservations (order_id, state, expires_at, created_at, updated_at) \
-             VALUES ($1, 'held', $2, $3, $3)",
-        )
-        .bind(id(order_id))
-        .bind(micros(expires_at))
-        .bind(stamp)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| Error::Internal(anyhow::Error::new(e)))?;
         for line in lines.iter() {
             sqlx::query(
                 "INSERT INTO reservation_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)",
