@@ -13,6 +13,9 @@
 //! and that [`TOPOLOGY`] (the queues each consuming service declares) binds every event to
 //! exactly its consumers.
 
+mod currency;
+
+pub use currency::Currency;
 use serde::{Deserialize, Serialize};
 use shopmesh_events::rabbit::Topology;
 pub use shopmesh_events::{Contract, DecodeError, Envelope, Event};

@@ -90,30 +90,8 @@ impl Description {
     }
 }
 
-/// An ISO 4217 currency code, three upper-case letters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Currency([u8; 3]);
-
-impl Currency {
-    /// Parses a currency code (case-insensitively).
-    pub fn parse(raw: &str) -> Result<Currency, Invalid> {
-        let upper = raw.trim().to_ascii_uppercase();
-        match <[u8; 3]>::try_from(upper.as_bytes()) {
-            Ok(code) if code.iter().all(u8::is_ascii_uppercase) => Ok(Currency(code)),
-            _ => Err(Invalid::new(
-                "currency",
-                "invalid_currency",
-                "must be an ISO 4217 code such as EUR",
-            )),
-        }
-    }
-
-    /// The code.
-    pub fn as_str(&self) -> &str {
-        // Only ASCII upper-case letters get in.
-        std::str::from_utf8(&self.0).unwrap_or("XXX")
-    }
-}
+/// The currency code, shared with payments and the events.
+pub use shopmesh_contracts::Currency;
 
 /// A price in minor units (cents), 0 to [`MAX_PRICE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,14 +283,6 @@ mod tests {
             "invalid_price"
         );
         assert!(Price::parse(MAX_PRICE + 1).is_err());
-    }
-
-    #[test]
-    fn currencies_are_three_letters() {
-        assert_eq!(Currency::parse("eur").expect("ok").as_str(), "EUR");
-        for bad in ["EU", "EURO", "E1R", "€€€"] {
-            assert!(Currency::parse(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -150,30 +150,8 @@ impl Amount {
     }
 }
 
-/// An ISO 4217 code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Currency(String);
-
-impl Currency {
-    /// Parses a currency code.
-    pub fn parse(raw: &str) -> Result<Currency, Invalid> {
-        let upper = raw.trim().to_ascii_uppercase();
-        if upper.len() == 3 && upper.chars().all(|c| c.is_ascii_uppercase()) {
-            Ok(Currency(upper))
-        } else {
-            Err(Invalid::new(
-                "currency",
-                "invalid_currency",
-                "must be an ISO 4217 code such as EUR",
-            ))
-        }
-    }
-
-    /// The code.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+/// The currency code, shared with the catalog and the events.
+pub use shopmesh_contracts::Currency;
 
 /// Why the network said no.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
