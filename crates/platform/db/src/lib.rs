@@ -79,6 +79,11 @@ pub fn micros(t: time::OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 
+/// Now, as stored (see [`micros`]).
+pub fn now_micros() -> i64 {
+    micros(time::OffsetDateTime::now_utc())
+}
+
 /// A stored time back (see [`micros`]); `None` if it is out of `OffsetDateTime`'s range.
 pub fn from_micros(us: i64) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).ok()

@@ -9,8 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
-use shopmesh_db::Db;
-use shopmesh_db::TxConn;
+use shopmesh_db::{Db, TxConn, now_micros};
 use shopmesh_mesh::backoff::Backoff;
 use shopmesh_mesh::{CallOptions, Upstream};
 use time::OffsetDateTime;
@@ -125,10 +124,6 @@ pub struct Consumer {
 const PAGE: usize = 100;
 /// How long an idle consumer's request waits at the producer for new events.
 const LONG_POLL: Duration = Duration::from_secs(2);
-
-fn now_micros() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
-}
 
 #[derive(Deserialize)]
 struct Page {

@@ -1,7 +1,6 @@
 //! SQL for carts. Portable between SQLite and PostgreSQL.
 
-use shopmesh_db::Db;
-use time::OffsetDateTime;
+use shopmesh_db::{Db, now_micros};
 use uuid::Uuid;
 
 use crate::domain::{MAX_LINES, MAX_QUANTITY, Quantity};
@@ -15,10 +14,6 @@ pub struct Store {
 
 fn id(uuid: Uuid) -> String {
     uuid.hyphenated().to_string()
-}
-
-fn now() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000).unwrap_or(i64::MAX)
 }
 
 impl Store {
@@ -73,7 +68,7 @@ impl Store {
         .bind(id(user))
         .bind(id(product))
         .bind(quantity.get())
-        .bind(now())
+        .bind(now_micros())
         .bind(MAX_QUANTITY)
         .execute(&mut *tx)
         .await?;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use shopmesh_contracts::{OrderChange, OrderSnapshot, UserRegistered};
-use shopmesh_db::TxConn;
+use shopmesh_db::{TxConn, now_micros};
 use shopmesh_events::Envelope;
 use shopmesh_events::consumer::{Handler, HandlerError, HandlerFuture};
 use time::OffsetDateTime;
@@ -202,10 +202,6 @@ pub struct Mailer {
     pub from: String,
     /// Test only: a marker file; freeze once after writing a message, before recording it.
     pub failpoint: Option<PathBuf>,
-}
-
-fn now_micros() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as i64
 }
 
 impl Mailer {
