@@ -178,7 +178,9 @@ pub fn refusal(problem: Problem) -> Error {
     }
 }
 
-/// An unknown outcome from `service`.
+/// An unknown outcome from `service` (logged here, where it is known, once per call that
+/// had it; the error's conversion to a problem logs nothing).
 pub fn unavailable(service: &str) -> Error {
+    tracing::warn!(%service, "upstream unavailable");
     Error::Unavailable(service.to_owned())
 }

@@ -107,18 +107,15 @@ impl From<Error> for Problem {
             Error::Busy => Problem::new(Kind::Conflict, "order_busy", "Order busy")
                 .with_detail("Another action on this order is in progress; retry shortly.")
                 .with_retry_after(1),
-            Error::Unavailable(service) => {
-                tracing::warn!(%service, "upstream unavailable");
-                Problem::new(
-                    Kind::Unavailable,
-                    "upstream_unavailable",
-                    "Service unavailable",
-                )
-                .with_detail(format!(
-                    "The {service} service did not answer; retry shortly with the same request."
-                ))
-                .with_retry_after(1)
-            }
+            Error::Unavailable(service) => Problem::new(
+                Kind::Unavailable,
+                "upstream_unavailable",
+                "Service unavailable",
+            )
+            .with_detail(format!(
+                "The {service} service did not answer; retry shortly with the same request."
+            ))
+            .with_retry_after(1),
             Error::Upstream(problem) | Error::Problem(problem) => problem,
             Error::Internal(cause) => Problem::internal_caused_by(cause),
         }
