@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use shopmesh_mesh::backoff::Backoff;
 use time::OffsetDateTime;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::saga::Saga;
@@ -20,6 +22,37 @@ use crate::store::{LEASE_RENEW_EVERY, Store};
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Idempotency keys are kept at least this long.
 const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A step this process took over and could not finish yet: when to look at it again.
+struct Retry {
+    due: Instant,
+    backoff: Backoff,
+}
+
+impl Retry {
+    /// The first retry, about `interval` from now; each failure after it doubles the wait, up
+    /// to [`RETRY_MAX`] (with jitter, so replicas that failed together do not retry together).
+    fn first(interval: Duration) -> Self {
+        let mut backoff = Backoff::new(interval, RETRY_MAX);
+        Retry {
+            due: Instant::now() + backoff.next_wait(),
+            backoff,
+        }
+    }
+
+    /// It failed again: wait longer.
+    fn failed(mut self) -> Self {
+        self.due = Instant::now() + self.backoff.next_wait();
+        self
+    }
+
+    /// Not now (it runs here, or it could not be checked): look again after the current wait,
+    /// no longer.
+    fn postponed(mut self) -> Self {
+        self.due = Instant::now() + self.backoff.step();
+        self
+    }
+}
 
 /// Runs until `stop` fires.
 ///
@@ -39,7 +72,7 @@ pub async fn run(
     let mut last_purge = OffsetDateTime::UNIX_EPOCH;
     // Steps this process took over and could not finish yet (a service down): its own now,
     // so no longer "orphaned"; retried, with back-off, for as long as they are still its own.
-    let mut taken: BTreeMap<Uuid, (tokio::time::Instant, Duration)> = BTreeMap::new();
+    let mut taken: BTreeMap<Uuid, Retry> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -47,14 +80,14 @@ pub async fn run(
         }
         let now = OffsetDateTime::now_utc();
         let before = now - stale_after;
-        for (id, (due, wait)) in std::mem::take(&mut taken) {
-            if tokio::time::Instant::now() < due {
-                taken.insert(id, (due, wait));
+        for (id, retry) in std::mem::take(&mut taken) {
+            if Instant::now() < retry.due {
+                taken.insert(id, retry);
                 continue;
             }
             // A request of this process runs it right now: not now.
             if saga.is_running(id) {
-                taken.insert(id, (tokio::time::Instant::now() + wait, wait));
+                taken.insert(id, retry.postponed());
                 continue;
             }
             // Still ours and still in flight? (Someone may have finished it, and a customer's
@@ -65,14 +98,13 @@ pub async fn run(
                 Ok(false) => continue,
                 Err(e) => {
                     tracing::warn!(order_id = %id, error = %e, "cannot check a step taken over");
-                    taken.insert(id, (tokio::time::Instant::now() + wait, wait));
+                    taken.insert(id, retry.postponed());
                     continue;
                 }
             }
             if let Err(e) = saga.resume(id).await {
                 tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
-                let wait = (wait * 2).min(RETRY_MAX);
-                taken.insert(id, (tokio::time::Instant::now() + wait, wait));
+                taken.insert(id, retry.failed());
             }
         }
         match store.in_flight(before).await {
@@ -92,7 +124,7 @@ pub async fn run(
                     }
                     if let Err(e) = saga.resume(id).await {
                         tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
-                        taken.insert(id, (tokio::time::Instant::now() + interval, interval));
+                        taken.insert(id, Retry::first(interval));
                     }
                 }
             }
@@ -125,7 +157,7 @@ pub async fn run(
                     tracing::info!(order_id = %id, "finishing a step its request abandoned");
                     if let Err(e) = saga.resume(id).await {
                         tracing::warn!(order_id = %id, error = %e, "cannot finish an abandoned step yet");
-                        taken.insert(id, (tokio::time::Instant::now() + interval, interval));
+                        taken.insert(id, Retry::first(interval));
                     }
                 }
             }
