@@ -479,26 +479,14 @@ impl Consumer {
         let mut tx = self.db.begin_write().await?;
         // First the bookkeeping of the whole page, before any handler runs: an event that
         // failed before sends the page one event at a time without running anything here.
-        // A fresh event's inbox entry is written now, in the statement that finds it fresh
-        // (one round trip per event, not a check and later an insert); a handler's failure
-        // rolls the entries back with everything else.
+        // A fresh event's inbox entry is written now, by the statement that finds it fresh
+        // ([`enter`]); a handler's failure rolls the entries back with everything else.
         let mut fresh = Vec::with_capacity(events.len());
         let mut duplicates = 0u64;
         for event in events {
             let id = event.id.hyphenated().to_string();
-            let entered = sqlx::query(
-                "INSERT INTO event_inbox (event_id, type, handled_at) SELECT $1, $2, $3 \
-                 WHERE NOT EXISTS (SELECT 1 FROM event_dead_letters WHERE event_id = $1) \
-                 AND NOT EXISTS (SELECT 1 FROM event_failures WHERE event_id = $1) \
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(&id)
-            .bind(&event.kind)
-            .bind(now_micros())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
+            let entered =
+                enter(&mut tx, &id, &event.kind, Unless::HandledSetAsideOrFailing).await?;
             if entered {
                 fresh.push(event);
                 continue;
@@ -539,15 +527,9 @@ impl Consumer {
     async fn process(&self, producer: &str, event: &Envelope) -> Result<(), ConsumeError> {
         let id = event.id.hyphenated().to_string();
         let mut tx = self.db.begin_write().await?;
-        // Handled already, or set aside (a redrive will handle it): only move the cursor.
-        let seen: Option<(String,)> = sqlx::query_as(
-            "SELECT event_id FROM event_inbox WHERE event_id = $1 \
-             UNION SELECT event_id FROM event_dead_letters WHERE event_id = $1",
-        )
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if seen.is_none() {
+        // Not entered: handled already, or set aside (a redrive will handle it); only the
+        // cursor moves. Entered: a failure of the handler rolls the entry back.
+        if enter(&mut tx, &id, &event.kind, Unless::HandledOrSetAside).await? {
             match self.handler.handle(&mut tx, event).await {
                 Ok(()) => {}
                 Err(HandlerError::Reject(why)) => {
@@ -566,7 +548,6 @@ impl Consumer {
                     return Err(ConsumeError::Handler(format!("{} {id}", event.kind), why));
                 }
             }
-            remember(&mut tx, &id, &event.kind).await?;
             record_delivery(producer, event);
         } else {
             metrics::counter!("events_duplicates_total", "producer" => producer.to_owned())
@@ -588,7 +569,11 @@ impl Consumer {
         let mut tx = self.db.begin_write().await?;
         // The inbox entry first: written, the event is fresh (and the entry goes if the
         // handler fails, with the transaction); not written, it was handled before.
-        if !enter(&mut tx, &id, &event.kind).await? {
+        if !enter(&mut tx, &id, &event.kind, Unless::Handled).await? {
+            // Committed (nothing of its own to write) before the broker is told: on SQLite the
+            // entry found may be another caller's in the group not yet committed, and the
+            // acknowledgement must wait until it is.
+            tx.commit().await?;
             metrics::counter!("events_duplicates_total", "producer" => source.to_owned())
                 .increment(1);
             return Ok(());
@@ -693,23 +678,18 @@ impl Consumer {
         for letter in self.dead_letters().await? {
             let id = letter.event.id.hyphenated().to_string();
             let mut tx = self.db.begin_write().await?;
-            let seen: Option<(String,)> =
-                sqlx::query_as("SELECT event_id FROM event_inbox WHERE event_id = $1")
+            // Not entered: handled meanwhile (another redrive); only the letter goes.
+            if enter(&mut tx, &id, &letter.event.kind, Unless::Handled).await?
+                && let Err(why) = self.handler.handle(&mut tx, &letter.event).await
+            {
+                drop(tx);
+                sqlx::query("UPDATE event_dead_letters SET error = $1 WHERE event_id = $2")
+                    .bind(why.to_string())
                     .bind(&id)
-                    .fetch_optional(&mut *tx)
+                    .execute(self.db.pool())
                     .await?;
-            if seen.is_none() {
-                if let Err(why) = self.handler.handle(&mut tx, &letter.event).await {
-                    drop(tx);
-                    sqlx::query("UPDATE event_dead_letters SET error = $1 WHERE event_id = $2")
-                        .bind(why.to_string())
-                        .bind(&id)
-                        .execute(self.db.pool())
-                        .await?;
-                    failing += 1;
-                    continue;
-                }
-                remember(&mut tx, &id, &letter.event.kind).await?;
+                failing += 1;
+                continue;
             }
             sqlx::query("DELETE FROM event_dead_letters WHERE event_id = $1")
                 .bind(&id)
@@ -723,31 +703,51 @@ impl Consumer {
     }
 }
 
-/// Records in the inbox that `id` was handled (in the handler's transaction, after a check
-/// that it was not: a concurrent consumer's entry makes this fail, and the transaction with it).
-async fn remember(tx: &mut TxConn, id: &str, kind: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3)")
+/// What keeps [`enter`] from entering an event.
+#[derive(Clone, Copy)]
+enum Unless {
+    /// Its entry: handled before.
+    Handled,
+    /// Its entry or its dead letter (set aside until a redrive).
+    HandledOrSetAside,
+    /// Its entry, its dead letter or a failure recorded for it (the page's fast path leaves a
+    /// failing event to the one-by-one path, which counts its attempts).
+    HandledSetAsideOrFailing,
+}
+
+/// Enters `id` in the inbox before its handler runs, in the handler's transaction; `false`,
+/// with nothing written, when `unless` holds. An entry made by a concurrent consumer holds
+/// too once it commits: on PostgreSQL the insert waits for it, on SQLite writers take turns.
+/// Every path enters first and then runs the handler, so concurrent consumers lock the entry
+/// before anything the handler touches (one lock order), and a handler's failure rolls the
+/// entry back with its transaction. One statement for a fresh event, where a check and a
+/// later insert were two.
+async fn enter(tx: &mut TxConn, id: &str, kind: &str, unless: Unless) -> Result<bool, sqlx::Error> {
+    let sql = match unless {
+        Unless::Handled => {
+            "INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (event_id) DO NOTHING"
+        }
+        // (SQLite reads `ON CONFLICT` after a `SELECT` as an upsert only when the `SELECT`
+        // has a `WHERE`: these do.)
+        Unless::HandledOrSetAside => {
+            "INSERT INTO event_inbox (event_id, type, handled_at) SELECT $1, $2, $3 \
+             WHERE NOT EXISTS (SELECT 1 FROM event_dead_letters WHERE event_id = $1) \
+             ON CONFLICT (event_id) DO NOTHING"
+        }
+        Unless::HandledSetAsideOrFailing => {
+            "INSERT INTO event_inbox (event_id, type, handled_at) SELECT $1, $2, $3 \
+             WHERE NOT EXISTS (SELECT 1 FROM event_dead_letters WHERE event_id = $1) \
+             AND NOT EXISTS (SELECT 1 FROM event_failures WHERE event_id = $1) \
+             ON CONFLICT (event_id) DO NOTHING"
+        }
+    };
+    let done = sqlx::query(sql)
         .bind(id)
         .bind(kind)
         .bind(now_micros())
         .execute(tx)
         .await?;
-    Ok(())
-}
-
-/// Enters `id` in the inbox before its handler runs (in the handler's transaction); `false`,
-/// with nothing written, if it is there already (handled before, or by a concurrent consumer
-/// whose transaction committed first: on PostgreSQL this waits for it).
-async fn enter(tx: &mut TxConn, id: &str, kind: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "INSERT INTO event_inbox (event_id, type, handled_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(id)
-    .bind(kind)
-    .bind(now_micros())
-    .execute(tx)
-    .await?;
     Ok(done.rows_affected() > 0)
 }
 

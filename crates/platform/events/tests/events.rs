@@ -22,6 +22,7 @@ shopmesh_db::test_on_both_backends!(
     a_handler_with_outside_effects_runs_once_per_event_even_when_a_neighbour_fails,
     a_stopping_consumer_finishes_the_event_in_hand_and_cuts_its_wait_short,
     an_event_its_handler_rejects_is_dead_lettered_at_once,
+    two_consumers_on_one_inbox_handle_each_event_once,
 );
 
 async fn connect(db: &TestDb) -> Db {
@@ -453,4 +454,52 @@ async fn an_event_its_handler_rejects_is_dead_lettered_at_once(test: TestDb) {
         .await
         .expect("failures");
     assert_eq!(failures, 0);
+}
+
+/// Two replicas of a consumer on one database follow one stream at once: each event is
+/// handled once, and neither stumbles on the other's work (no pump fails), whether pages go
+/// in one transaction or one event per transaction.
+async fn two_consumers_on_one_inbox_handle_each_event_once(test: TestDb) {
+    let (db, subscription) = twenty_events(&test).await;
+    for repeatable in [true, false] {
+        // Each round starts from nothing handled.
+        for clear in [
+            "DELETE FROM effects",
+            "DELETE FROM event_inbox",
+            "DELETE FROM event_cursors",
+        ] {
+            sqlx::query(clear).execute(db.pool()).await.expect("clear");
+        }
+        let recorder = Arc::new(Recorder::new(repeatable));
+        recorder.poison.store(false, Ordering::SeqCst);
+        let replicas = [0, 1]
+            .map(|_| Consumer::new(db.clone(), recorder.clone(), 3, Duration::from_millis(10)));
+        futures_util::future::join(
+            follow_to_the_end(&replicas[0], &subscription),
+            follow_to_the_end(&replicas[1], &subscription),
+        )
+        .await;
+        let (effects, inbox): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM effects), (SELECT COUNT(*) FROM event_inbox)",
+        )
+        .fetch_one(db.pool())
+        .await
+        .expect("count");
+        assert_eq!((effects, inbox), (20, 20), "repeatable: {repeatable}");
+        assert_eq!(
+            recorder.outside.load(Ordering::SeqCst),
+            20,
+            "handler runs, repeatable: {repeatable}"
+        );
+    }
+}
+
+/// Pumps until the consumer's cursor is past the twenty events; every pump must succeed.
+async fn follow_to_the_end(consumer: &Consumer, subscription: &Subscription) {
+    let mut pumps = 0;
+    while consumer.cursor("test").await.expect("cursor") < 20 {
+        consumer.pump(subscription).await.expect("a pump");
+        pumps += 1;
+        assert!(pumps < 50, "the stream is stuck");
+    }
 }
