@@ -76,6 +76,39 @@ impl Store {
     /// `payment.captured` in the same transaction (one commit for the attempt, the capture and
     /// its event: a purchase waits for one commit here, not two).
     pub async fn capture(&self, capture: &NewCapture<'_>) -> Result<Payment, Error> {
+        let outcome = self.try_capture(capture).await;
+        if !matches!(outcome, Ok(Some(_))) {
+            // The approved attempt went with the transaction; the card was approved all the
+            // same, so it is recorded by itself (best effort when the capture failed too).
+            let recorded = self
+                .record_attempt(
+                    capture.order_id,
+                    capture.amount,
+                    capture.currency,
+                    capture.card_last4,
+                    APPROVED,
+                )
+                .await;
+            match (&outcome, recorded) {
+                (Ok(None), Err(e)) => return Err(e),
+                (Err(_), Err(e)) => {
+                    tracing::warn!(order_id = %capture.order_id, error = %e, "an approved attempt could not be recorded");
+                }
+                _ => {}
+            }
+        }
+        match outcome? {
+            Some(payment) => Ok(payment),
+            None => self
+                .payment(capture.order_id)
+                .await?
+                .ok_or_else(|| Error::Internal(anyhow::anyhow!("capture vanished"))),
+        }
+    }
+
+    /// The capture with its attempt and event, in one transaction; `None`, with nothing
+    /// written, when a concurrent charge of the same order captured first.
+    async fn try_capture(&self, capture: &NewCapture<'_>) -> Result<Option<Payment>, Error> {
         let payment_id = Uuid::now_v7();
         let mut tx = self.db.begin_write().await?;
         self.insert_attempt(
@@ -101,50 +134,35 @@ impl Store {
         .execute(&mut *tx)
         .await;
         match result {
-            Ok(_) => {
-                let event = shopmesh_events::Event::of(&shopmesh_contracts::PaymentCaptured {
-                    order_id: capture.order_id,
-                    payment_id,
-                    amount: capture.amount,
-                    currency: capture.currency.to_owned(),
-                    card_last4: capture.card_last4.to_owned(),
-                })
-                .map_err(|e| Error::Internal(e.into()))?;
-                shopmesh_events::outbox::append(&mut tx, &event, None).await?;
-                tx.commit().await?;
-                // What was just written: no need to read it back.
-                return Ok(Payment {
-                    order_id: capture.order_id.hyphenated().to_string(),
-                    payment_id: payment_id.hyphenated().to_string(),
-                    amount: capture.amount,
-                    currency: capture.currency.to_owned(),
-                    status: "captured".to_owned(),
-                    card_last4: capture.card_last4.to_owned(),
-                    card_brand: capture.card_brand.to_owned(),
-                });
-            }
-            // A concurrent charge for the same order captured first: its capture is the answer
-            // (and this attempt, rolled back with the transaction, is recorded by itself).
-            Err(e) if is_unique_violation(&e) => {
-                drop(tx);
-                self.record_attempt(
-                    capture.order_id,
-                    capture.amount,
-                    capture.currency,
-                    capture.card_last4,
-                    APPROVED,
-                )
-                .await?;
-            }
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        self.payment(capture.order_id)
-            .await?
-            .ok_or_else(|| Error::Internal(anyhow::anyhow!("capture vanished")))
+        let event = shopmesh_events::Event::of(&shopmesh_contracts::PaymentCaptured {
+            order_id: capture.order_id,
+            payment_id,
+            amount: capture.amount,
+            currency: capture.currency.to_owned(),
+            card_last4: capture.card_last4.to_owned(),
+        })
+        .map_err(|e| Error::Internal(e.into()))?;
+        shopmesh_events::outbox::append(&mut tx, &event, None).await?;
+        tx.commit().await?;
+        // What was just written: no need to read it back.
+        Ok(Some(Payment {
+            order_id: capture.order_id.hyphenated().to_string(),
+            payment_id: payment_id.hyphenated().to_string(),
+            amount: capture.amount,
+            currency: capture.currency.to_owned(),
+            status: "captured".to_owned(),
+            card_last4: capture.card_last4.to_owned(),
+            card_brand: capture.card_brand.to_owned(),
+        }))
     }
 
-    /// Records an attempt that captured nothing (declined), never the card number. An
-    /// approved attempt is recorded by [`Store::capture`].
+    /// Records an attempt by itself (a declined one; an approved one whose capture was not
+    /// written), never the card number. An attempt that captures is recorded by
+    /// [`Store::capture`], in the capture's transaction.
     pub async fn record_attempt(
         &self,
         order_id: Uuid,

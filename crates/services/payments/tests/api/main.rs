@@ -4,6 +4,7 @@
 use shopmesh_config::Sources;
 use shopmesh_db::testing::TestDb;
 use shopmesh_db::{DatabaseSettings, Db};
+use shopmesh_payments::store::{NewCapture, Store};
 use shopmesh_payments::{Application, Config};
 use shopmesh_proto::payments::v1::payments_client::PaymentsClient;
 use shopmesh_proto::payments::v1::{Card, ChargeRequest, GetPaymentRequest, RefundRequest};
@@ -20,6 +21,7 @@ shopmesh_db::test_on_both_backends!(
     a_refund_happens_once_and_needs_a_capture,
     the_card_number_is_never_stored,
     every_attempt_is_recorded_once_with_its_outcome,
+    a_capture_that_loses_the_race_records_its_attempt_and_answers_with_the_winner,
 );
 
 struct TestApp {
@@ -307,14 +309,16 @@ async fn attempts(app: &TestApp, order: Uuid) -> Vec<(String, String, i64)> {
     let db = Db::connect(app.db.url(), &DatabaseSettings::default())
         .await
         .expect("connect");
-    sqlx::query_as(
+    let rows = sqlx::query_as(
         "SELECT outcome, card_last4, amount FROM payment_attempts WHERE order_id = $1 \
          ORDER BY id",
     )
     .bind(order.to_string())
     .fetch_all(db.pool())
     .await
-    .expect("attempts")
+    .expect("attempts");
+    db.close().await;
+    rows
 }
 
 async fn every_attempt_is_recorded_once_with_its_outcome(db: TestDb) {
@@ -358,4 +362,33 @@ async fn every_attempt_is_recorded_once_with_its_outcome(db: TestDb) {
             .all(|a| *a == ("approved".to_owned(), "4242".to_owned(), 700)),
         "{recorded:?}"
     );
+}
+
+/// The store's own race (the API looks for a capture first, so two charges reach it only when
+/// they run at once): the second capture of an order answers with the first, and its approved
+/// attempt is recorded all the same; one capture, one `payment.captured`.
+async fn a_capture_that_loses_the_race_records_its_attempt_and_answers_with_the_winner(db: TestDb) {
+    let app = start(db).await;
+    let order = Uuid::now_v7();
+    let db = Db::connect(app.db.url(), &DatabaseSettings::default())
+        .await
+        .expect("connect");
+    let store = Store::new(db.clone());
+    let capture = |brand| NewCapture {
+        order_id: order,
+        amount: 1500,
+        currency: "EUR",
+        card_last4: "4242",
+        card_brand: brand,
+    };
+    let first = store.capture(&capture("visa")).await.expect("first");
+    let second = store.capture(&capture("visa")).await.expect("second");
+    assert_eq!(second, first);
+    db.close().await;
+    let approved = ("approved".to_owned(), "4242".to_owned(), 1500);
+    assert_eq!(
+        attempts(&app, order).await,
+        vec![approved.clone(), approved]
+    );
+    assert_eq!(events(&app, "payment.captured", order, 1).await.len(), 1);
 }
