@@ -267,9 +267,10 @@ async fn a_reservation_is_all_or_nothing(db: TestDb) {
     app.stock_up(plenty, 5).await;
     app.stock_up(scarce, 1).await;
     let mut grpc = app.grpc.clone();
+    let order = Uuid::now_v7();
     let refused = grpc
         .reserve(reserve_request(
-            Uuid::now_v7(),
+            order,
             vec![line(plenty, 2), line(scarce, 2)],
             600,
         ))
@@ -288,6 +289,18 @@ async fn a_reservation_is_all_or_nothing(db: TestDb) {
         "the line that fit was rolled back"
     );
     assert_eq!(app.level(scarce).await.reserved, 0);
+    // Nothing of the refused order was kept (its reservation neither): once the stock is
+    // there, the same order is held like any new one.
+    app.stock_up(scarce, 1).await;
+    grpc.reserve(reserve_request(
+        order,
+        vec![line(plenty, 2), line(scarce, 2)],
+        600,
+    ))
+    .await
+    .expect("reserved once there is stock");
+    assert_eq!(app.level(plenty).await.reserved, 2);
+    assert_eq!(app.level(scarce).await.reserved, 2);
     let unknown = grpc
         .reserve(reserve_request(
             Uuid::now_v7(),
