@@ -30,6 +30,7 @@ shopmesh_db::test_on_both_backends!(
     an_interrupted_cancel_or_expiry_finishes_once_inventory_and_payments_answer,
     a_declined_card_leaves_the_order_payable_and_an_unanswered_charge_leaves_it_charging,
     a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing_runs_it,
+    an_order_of_several_lines_shows_them_in_order_when_placed_read_and_paid,
 );
 
 /// How the played service answers a call.
@@ -470,4 +471,68 @@ async fn a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing
     // And the waiting retry answers with the outcome.
     let paid = waiting.await.expect("join").expect("paid");
     assert_eq!(paid.status, Status::Paid);
+}
+
+/// The lines of an order as placed, read and paid (the moves are given the lines they know,
+/// a read joins them to the order): all of them, in the order they were asked for, in the
+/// answers and in the `order.paid` event.
+async fn an_order_of_several_lines_shows_them_in_order_when_placed_read_and_paid(db: TestDb) {
+    let h = Harness::new(&db).await;
+    let lines: Vec<Line> = ["Zebra mug", "Apple crate", "Mango tray"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Line {
+            product_id: Uuid::now_v7(),
+            sku: format!("SKU-{i}"),
+            name: (*name).to_owned(),
+            unit_price: 100 * (i64::try_from(i).expect("small") + 1),
+            quantity: 3 - i64::try_from(i).expect("small"),
+        })
+        .collect();
+    let priced = NewOrder {
+        lines: lines.clone(),
+        total: 300 + 400 + 300,
+        currency: "EUR".to_owned(),
+        expires_at: OffsetDateTime::now_utc() + Duration::from_secs(600),
+    };
+    let order_id = Uuid::now_v7();
+    h.store
+        .insert_pending(order_id, Uuid::now_v7(), &priced)
+        .await
+        .expect("insert");
+    let (placed, _) = h
+        .saga
+        .place_priced(order_id, &priced, None)
+        .await
+        .expect("placed");
+    assert_eq!(placed.lines, lines);
+    assert_eq!(placed.status, Status::AwaitingPayment);
+    let read = h.store.order(order_id).await.expect("read").expect("order");
+    assert_eq!(read, placed);
+    assert!(h.store.order(Uuid::now_v7()).await.expect("read").is_none());
+
+    let paid = h.saga.pay(read, Card::default()).await.expect("paid");
+    assert_eq!(
+        (paid.status, paid.lines.clone()),
+        (Status::Paid, lines.clone())
+    );
+    assert_eq!(
+        h.store.order(order_id).await.expect("read").expect("order"),
+        paid
+    );
+    let (payload,): (String,) = sqlx::query_as(
+        "SELECT payload FROM outbox WHERE type = 'order.paid' AND aggregate_id = $1",
+    )
+    .bind(order_id.to_string())
+    .fetch_one(h.store.db().pool())
+    .await
+    .expect("order.paid");
+    let payload: serde_json::Value = serde_json::from_str(&payload).expect("json");
+    let names: Vec<&str> = payload["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| l["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["Zebra mug", "Apple crate", "Mango tray"]);
 }
