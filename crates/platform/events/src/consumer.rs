@@ -570,9 +570,9 @@ impl Consumer {
         // The inbox entry first: written, the event is fresh (and the entry goes if the
         // handler fails, with the transaction); not written, it was handled before.
         if !enter(&mut tx, &id, &event.kind, Unless::Handled).await? {
-            // Committed (nothing of its own to write) before the broker is told: on SQLite the
-            // entry found may be another caller's in the group not yet committed, and the
-            // acknowledgement must wait until it is.
+            // Committed (nothing of its own to write) before the broker is told, so that a
+            // failed commit of the group holding the entry found (on SQLite it may be another
+            // caller's, not yet committed) is a failure here, not an acknowledgement.
             tx.commit().await?;
             metrics::counter!("events_duplicates_total", "producer" => source.to_owned())
                 .increment(1);
@@ -764,8 +764,11 @@ fn record_delivery(source: &str, event: &Envelope) {
 
 async fn advance(tx: &mut TxConn, producer: &str, position: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
+        // Never backwards: replicas of a consumer share the cursor, and one that finishes an
+        // older page after another finished a newer one would send both back over it.
         "INSERT INTO event_cursors (producer, position) VALUES ($1, $2) \
-         ON CONFLICT (producer) DO UPDATE SET position = excluded.position",
+         ON CONFLICT (producer) DO UPDATE SET position = excluded.position \
+         WHERE event_cursors.position < excluded.position",
     )
     .bind(producer)
     .bind(position)
