@@ -74,42 +74,55 @@ impl Store {
     /// Records a capture and its approved attempt; if the order was captured meanwhile,
     /// records the attempt alone and returns that capture instead. A new capture writes
     /// `payment.captured` in the same transaction (one commit for the attempt, the capture and
-    /// its event: a purchase waits for one commit here, not two).
+    /// its event: a purchase waits for one commit here, not two). When the transaction fails,
+    /// the stored capture decides: this one (its commit landed after all: nothing more to
+    /// record), another one (the attempt is recorded, that capture answers), or none (the
+    /// attempt is recorded, best effort, and the failure answers).
     pub async fn capture(&self, capture: &NewCapture<'_>) -> Result<Payment, Error> {
-        let outcome = self.try_capture(capture).await;
-        if !matches!(outcome, Ok(Some(_))) {
-            // The approved attempt went with the transaction; the card was approved all the
-            // same, so it is recorded by itself (best effort when the capture failed too).
-            let recorded = self
-                .record_attempt(
-                    capture.order_id,
-                    capture.amount,
-                    capture.currency,
-                    capture.card_last4,
-                    APPROVED,
-                )
-                .await;
-            match (&outcome, recorded) {
-                (Ok(None), Err(e)) => return Err(e),
-                (Err(_), Err(e)) => {
-                    tracing::warn!(order_id = %capture.order_id, error = %e, "an approved attempt could not be recorded");
-                }
-                _ => {}
+        let payment_id = Uuid::now_v7();
+        let failure = match self.try_capture(capture, payment_id).await {
+            Ok(Some(payment)) => return Ok(payment),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        let stored = match (self.payment(capture.order_id).await, failure) {
+            (Ok(Some(stored)), _) if stored.payment_id == payment_id.hyphenated().to_string() => {
+                return Ok(stored);
             }
-        }
-        match outcome? {
-            Some(payment) => Ok(payment),
-            None => self
-                .payment(capture.order_id)
-                .await?
-                .ok_or_else(|| Error::Internal(anyhow::anyhow!("capture vanished"))),
+            (Ok(stored), failure) => (stored, failure),
+            // What was stored is unknown: nothing more is written.
+            (Err(_), Some(e)) => return Err(e),
+            (Err(e), None) => return Err(e),
+        };
+        // The approved attempt went with the transaction; the card was approved all the same.
+        let recorded = self
+            .record_attempt(
+                capture.order_id,
+                capture.amount,
+                capture.currency,
+                capture.card_last4,
+                APPROVED,
+            )
+            .await;
+        match stored {
+            (Some(winner), _) => recorded.map(|()| winner),
+            (None, Some(e)) => {
+                if let Err(not_recorded) = recorded {
+                    tracing::warn!(order_id = %capture.order_id, error = %not_recorded, "an approved attempt could not be recorded");
+                }
+                Err(e)
+            }
+            (None, None) => Err(Error::Internal(anyhow::anyhow!("capture vanished"))),
         }
     }
 
     /// The capture with its attempt and event, in one transaction; `None`, with nothing
     /// written, when a concurrent charge of the same order captured first.
-    async fn try_capture(&self, capture: &NewCapture<'_>) -> Result<Option<Payment>, Error> {
-        let payment_id = Uuid::now_v7();
+    async fn try_capture(
+        &self,
+        capture: &NewCapture<'_>,
+        payment_id: Uuid,
+    ) -> Result<Option<Payment>, Error> {
         let mut tx = self.db.begin_write().await?;
         self.insert_attempt(
             &mut *tx,
