@@ -18,7 +18,8 @@ use uuid::Uuid;
 use crate::saga::Saga;
 use crate::store::{LEASE_RENEW_EVERY, Store};
 
-/// Longest wait between retries of a step this process took over.
+/// Longest wait between retries of a step this process took over (at most half of
+/// `stale_after`, see [`run`]).
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Idempotency keys are kept at least this long.
 const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -26,30 +27,34 @@ const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 /// A step this process took over and could not finish yet: when to look at it again.
 struct Retry {
     due: Instant,
+    /// The wait that set `due`.
+    wait: Duration,
     backoff: Backoff,
 }
 
 impl Retry {
     /// The first retry, about `interval` from now; each failure after it doubles the wait, up
-    /// to [`RETRY_MAX`] (with jitter, so replicas that failed together do not retry together).
-    fn first(interval: Duration) -> Self {
-        let mut backoff = Backoff::new(interval, RETRY_MAX);
+    /// to `max` (with jitter, so replicas that failed together do not retry together).
+    fn first(interval: Duration, max: Duration) -> Self {
+        let mut backoff = Backoff::new(interval, max);
+        let wait = backoff.next_wait();
         Retry {
-            due: Instant::now() + backoff.next_wait(),
+            due: Instant::now() + wait,
+            wait,
             backoff,
         }
     }
 
     /// It failed again: wait longer.
     fn failed(mut self) -> Self {
-        self.due = Instant::now() + self.backoff.next_wait();
+        self.wait = self.backoff.next_wait();
+        self.due = Instant::now() + self.wait;
         self
     }
 
-    /// Not now (it runs here, or it could not be checked): look again after the current wait,
-    /// no longer.
+    /// Not now (it runs here, or it could not be checked): look again after the same wait.
     fn postponed(mut self) -> Self {
-        self.due = Instant::now() + self.backoff.step();
+        self.due = Instant::now() + self.wait;
         self
     }
 }
@@ -73,6 +78,9 @@ pub async fn run(
     // Steps this process took over and could not finish yet (a service down): its own now,
     // so no longer "orphaned"; retried, with back-off, for as long as they are still its own.
     let mut taken: BTreeMap<Uuid, Retry> = BTreeMap::new();
+    // A step of its own untouched for `stale_after` looks orphaned to the other replicas: it is
+    // looked at again (and touched) well before that.
+    let retry_max = RETRY_MAX.min(stale_after / 2).max(interval);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -124,7 +132,7 @@ pub async fn run(
                     }
                     if let Err(e) = saga.resume(id).await {
                         tracing::warn!(order_id = %id, error = %e, "cannot finish an interrupted step yet");
-                        taken.insert(id, Retry::first(interval));
+                        taken.insert(id, Retry::first(interval, retry_max));
                     }
                 }
             }
@@ -157,7 +165,7 @@ pub async fn run(
                     tracing::info!(order_id = %id, "finishing a step its request abandoned");
                     if let Err(e) = saga.resume(id).await {
                         tracing::warn!(order_id = %id, error = %e, "cannot finish an abandoned step yet");
-                        taken.insert(id, Retry::first(interval));
+                        taken.insert(id, Retry::first(interval, retry_max));
                     }
                 }
             }

@@ -478,20 +478,26 @@ async fn a_step_abandoned_by_its_request_is_left_to_its_own_process_once_nothing
 /// answers and in the `order.paid` event.
 async fn an_order_of_several_lines_shows_them_in_order_when_placed_read_and_paid(db: TestDb) {
     let h = Harness::new(&db).await;
-    let lines: Vec<Line> = ["Zebra mug", "Apple crate", "Mango tray"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| Line {
-            product_id: Uuid::now_v7(),
-            sku: format!("SKU-{i}"),
-            name: (*name).to_owned(),
-            unit_price: 100 * (i64::try_from(i).expect("small") + 1),
-            quantity: 3 - i64::try_from(i).expect("small"),
-        })
-        .collect();
+    // Neither the ids, the SKUs, the names nor the prices are in the order asked: only the
+    // lines' positions are.
+    let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    let lines: Vec<Line> = [
+        (ids[1], "SKU-M", "Zebra mug", 200, 1),
+        (ids[2], "SKU-A", "Apple crate", 300, 3),
+        (ids[0], "SKU-Z", "Mango tray", 100, 2),
+    ]
+    .into_iter()
+    .map(|(product_id, sku, name, unit_price, quantity)| Line {
+        product_id,
+        sku: sku.to_owned(),
+        name: name.to_owned(),
+        unit_price,
+        quantity,
+    })
+    .collect();
     let priced = NewOrder {
         lines: lines.clone(),
-        total: 300 + 400 + 300,
+        total: 200 + 900 + 200,
         currency: "EUR".to_owned(),
         expires_at: OffsetDateTime::now_utc() + Duration::from_secs(600),
     };
