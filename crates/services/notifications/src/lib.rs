@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod mail;
+pub mod store;
 
 use std::sync::Arc;
 
@@ -109,32 +110,26 @@ async fn list(
         )
         .into());
     }
-    let rows: Vec<(String, String, String, String, String, i64, i64)> = sqlx::query_as(
-        "SELECT event_id, type, recipient, subject, file, created_at, \
-                CASE WHEN message IS NULL THEN 0 ELSE 1 END FROM notifications \
-         ORDER BY created_at DESC, event_id DESC LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(state.db.reader())
-    .await
-    .map_err(|e| Problem::internal_caused_by(format!("listing notifications failed: {e}")))?;
-    let items = rows
+    let items = store::recent(&state.db, limit)
+        .await
+        .map_err(|e| Problem::internal_caused_by(format!("listing notifications failed: {e}")))?
         .into_iter()
-        .map(
-            |(event_id, kind, to, subject, file, at, kept)| NotificationView {
-                message_url: (kept != 0)
-                    .then(|| format!("/api/v1/admin/notifications/{event_id}/message")),
-                event_id,
-                kind,
-                to,
-                subject,
-                file: Some(file).filter(|f| !f.is_empty()),
-                created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000)
-                    .ok()
-                    .and_then(|t| t.format(&Rfc3339).ok())
-                    .unwrap_or_default(),
-            },
-        )
+        .map(|row| NotificationView {
+            message_url: row
+                .kept
+                .then(|| format!("/api/v1/admin/notifications/{}/message", row.event_id)),
+            event_id: row.event_id,
+            kind: row.kind,
+            to: row.to,
+            subject: row.subject,
+            file: Some(row.went).filter(|f| !f.is_empty()),
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(row.created_at) * 1_000,
+            )
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_default(),
+        })
         .collect();
     Ok(Json(NotificationList { items }))
 }
@@ -155,12 +150,9 @@ async fn message(
     _admin: AdminUser,
     Path(event_id): Path<String>,
 ) -> Result<Response, Problem> {
-    let text: Option<Option<String>> =
-        sqlx::query_scalar("SELECT message FROM notifications WHERE event_id = $1")
-            .bind(&event_id)
-            .fetch_optional(state.db.reader())
-            .await
-            .map_err(|e| Problem::internal_caused_by(format!("reading a message failed: {e}")))?;
+    let text = store::text(&state.db, &event_id)
+        .await
+        .map_err(|e| Problem::internal_caused_by(format!("reading a message failed: {e}")))?;
     match text.flatten() {
         Some(text) => {
             use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};

@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use shopmesh_contracts::{OrderChange, OrderSnapshot, UserRegistered};
-use shopmesh_db::{TxConn, now_micros};
+use shopmesh_db::TxConn;
 use shopmesh_events::Envelope;
 use shopmesh_events::consumer::{Handler, HandlerError, HandlerFuture};
+
+use crate::store;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
@@ -211,29 +213,16 @@ impl Mailer {
         event: &Envelope,
     ) -> Result<Option<Message>, HandlerError> {
         if let Some(user) = event.decode::<UserRegistered>()? {
-            sqlx::query(
-                "INSERT INTO customers (user_id, email, name) VALUES ($1, $2, $3) \
-                 ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name",
-            )
-            .bind(user.user_id.hyphenated().to_string())
-            .bind(&user.email)
-            .bind(&user.name)
-            .execute(&mut *tx)
-            .await?;
+            store::remember_customer(tx, user.user_id, &user.email, &user.name).await?;
             return Ok(Some(welcome(&user.email, &user.name)));
         }
         let Some((change, order)) = OrderSnapshot::decode(event)? else {
             return Ok(None);
         };
-        let user = order.user_id.hyphenated().to_string();
-        let customer: Option<(String, String)> =
-            sqlx::query_as("SELECT email, name FROM customers WHERE user_id = $1")
-                .bind(&user)
-                .fetch_optional(&mut *tx)
-                .await?;
         // The user's registration comes on another stream and may not be here yet: try later.
-        let (email, name) = customer
-            .ok_or_else(|| HandlerError::Retry(format!("customer {user} is not known yet")))?;
+        let (email, name) = store::customer(tx, order.user_id).await?.ok_or_else(|| {
+            HandlerError::Retry(format!("customer {} is not known yet", order.user_id))
+        })?;
         Ok(Some(order_message(change, &order, &email, &name)))
     }
 }
@@ -272,18 +261,17 @@ impl Handler for Mailer {
                 tracing::warn!(went = %went, "failpoint pause_after_mail: frozen before recording the message");
                 std::future::pending::<()>().await;
             }
-            sqlx::query(
-                "INSERT INTO notifications (event_id, type, recipient, subject, file, message, \
-                 created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            store::record(
+                tx,
+                &store::Sent {
+                    event_id: event.id,
+                    kind: &event.kind,
+                    to: &message.to,
+                    subject: &message.subject,
+                    went: &went,
+                    text: &text,
+                },
             )
-            .bind(event.id.hyphenated().to_string())
-            .bind(&event.kind)
-            .bind(&message.to)
-            .bind(&message.subject)
-            .bind(went)
-            .bind(text)
-            .bind(now_micros())
-            .execute(&mut *tx)
             .await?;
             metrics::counter!("notifications_sent_total", "type" => event.kind.clone())
                 .increment(1);
