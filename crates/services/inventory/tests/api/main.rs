@@ -124,15 +124,20 @@ impl TestApp {
         request.send().await.expect("request")
     }
 
+    /// An admin's stock change (`POST` adds, `DELETE` removes) with this `quantity` (any JSON,
+    /// so that bad ones can be sent).
+    async fn admin(&self, method: Method, product: Uuid, quantity: Value) -> Response {
+        self.send(
+            method,
+            product,
+            Some(&self.admin),
+            Some(json!({ "quantity": quantity })),
+        )
+        .await
+    }
+
     async fn stock_up(&self, product: Uuid, quantity: i64) {
-        let r = self
-            .send(
-                Method::POST,
-                product,
-                Some(&self.admin),
-                Some(json!({"quantity": quantity})),
-            )
-            .await;
+        let r = self.admin(Method::POST, product, json!(quantity)).await;
         assert_eq!(r.status(), 200);
     }
 
@@ -187,42 +192,14 @@ async fn anyone_reads_stock_and_only_admins_change_it(db: TestDb) {
         )
         .await;
     assert_problem(customer_try, 403, "forbidden", None).await;
-    let zero = app
-        .send(
-            Method::POST,
-            product,
-            Some(&app.admin),
-            Some(json!({"quantity": 0})),
-        )
-        .await;
+    let zero = app.admin(Method::POST, product, json!(0)).await;
     assert_problem(zero, 422, "invalid_quantity", Some("quantity")).await;
-    let fraction = app
-        .send(
-            Method::POST,
-            product,
-            Some(&app.admin),
-            Some(json!({"quantity": 1.5})),
-        )
-        .await;
+    let fraction = app.admin(Method::POST, product, json!(1.5)).await;
     assert_problem(fraction, 400, "invalid_field", Some("quantity")).await;
-    let added = app
-        .send(
-            Method::POST,
-            product,
-            Some(&app.admin),
-            Some(json!({"quantity": 10})),
-        )
-        .await;
+    let added = app.admin(Method::POST, product, json!(10)).await;
     assert_eq!(added.status(), 200);
     assert_eq!(added.json::<Value>().await.expect("json")["available"], 10);
-    let removed = app
-        .send(
-            Method::DELETE,
-            product,
-            Some(&app.admin),
-            Some(json!({"quantity": 3})),
-        )
-        .await;
+    let removed = app.admin(Method::DELETE, product, json!(3)).await;
     assert_eq!(removed.json::<Value>().await.expect("json")["available"], 7);
     let level = app.level(product).await;
     assert_eq!((level.added, level.removed, level.on_hand), (10, 3, 7));
@@ -244,14 +221,7 @@ async fn removing_more_than_is_free_is_a_409_and_changes_nothing(db: TestDb) {
         .await
         .expect("reserve");
     // 5 on hand, 3 reserved: only 2 are free to remove.
-    let too_many = app
-        .send(
-            Method::DELETE,
-            product,
-            Some(&app.admin),
-            Some(json!({"quantity": 3})),
-        )
-        .await;
+    let too_many = app.admin(Method::DELETE, product, json!(3)).await;
     let body = assert_problem(too_many, 409, "insufficient_stock", Some("quantity")).await;
     assert!(
         body["detail"].as_str().expect("detail").contains("Only 2"),
