@@ -146,19 +146,11 @@ mod tests {
     use super::*;
 
     fn shop(instances: u32) -> Vec<(Service, u32)> {
-        [
-            Service::Users,
-            Service::Catalog,
-            Service::Inventory,
-            Service::Payments,
-            Service::Cart,
-            Service::Orders,
-            Service::Notifications,
-        ]
-        .into_iter()
-        .flat_map(|s| std::iter::repeat_n((s, instances), instances as usize))
-        .chain([(Service::Gateway, 1)])
-        .collect()
+        crate::up::BACKENDS
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n((s, instances), instances as usize))
+            .chain([(Service::Gateway, 1)])
+            .collect()
     }
 
     fn loads(processes: &[(Service, u32)], sets: &[Vec<usize>], cores: usize) -> Vec<u32> {

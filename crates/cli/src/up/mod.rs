@@ -41,17 +41,8 @@ use tokio::sync::{mpsc, watch};
 use crate::serve::Service;
 
 /// Runs every shopmesh service on this machine.
-/// The services behind the gateway, in start order (users first: the others fetch its JWKS).
-const BACKENDS: &[Service] = &[
-    Service::Users,
-    Service::Catalog,
-    Service::Inventory,
-    Service::Payments,
-    Service::Cart,
-    Service::Orders,
-    Service::Notifications,
-];
-/// Every process `up` runs.
+/// Every process `up` runs: the services behind the gateway in start order (users first: the
+/// others fetch its JWKS), then the gateway.
 const SERVICES: &[Service] = &[
     Service::Users,
     Service::Catalog,
@@ -62,6 +53,11 @@ const SERVICES: &[Service] = &[
     Service::Notifications,
     Service::Gateway,
 ];
+/// The services behind the gateway, in start order: all but the last of [`SERVICES`].
+pub(crate) const BACKENDS: &[Service] = match SERVICES.split_last() {
+    Some((_, backends)) => backends,
+    None => &[],
+};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
